@@ -72,6 +72,7 @@ def tiny_gpt2(gpt2_tokenizer) -> HookedTransformer:
         positional_embedding_type="standard",
         original_architecture="GPT2LMHeadModel",
         default_prepend_bos=False,
+        initializer_range=0.25,  # sharper attention than GPT-2's 0.02, so heads fire
         seed=0,
     )
     return _processed(cfg, gpt2_tokenizer, seed=0)
@@ -98,6 +99,7 @@ def tiny_llama(gpt2_tokenizer) -> HookedTransformer:
         final_rms=True,
         original_architecture="LlamaForCausalLM",
         default_prepend_bos=False,
+        initializer_range=0.25,  # sharper attention than GPT-2's 0.02, so heads fire
         seed=0,
     )
     return _processed(cfg, gpt2_tokenizer, seed=1)

@@ -327,8 +327,7 @@ def _load_smollm2(device, dtype, fold_ln, cww, center_unembed, refresh) -> Hooke
             f"cached SmolLM2 weights at {folder} do not fit the model (missing {missing[:3]}, "
             f"unexpected {unexpected[:3]}): delete the folder or pass refresh_cache=True"
         )
-    # The processed model's config must say what was done to the weights.
-    model.cfg.normalization_type = "RMSPre" if fold_ln else model.cfg.normalization_type
+    model.cfg.model_name = "SmolLM2-135M-Instruct"
     return model.to(device)
 
 

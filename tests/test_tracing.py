@@ -1,0 +1,220 @@
+"""SVD-sparse decomposition and signal tracing on tiny GPT-2- and Llama-shaped models."""
+
+from __future__ import annotations
+
+import json
+
+import networkx as nx
+import pandas as pd
+import pytest
+import torch
+
+from tl_superposition.ioi import make_ioi_dataset
+from tl_superposition.tracing import (
+    QKSVDCache,
+    TraceConfig,
+    find_firings,
+    parse_heads,
+    project,
+    shortest_prefix,
+    trace,
+    trace_ioi,
+)
+from tl_superposition.tracing.decompose import selected_mask
+from tl_superposition.tracing.qk_svd import LayerQK, qk_factors, rotary_matrices
+from tl_superposition.tracing.trace import _run_batch, _Writers, upstream_writes
+
+MODELS = ["tiny_gpt2", "tiny_llama"]
+# Random tiny models attend diffusely; a lower firing threshold gives enough firings to test.
+CFG = TraceConfig(pattern_thresh=0.3, batch_size=8)
+
+
+@pytest.fixture(params=MODELS)
+def model(request):
+    return request.getfixturevalue(request.param)
+
+
+@pytest.fixture
+def prompts(model):
+    return make_ioi_dataset(model, 12, seed=0)
+
+
+def _cache(model, ds):
+    names = lambda n: n.endswith(("hook_normalized", "hook_attn_scores", "hook_pattern"))  # noqa: E731
+    _, cache = model.run_with_cache(ds.tokens, names_filter=names)
+    return cache
+
+
+def test_svd_is_exact_for_every_head_and_offset(model):
+    qk = LayerQK.from_model(model, 1)
+    wq, wk = qk_factors(model, 1)
+    scale = model.blocks[1].attn.attn_scale
+    offsets = [0, 1, 5] if qk.rotary else [0]
+    rot = rotary_matrices(model, 1, torch.tensor(offsets)) if qk.rotary else None
+    for h in range(model.cfg.n_heads):
+        for i, off in enumerate(offsets):
+            r = rot[i] if rot is not None else torch.eye(model.cfg.d_head, dtype=torch.float64)
+            dense = wq[h].double() @ r @ wk[h].double().T / scale
+            u, s, v = qk.svd(h, off)
+            assert torch.allclose((u * s) @ v.T, dense, atol=1e-9)
+            assert torch.allclose(u.T @ u, torch.eye(u.shape[1], dtype=u.dtype), atol=1e-9)
+            assert (s[:-1] >= s[1:]).all()
+
+
+def test_rotary_depends_only_on_offset(tiny_llama):
+    mats = rotary_matrices(tiny_llama, 0, torch.arange(12))
+    for p in range(12):
+        for s in range(p + 1):
+            assert torch.allclose(mats[p] @ mats[s].T, mats[p - s], atol=1e-6)
+
+
+def test_bilinear_form_reproduces_model_scores(model, prompts):
+    """x~_dest Omega x~_src equals hook_attn_scores at every causal place (RoPE offsets, GQA)."""
+    cache = _cache(model, prompts)
+    qks = QKSVDCache(model)
+    P = prompts.tokens.shape[1]
+    dest, src = torch.tril_indices(P, P)
+    for L in range(model.cfg.n_layers):
+        x = cache[f"blocks.{L}.ln1.hook_normalized"]
+        scores = cache[f"blocks.{L}.attn.hook_attn_scores"]
+        for h in range(model.cfg.n_heads):
+            b = torch.arange(len(prompts)).repeat_interleave(len(dest))
+            d, s = dest.repeat(len(prompts)), src.repeat(len(prompts))
+            proj = project(qks[L], x[b, d], x[b, s], torch.full_like(b, h), d - s)
+            got = proj.contributions.sum(1)
+            want = scores[b, h, d, s].double()
+            assert torch.allclose(got, want, atol=2e-5, rtol=1e-4), (L, h, (got - want).abs().max())
+
+
+def test_firings_respect_the_definition(model, prompts):
+    cache = _cache(model, prompts)
+    pat = cache["blocks.1.attn.hook_pattern"]
+    sc = cache["blocks.1.attn.hook_attn_scores"]
+    b, h, d, s = find_firings(pat, sc, prompts.lengths, pattern_thresh=0.3)
+    assert len(b) > 0
+    assert (pat[b, h, d, s] >= 0.3).all() and (sc[b, h, d, s] > 0).all()
+    assert (s > 0).all() and (d < prompts.lengths[b]).all() and (s <= d).all()
+    expected = ((pat >= 0.3) & (sc > 0)).clone()
+    expected[..., 0] = False
+    for i, n in enumerate(prompts.lengths.tolist()):
+        expected[i, :, n:] = False
+    assert len(b) == int(expected.sum())
+
+
+def test_shortest_prefix_on_known_values():
+    values = torch.tensor([[1.0, 4.0, -2.0, 2.0], [-3.0, 1.0, -1.0, 0.5]], dtype=torch.float64)
+    target = values.sum(1)  # 5.0 and -2.5
+    order, count = shortest_prefix(values, target)
+    assert order[0].tolist() == [1, 3, 0, 2] and count[0] == 2  # 4 + 2 >= 5
+    assert order[1].tolist() == [0, 2, 3, 1] and count[1] == 1  # -3 <= -2.5
+    mask = selected_mask(order, count)
+    assert mask.tolist() == [[False, True, False, True], [True, False, False, False]]
+
+
+def test_trace_decomposition_sums_and_minimal_sets(model, prompts):
+    res = trace(model, prompts.tokens, seeds=[(2, 0), (2, 1)], seed_dest=prompts.end_pos,
+                lengths=prompts.lengths, config=CFG, progress=False)
+    f = res.firings
+    assert len(f) > 0
+    cache = _cache(model, prompts)
+    scores = torch.stack([cache[f"blocks.{L}.attn.hook_attn_scores"]
+                          for L in range(model.cfg.n_layers)], 1)
+    idx = [torch.tensor(f[c].to_numpy()) for c in ("prompt_id", "layer", "head", "dest_pos", "src_pos")]
+    # the score column is the model's own hook_attn_scores
+    assert torch.allclose(torch.tensor(f.score.to_numpy()), scores[tuple(idx)], atol=1e-5, rtol=1e-5)
+    # every decomposition sums back to its score
+    assert (f.residual.abs() <= 1e-5 + 1e-4 * f.score.abs()).all()
+    # the selected set reaches thresh * score, and one fewer component cannot
+    qks = QKSVDCache(model)
+    for L in f.layer.unique():
+        rows = f[f.layer == L]
+        b, h, d, s = (torch.tensor(rows[c].to_numpy()) for c in ("prompt_id", "head", "dest_pos", "src_pos"))
+        x = cache[f"blocks.{L}.ln1.hook_normalized"]
+        full = project(qks[int(L)], x[b, d], x[b, s], h, d - s).contributions
+        for i, r in enumerate(rows.itertuples()):
+            c = full[i]
+            tol = 1e-6 * c.abs().sum()
+            assert r.n_components == len(r.components) == len(r.contributions)
+            assert torch.allclose(c[torch.tensor(r.components)], torch.tensor(r.contributions))
+            assert r.contributions.sum() >= CFG.thresh * r.score - tol
+            best_smaller = torch.sort(c, descending=True).values[: r.n_components - 1].sum()
+            assert best_smaller < CFG.thresh * r.score - tol
+
+
+def test_upstream_writes_add_up_to_the_normalised_residual(model, prompts):
+    cache = _run_batch(model, prompts.tokens)
+    n = 20
+    g = torch.randn(n, model.cfg.d_model, dtype=torch.float64)
+    b = torch.randint(0, len(prompts), (n,))
+    p = torch.randint(0, int(prompts.lengths.min()), (n,))
+    for L in range(model.cfg.n_layers):
+        writes = upstream_writes(model, cache, L, b, p, g)
+        assert writes.shape[1] == L * model.cfg.n_heads + L + 1 + 1
+        x = cache.x[b, p, L].double()
+        gc = g - g.mean(1, keepdim=True) if model.cfg.normalization_type == "LNPre" else g
+        assert torch.allclose(writes.sum(1), (x * gc).sum(1), atol=1e-4)
+        assert torch.allclose(upstream_writes(_Writers.from_model(model), cache, L, b, p, g), writes)
+
+
+def test_graph_is_non_empty_and_round_trips(model, prompts, tmp_path):
+    top = model.cfg.n_layers - 1
+    seeds = ",".join(f"{top}.{h}" for h in range(model.cfg.n_heads))
+    res = trace_ioi(model, prompts, seeds=seeds, seed_src="any", config=CFG, progress=False)
+    assert res.summary["n_seed_firings"] > 0
+    assert len(res.edges) > 0 and res.summary["n_traced_firings"] > res.summary["n_seed_firings"]
+    g = res.graph()
+    assert g.number_of_edges() == len(res.edges)
+    paths = res.save(tmp_path)
+    back = nx.read_graphml(paths["graph.graphml"])
+    assert sorted(back.edges(keys=True)) == sorted(g.edges(keys=True))
+    for u, v, k, d in g.edges(keys=True, data=True):
+        assert back[u][v][k]["n_firings"] == d["n_firings"]
+    firings = pd.read_parquet(paths["firings.parquet"])
+    assert len(firings) == len(res.firings)
+    assert (firings.n_components == firings.components.map(len)).all()
+    for col in ("prompt_id", "layer", "head", "dest_pos", "src_pos", "score", "pattern",
+                "n_components", "components", "contributions"):
+        assert col in firings.columns
+    edges = pd.read_csv(paths["edges.csv"])
+    assert list(edges.columns) == ["upstream", "downstream", "side", "weight", "n_firings"]
+    assert set(edges.side) <= {"src", "dest"}
+    prompts_csv = pd.read_csv(paths["prompts.csv"])
+    assert list(prompts_csv.columns[:9]) == ["prompt_id", "text", "io", "s", "io_pos", "s1_pos",
+                                             "s2_pos", "end_pos", "prompt_type"]
+    assert "logit_diff" in prompts_csv.columns
+    summary = json.loads(paths["summary.json"].read_text())
+    for key in ("model", "n_prompts", "mean_logit_diff", "n_firings", "median_n_components", "seconds"):
+        assert key in summary
+    assert paths["circuit.png"].stat().st_size > 0 and paths["components.png"].stat().st_size > 0
+    # edges only point from lower to higher layers
+    for u, v in zip(edges.upstream, edges.downstream):
+        down = int(v[1:].split(".")[0])
+        up = -1 if u == "E" else int(u[1:].split(".")[0])
+        assert up < down
+
+
+def test_dla_seeds_are_the_top_heads(tiny_gpt2):
+    ds = make_ioi_dataset(tiny_gpt2, 8, seed=2)
+    res = trace_ioi(tiny_gpt2, ds, n_seeds=2, config=CFG, progress=False)
+    mean = res.dla.mean(0)
+    top = torch.topk(mean.flatten(), 2).indices
+    assert res.summary["seeds"] == [f"A{int(i) // mean.shape[1]}.{int(i) % mean.shape[1]}" for i in top]
+
+
+def test_bad_seeds_and_heads(tiny_gpt2):
+    ds = make_ioi_dataset(tiny_gpt2, 4, seed=0)
+    with pytest.raises(ValueError, match="out of range"):
+        trace(tiny_gpt2, ds.tokens, seeds=[(7, 0)], seed_dest=ds.end_pos, lengths=ds.lengths)
+    with pytest.raises(ValueError, match="LAYER.HEAD"):
+        parse_heads("9-6")
+    with pytest.raises(ValueError, match="name-movers"):
+        trace_ioi(tiny_gpt2, ds, seeds="name-movers", progress=False)
+    assert parse_heads("9.6, A10.0") == [(9, 6), (10, 0)]
+
+
+def test_cli_rejects_bad_input(tmp_path, capsys):
+    from tl_superposition.cli import main
+
+    assert main(["trace-ioi", "--n-prompts", "0", "--out", str(tmp_path)]) == 2
+    assert "--n-prompts" in capsys.readouterr().err
+    assert main(["trace-ioi", "--model", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2

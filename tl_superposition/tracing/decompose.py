@@ -1,0 +1,179 @@
+"""Firings and their sparse singular-component decomposition (Franco & Crovella 2024, Sec. 3-4).
+
+A head *fires* on ``(dest, src)`` when its attention pattern there is at least
+``pattern_thresh`` (default 0.5) and the score is positive; source position 0 (BOS, or the
+attention sink of prompts without BOS) is excluded.
+
+For a firing, singular component ``k`` of the head's QK form contributes
+``c_k = S_k (x~_dest . u_k)(x~_src . v_k)`` to the score; the ``c_k`` sum to the value of
+``blocks.L.attn.hook_attn_scores`` at that place. The *sparse set* is the shortest prefix of
+the components sorted by contribution (descending; ascending for a negative score) whose
+cumulative sum reaches ``thresh x score``. Sorting makes that prefix the smallest subset of
+any kind reaching the target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from tl_superposition.tracing.qk_svd import LayerQK
+
+# Relative tolerance (of sum |c_k|) when testing "the cumulative sum reaches the target":
+# float rounding must not make a prefix that reaches the score exactly look one short.
+REACH_RTOL = 1e-6
+
+
+def find_firings(
+    pattern: Float[Tensor, "batch n_heads dest src"],
+    scores: Float[Tensor, "batch n_heads dest src"],
+    lengths: Int[Tensor, " batch"] | None = None,
+    pattern_thresh: float = 0.5,
+    exclude_first: bool = True,
+) -> tuple[Int[Tensor, " n"], Int[Tensor, " n"], Int[Tensor, " n"], Int[Tensor, " n"]]:
+    """Indices ``(batch, head, dest, src)`` of every firing in one layer.
+
+    Args:
+        pattern, scores: the layer's ``hook_pattern`` and ``hook_attn_scores``.
+        lengths: real length of each (right-padded) prompt; positions at or beyond it are
+            ignored. ``None``: every position is real.
+        pattern_thresh: minimum attention probability.
+        exclude_first: skip source position 0 (BOS / attention sink).
+    """
+    fire = (pattern >= pattern_thresh) & (scores > 0)
+    if exclude_first:
+        fire[..., 0] = False
+    if lengths is not None:
+        dest_ok = torch.arange(pattern.shape[2], device=pattern.device)[None, :] < lengths.to(
+            pattern.device)[:, None]
+        fire &= dest_ok[:, None, :, None]
+    b, h, d, s = fire.nonzero(as_tuple=True)
+    return b, h, d, s
+
+
+def shortest_prefix(
+    values: Float[Tensor, "n m"],
+    target: Float[Tensor, " n"],
+    rtol: float = REACH_RTOL,
+) -> tuple[Int[Tensor, "n m"], Int[Tensor, " n"]]:
+    """Order the values so the first ones push furthest towards ``target``; find the shortest prefix reaching it.
+
+    For a positive target the values are sorted descending and the prefix must reach
+    ``cumsum >= target``; for a negative target, ascending and ``cumsum <= target``. The
+    comparison allows ``rtol * sum |values|`` of rounding.
+
+    Returns:
+        ``(order, count)``: ``order[i]`` are the column indices of row ``i`` in selection order;
+        ``count[i]`` the length of the shortest prefix (``m`` if none reaches the target).
+    """
+    sign = torch.where(target >= 0, 1.0, -1.0).to(values.dtype)
+    v = values * sign[:, None]
+    order = torch.argsort(v, dim=1, descending=True, stable=True)
+    cs = torch.gather(v, 1, order).cumsum(1)
+    tol = rtol * values.abs().sum(1)
+    reached = cs >= (target * sign - tol)[:, None]
+    count = torch.where(reached.any(1), reached.to(torch.int8).argmax(1) + 1,
+                        torch.full_like(target, values.shape[1], dtype=torch.long))
+    return order, count.long()
+
+
+def selected_mask(order: Int[Tensor, "n m"], count: Int[Tensor, " n"]) -> Bool[Tensor, "n m"]:
+    """Boolean ``[n, m]`` mask of the columns in each row's selected prefix."""
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return rank < count[:, None]
+
+
+@dataclass
+class Projections:
+    """Per-firing projections of the two residual vectors on a head's singular directions.
+
+    ``a[:, k] = x~_dest . u_k`` and ``b[:, k] = x~_src . v_k`` (float64); ``s[:, k] = S_k`` in
+    score units. ``u_core``/``v_core`` are the gathered ``d_head x d_head`` core factors, kept
+    for building signal directions.
+    """
+
+    a: Float[Tensor, "n d_head"]
+    b: Float[Tensor, "n d_head"]
+    s: Float[Tensor, "n d_head"]
+    u_core: Float[Tensor, "n d_head d_head"]
+    v_core: Float[Tensor, "n d_head d_head"]
+
+    @property
+    def contributions(self) -> Float[Tensor, "n d_head"]:
+        """``c_k = S_k a_k b_k``, the contribution of each singular component to the score."""
+        return self.s * self.a * self.b
+
+
+def _augment(x: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_model_plus_1"]:
+    x = x.to(torch.float64)
+    return torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+
+
+def project(
+    qk: LayerQK,
+    x_dest: Float[Tensor, "n d_model"],
+    x_src: Float[Tensor, "n d_model"],
+    head: Int[Tensor, " n"],
+    offset: Int[Tensor, " n"],
+) -> Projections:
+    """Project each firing's normalised residual vectors on its head's singular directions.
+
+    Args:
+        qk: the layer's QK decomposition.
+        x_dest, x_src: ``ln1.hook_normalized`` at the destination and source positions.
+        head: query head of each firing.
+        offset: ``dest - src`` (ignored by non-rotary models).
+
+    The loop is over the heads of the layer (the orthonormal bases differ per head), never
+    over firings.
+    """
+    n = head.shape[0]
+    d_head = qk.q_basis.shape[-1]
+    xd, xs = _augment(x_dest), _augment(x_src)
+    pd = xd.new_empty(n, d_head)
+    ps = xd.new_empty(n, d_head)
+    head = head.cpu()
+    for h in head.unique().tolist():
+        rows = head == h
+        pd[rows] = xd[rows] @ qk.q_basis[h]
+        ps[rows] = xs[rows] @ qk.k_basis[h]
+    uniq, inv = torch.unique(offset.cpu(), return_inverse=True)
+    uc, s, vc = qk.cores(uniq)  # [n_offsets, n_heads, ...]
+    uc, s, vc = uc[inv, head], s[inv, head], vc[inv, head]
+    a = torch.einsum("ni,nik->nk", pd, uc)
+    b = torch.einsum("ni,nik->nk", ps, vc)
+    return Projections(a=a, b=b, s=s, u_core=uc, v_core=vc)
+
+
+def signal_directions(
+    qk: LayerQK,
+    proj: Projections,
+    selected: Bool[Tensor, "n d_head"],
+    head: Int[Tensor, " n"],
+) -> tuple[Float[Tensor, "n d_model"], Float[Tensor, "n d_model"]]:
+    """The source-side and destination-side signal directions of each firing, in d_model.
+
+    Following Franco & Crovella, component ``k`` of the selected set is weighted by
+    ``sign(x~_dest . u_k) sqrt(S_k)``; the source direction is ``sum_k w_k v_k`` and the
+    destination direction ``sum_k w_k u_k`` (dropping the bias coordinate of ``x~``). An
+    upstream write ``y`` at that position carries ``(y . g) / ln1.hook_scale`` of the signal.
+
+    Returns:
+        ``(g_src, g_dest)``, float64.
+    """
+    w = torch.where(selected, torch.sign(proj.a) * proj.s.sqrt(), torch.zeros_like(proj.a))
+    t_src = torch.einsum("nik,nk->ni", proj.v_core, w)
+    t_dest = torch.einsum("nik,nk->ni", proj.u_core, w)
+    d_model = qk.q_basis.shape[1] - 1
+    g_src = t_src.new_empty(len(head), d_model)
+    g_dest = t_src.new_empty(len(head), d_model)
+    head = head.cpu()
+    for h in head.unique().tolist():
+        rows = head == h
+        g_src[rows] = t_src[rows] @ qk.k_basis[h, :d_model].T
+        g_dest[rows] = t_dest[rows] @ qk.q_basis[h, :d_model].T
+    return g_src, g_dest

@@ -1,0 +1,196 @@
+"""Exact SVD of each attention head's QK bilinear form, from thin factors.
+
+For head ``(L, h)`` and the augmented, normalised residual ``x~ = [x, 1]`` with
+``x = blocks.L.ln1.hook_normalized``, the attention score that TransformerLens stores in
+``blocks.L.attn.hook_attn_scores`` is (Franco & Crovella 2024, arXiv 2410.00340, Sec. 3)::
+
+    score(dest, src) = x~_dest^T  Omega  x~_src,
+    Omega = [W_Q; b_Q] R(dest - src) [W_K; b_K]^T / attn_scale
+
+``[W_Q; b_Q]`` and ``[W_K; b_K]`` are ``(d_model + 1) x d_head``; ``R(offset)`` is the identity
+for absolute-position models and the rotary-embedding rotation between the query and key
+positions for RoPE models (so there is one form per offset). For grouped-query attention each
+query head uses the key weights of its key/value group.
+
+Omega has rank <= d_head, so its SVD comes from the factors without forming the
+``(d_model+1)^2`` matrix: QR-factorise ``[W_Q; b_Q] = Q_q R_q`` and ``[W_K; b_K] = Q_k R_k``,
+take the SVD of the ``d_head x d_head`` core ``R_q R(offset) R_k^T / attn_scale = U_c S V_c^T``;
+then ``U = Q_q U_c`` and ``V = Q_k V_c`` give ``Omega = U diag(S) V^T`` exactly. The singular
+values are in score units (the ``1 / attn_scale`` is inside S).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+
+def check_supported(model: HookedTransformer) -> None:
+    """Raise ``NotImplementedError`` for attention variants whose score is not ``x~ Omega x~``.
+
+    Supported: absolute positions (GPT-2 style) and rotary embeddings (Llama style), with
+    standard or grouped-query attention, LayerNorm or RMSNorm.
+    """
+    cfg = model.cfg
+    problems = []
+    if cfg.positional_embedding_type not in ("standard", "rotary"):
+        problems.append(f"positional_embedding_type={cfg.positional_embedding_type!r}")
+    if getattr(cfg, "attn_scores_soft_cap", -1.0) and getattr(cfg, "attn_scores_soft_cap", -1.0) > 0:
+        problems.append("attention-score soft-capping")
+    if getattr(cfg, "use_qk_norm", False) or cfg.original_architecture in (
+            "OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM"):
+        problems.append("QK normalisation")
+    if getattr(cfg, "use_dynamic_ntk_rope", False) or getattr(cfg, "use_logn_attn", False):
+        problems.append("length-dependent rotary scaling")
+    if getattr(cfg, "clip_qkv", None) is not None:
+        problems.append("clipped q/k")
+    if cfg.normalization_type not in ("LN", "LNPre", "RMS", "RMSPre"):
+        problems.append(f"normalization_type={cfg.normalization_type!r}")
+    if problems:
+        raise NotImplementedError(
+            "SVD-sparse decomposition needs scores that are a bilinear form of the normalised "
+            f"residual stream; this model has {', '.join(problems)}"
+        )
+
+
+def qk_factors(
+    model: HookedTransformer, layer: int
+) -> tuple[Float[Tensor, "n_heads d_model_plus_1 d_head"], Float[Tensor, "n_heads d_model_plus_1 d_head"]]:
+    """The augmented query and key factors ``[W_Q; b_Q]`` and ``[W_K; b_K]`` of every query head.
+
+    For grouped-query attention the key factor of query head ``h`` is that of its key/value
+    group (TransformerLens's ``attn.W_K`` already repeats the groups).
+
+    Raises:
+        IndexError: ``layer`` is out of range.
+    """
+    if not 0 <= layer < model.cfg.n_layers:
+        raise IndexError(f"layer {layer} out of range: the model has {model.cfg.n_layers} layers "
+                         f"(0-{model.cfg.n_layers - 1})")
+    attn = model.blocks[layer].attn
+    wq = torch.cat([attn.W_Q, attn.b_Q[:, None, :]], dim=1)
+    wk = torch.cat([attn.W_K, attn.b_K[:, None, :]], dim=1)
+    return wq.detach(), wk.detach()
+
+
+def rotary_matrices(
+    model: HookedTransformer, layer: int, offsets: Tensor
+) -> Float[Tensor, "n_offsets d_head d_head"]:
+    """Matrices ``A_t`` with ``rope(v, position t) = v @ A_t`` for row vectors ``v``.
+
+    Built by applying the layer's own ``apply_rotary`` to the identity, so any rotary variant
+    TransformerLens implements (rotate-half or adjacent pairs, partial ``rotary_dim``) is
+    reproduced. For rotary models the score between positions ``p >= s`` uses
+    ``A_p A_s^T = A_(p - s)``: it depends only on the offset.
+    """
+    attn = model.blocks[layer].attn
+    d_head = model.cfg.d_head
+    max_off = int(offsets.max()) + 1 if offsets.numel() else 1
+    eye = torch.eye(d_head, dtype=attn.rotary_cos.dtype, device=attn.rotary_cos.device)
+    # x[i, t, 0, :] = e_i at position t  ->  out[i, t, 0, :] = rope(e_i, t) = row i of A_t
+    x = eye[:, None, None, :].expand(d_head, max_off, 1, d_head).contiguous()
+    out = attn.apply_rotary(x, 0, None)[:, :, 0, :]  # [i, t, j]
+    return out.permute(1, 0, 2)[offsets.long().cpu()].to(torch.float64)
+
+
+@dataclass
+class LayerQK:
+    """The thin SVD of every head's QK form in one layer, computed lazily per offset.
+
+    ``U[h, o] = Q_q[h] @ U_c[h, o]`` etc.; the class keeps the factors apart so that
+    projecting a residual vector onto all singular directions costs ``d_model x d_head``
+    once per head plus ``d_head x d_head`` per (head, offset).
+
+    Attributes:
+        layer: the layer index.
+        q_basis, k_basis: ``[n_heads, d_model + 1, d_head]`` orthonormal columns (float64).
+        rotary: whether scores depend on the offset ``dest - src``.
+    """
+
+    layer: int
+    q_basis: Float[Tensor, "n_heads d_model_plus_1 d_head"]
+    k_basis: Float[Tensor, "n_heads d_model_plus_1 d_head"]
+    q_r: Float[Tensor, "n_heads d_head d_head"]
+    k_r: Float[Tensor, "n_heads d_head d_head"]
+    attn_scale: float
+    rotary: bool
+    _model: HookedTransformer
+    _cores: dict[int, tuple[Tensor, Tensor, Tensor]]
+
+    @classmethod
+    def from_model(cls, model: HookedTransformer, layer: int) -> "LayerQK":
+        """QR-factorise the layer's query and key factors (float64)."""
+        check_supported(model)
+        wq, wk = qk_factors(model, layer)
+        qq, rq = torch.linalg.qr(wq.to(torch.float64))
+        qk, rk = torch.linalg.qr(wk.to(torch.float64))
+        return cls(layer=layer, q_basis=qq, k_basis=qk, q_r=rq, k_r=rk,
+                   attn_scale=float(model.blocks[layer].attn.attn_scale),
+                   rotary=model.cfg.positional_embedding_type == "rotary",
+                   _model=model, _cores={})
+
+    def cores(self, offsets: Tensor) -> tuple[
+        Float[Tensor, "n_offsets n_heads d_head d_head"],
+        Float[Tensor, "n_offsets n_heads d_head"],
+        Float[Tensor, "n_offsets n_heads d_head d_head"],
+    ]:
+        """``(U_c, S, V_c)`` of the core for each requested offset (0 for non-rotary models).
+
+        Singular values are sorted descending and in ``hook_attn_scores`` units. Results are
+        cached per offset, so each (head, offset) is decomposed once.
+        """
+        offsets = offsets.long().cpu()
+        if not self.rotary:
+            offsets = torch.zeros_like(offsets)
+        wanted = sorted(set(offsets.tolist()) - self._cores.keys())
+        if wanted:
+            w = torch.tensor(wanted)
+            if self.rotary:
+                rot = rotary_matrices(self._model, self.layer, w)  # [o, dh, dh]
+                core = self.q_r[None] @ rot[:, None] @ self.k_r.transpose(-1, -2)[None]
+            else:
+                core = (self.q_r @ self.k_r.transpose(-1, -2))[None]
+            u, s, vh = torch.linalg.svd(core / self.attn_scale)
+            for i, o in enumerate(wanted):
+                self._cores[o] = (u[i], s[i], vh[i].transpose(-1, -2))
+        if not len(offsets):
+            raise ValueError("cores() needs at least one offset")
+        parts = [self._cores[o] for o in offsets.tolist()]
+        return tuple(torch.stack([p[i] for p in parts]) for i in range(3))  # type: ignore[return-value]
+
+    def svd(self, head: int, offset: int = 0) -> tuple[
+        Float[Tensor, "d_model_plus_1 d_head"], Float[Tensor, " d_head"], Float[Tensor, "d_model_plus_1 d_head"]
+    ]:
+        """The full ``(U, S, V)`` of head ``head`` at ``offset``: ``Omega = U diag(S) V^T``.
+
+        Raises:
+            IndexError: ``head`` is out of range.
+        """
+        n_heads = self.q_basis.shape[0]
+        if not 0 <= head < n_heads:
+            raise IndexError(f"head {head} out of range: layer {self.layer} has {n_heads} heads")
+        uc, s, vc = self.cores(torch.tensor([offset]))
+        return self.q_basis[head] @ uc[0, head], s[0, head], self.k_basis[head] @ vc[0, head]
+
+    def omega(self, head: int, offset: int = 0) -> Float[Tensor, "d_model_plus_1 d_model_plus_1"]:
+        """The dense bilinear matrix (for checks; ``(d_model+1)^2`` floats)."""
+        u, s, v = self.svd(head, offset)
+        return (u * s) @ v.T
+
+
+class QKSVDCache:
+    """Per-layer :class:`LayerQK` objects of a model, built on first use and kept."""
+
+    def __init__(self, model: HookedTransformer):
+        check_supported(model)
+        self.model = model
+        self._layers: dict[int, LayerQK] = {}
+
+    def __getitem__(self, layer: int) -> LayerQK:
+        if layer not in self._layers:
+            self._layers[layer] = LayerQK.from_model(self.model, layer)
+        return self._layers[layer]
