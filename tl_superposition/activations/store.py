@@ -1,0 +1,325 @@
+"""``ActivationStore``: memory-mapped, shuffled minibatches from a :func:`collect` folder.
+
+Shards are opened with ``mmap`` and viewed as tensors without reading them: a minibatch reads
+only the pages of the contexts it gathers. Two granularities:
+
+- :meth:`ActivationStore.iter_contexts`: whole contexts ``[batch, context_size, ...]`` (what
+  attention losses need, e.g. KL over every query row of a pattern);
+- :meth:`ActivationStore.iter_tokens`: single token positions ``[batch, ...]`` mixed across
+  contexts through a shuffle buffer (what a sparse autoencoder/transcoder on one position needs).
+
+Both are deterministic for a given ``seed`` and ``epoch``.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from tl_superposition.activations.collector import ATTENTION_FILE, MANIFEST
+from tl_superposition.activations.patterns import pattern_from_qk
+
+_ST_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def mmap_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Memory-map a safetensors file: ``({name: tensor view}, metadata)`` without reading data.
+
+    The tensors are copy-on-write views of the file (writing to them never changes it).
+
+    Raises:
+        ValueError: the file is not a valid safetensors file.
+    """
+    path = Path(path)
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path} is not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", head)
+        try:
+            header = json.loads(fh.read(n))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not a safetensors file (bad header)") from exc
+        size = os.fstat(fh.fileno()).st_size
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+    meta = header.pop("__metadata__", {}) or {}
+    base = 8 + n
+    out: dict[str, Tensor] = {}
+    for name, info in header.items():
+        dt = _ST_DTYPES[info["dtype"]]
+        start, end = info["data_offsets"]
+        shape = info["shape"]
+        count = (end - start) // dt.itemsize
+        if count == 0:
+            out[name] = torch.empty(shape, dtype=dt)
+            continue
+        out[name] = torch.frombuffer(mm, dtype=dt, count=count, offset=base + start).view(shape)
+    return out, meta
+
+
+class ActivationStore:
+    """Reader for a folder written by :func:`tl_superposition.collect`.
+
+    Args:
+        path: the collection folder (holding ``manifest.json``).
+        device: where batches are put (default CPU).
+        dtype: float dtype of the returned activations (default: as stored).
+        allow_incomplete: read a collection whose run has not finished (its complete shards).
+
+    Attributes:
+        manifest: the parsed ``manifest.json`` (settings, shapes, source, versions).
+        hooks: the stored hook names.
+        context_size: tokens per context.
+        n_contexts, n_tokens: totals on disk.
+
+    Raises:
+        FileNotFoundError: no manifest in ``path``.
+        RuntimeError: the collection is incomplete and ``allow_incomplete`` is False.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        allow_incomplete: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        mpath = self.path / MANIFEST
+        if not mpath.is_file():
+            raise FileNotFoundError(f"no {MANIFEST} in {self.path}: not a collection folder")
+        self.manifest: dict[str, Any] = json.loads(mpath.read_text())
+        if not self.manifest.get("complete") and not allow_incomplete:
+            raise RuntimeError(
+                f"the collection in {self.path} is incomplete (run interrupted); rerun collect() "
+                "with the same settings to finish it, or pass allow_incomplete=True"
+            )
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.hooks: list[str] = list(self.manifest["settings"]["hooks"])
+        self.context_size: int = int(self.manifest["settings"]["context_size"])
+        self.seed: int = int(self.manifest["settings"].get("seed", 0))
+        self._shards: list[dict[str, Tensor]] = []
+        starts = []
+        for s in self.manifest["shards"]:
+            tensors, _ = mmap_safetensors(self.path / s["file"])
+            self._shards.append(tensors)
+            starts.append(int(s["first_context"]))
+        self._starts = torch.tensor(starts + [int(self.manifest["n_contexts"])], dtype=torch.long)
+        self.n_contexts: int = int(self.manifest["n_contexts"])
+        self.n_tokens: int = self.n_contexts * self.context_size
+        self._rotary: dict[str, Tensor] | None = None
+
+    def __len__(self) -> int:
+        return self.n_contexts
+
+    def __repr__(self) -> str:
+        return (f"ActivationStore({str(self.path)!r}, contexts={self.n_contexts}, "
+                f"context_size={self.context_size}, hooks={self.hooks})")
+
+    # ------------------------------------------------------------------ basic access
+
+    def shape(self, hook: str) -> list[int]:
+        """Per-context shape of a stored hook (``[context_size, ...]``; patterns ``[heads, ctx, ctx]``)."""
+        return list(self.manifest["hooks"][hook]["shape"])
+
+    def _check_hooks(self, hooks: Sequence[str] | None) -> list[str]:
+        if hooks is None:
+            return list(self.hooks)
+        if isinstance(hooks, str):
+            hooks = [hooks]
+        missing = [h for h in hooks if h not in self.hooks]
+        if missing:
+            raise KeyError(f"hooks {missing} are not stored; stored: {self.hooks}")
+        return list(hooks)
+
+    def _out(self, t: Tensor) -> Tensor:
+        if self.dtype is not None and t.is_floating_point():
+            t = t.to(self.dtype)
+        return t.to(self.device)
+
+    def get_contexts(
+        self, indices: Sequence[int] | Tensor, hooks: Sequence[str] | None = None,
+        *, tokens: bool = True,
+    ) -> dict[str, Tensor]:
+        """Gather contexts by global index (0 .. n_contexts-1), in the order given.
+
+        Returns:
+            ``{hook: [len(indices), *shape(hook)]}`` plus ``"tokens"``: int64
+            ``[len(indices), context_size]`` when ``tokens``.
+        """
+        hooks = self._check_hooks(hooks)
+        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        if idx.numel() and (idx.min() < 0 or idx.max() >= self.n_contexts):
+            raise IndexError(f"context index out of range 0-{self.n_contexts - 1}")
+        shard = torch.searchsorted(self._starts, idx, right=True) - 1
+        local = idx - self._starts[shard]
+        names = hooks + (["tokens"] if tokens else [])
+        out: dict[str, Tensor] = {}
+        for name in names:
+            ref = self._shards[0][name]
+            res = torch.empty((idx.numel(),) + tuple(ref.shape[1:]), dtype=ref.dtype)
+            for s in torch.unique(shard).tolist():
+                sel = (shard == s).nonzero().squeeze(1)
+                res[sel] = self._shards[s][name].index_select(0, local[sel])
+            if name == "tokens":
+                res = res.long()
+            out[name] = self._out(res)
+        return out
+
+    # ------------------------------------------------------------------ iteration
+
+    def _permutation(self, shuffle: bool, seed: int | None, epoch: int) -> Tensor:
+        if not shuffle:
+            return torch.arange(self.n_contexts)
+        g = torch.Generator().manual_seed((self.seed if seed is None else seed) * 1_000_003 + epoch)
+        return torch.randperm(self.n_contexts, generator=g)
+
+    def iter_contexts(
+        self,
+        batch_size: int,
+        hooks: Sequence[str] | None = None,
+        *,
+        shuffle: bool = True,
+        seed: int | None = None,
+        epoch: int = 0,
+        drop_last: bool = False,
+        tokens: bool = True,
+    ) -> Iterator[dict[str, Tensor]]:
+        """One epoch of whole-context minibatches.
+
+        Yields:
+            ``{hook: [batch, *shape(hook)]}`` (e.g. ``attn.hook_q``: ``[batch, ctx, n_heads,
+            d_head]``) plus ``"tokens"`` int64 ``[batch, ctx]``. Contexts are in a random order
+            fixed by ``seed`` (default the manifest's) and ``epoch``.
+        """
+        hooks = self._check_hooks(hooks)
+        perm = self._permutation(shuffle, seed, epoch)
+        for lo in range(0, self.n_contexts, batch_size):
+            idx = perm[lo : lo + batch_size]
+            if drop_last and idx.numel() < batch_size:
+                return
+            yield self.get_contexts(idx, hooks, tokens=tokens)
+
+    def iter_tokens(
+        self,
+        batch_size: int,
+        hooks: Sequence[str] | None = None,
+        *,
+        shuffle: bool = True,
+        seed: int | None = None,
+        epoch: int = 0,
+        buffer_contexts: int = 256,
+        skip_bos: bool = False,
+        drop_last: bool = False,
+        tokens: bool = False,
+    ) -> Iterator[dict[str, Tensor]]:
+        """One epoch of single-position minibatches, mixed across contexts.
+
+        Contexts are visited in a random order; ``buffer_contexts`` of them at a time are
+        flattened to positions and shuffled together (a mixing buffer, so memory stays at
+        ``buffer_contexts x context_size`` positions).
+
+        Args:
+            hooks: position-wise hooks (default: every stored hook but ``attn.hook_pattern``,
+                which is not position-wise).
+            skip_bos: leave out position 0 (the BOS token, when contexts start with one).
+            tokens: also yield ``"tokens"`` (int64 ``[batch]``).
+
+        Yields:
+            ``{hook: [batch, *shape(hook)[1:]]}``, e.g. ``ln1.hook_normalized``: ``[batch, d_model]``.
+        """
+        if hooks is None:
+            hooks = [h for h in self.hooks if not h.endswith("hook_pattern")]
+        hooks = self._check_hooks(hooks)
+        bad = [h for h in hooks if h.endswith("hook_pattern")]
+        if bad:
+            raise ValueError(f"{bad}: patterns are not position-wise; use iter_contexts")
+        g = torch.Generator().manual_seed((self.seed if seed is None else seed) * 1_000_003
+                                          + epoch + 7)
+        perm = self._permutation(shuffle, seed, epoch)
+        names = hooks + (["tokens"] if tokens else [])
+        carry: dict[str, Tensor] | None = None
+        start_pos = 1 if skip_bos else 0
+        for lo in range(0, self.n_contexts, buffer_contexts):
+            ctx = self.get_contexts(perm[lo : lo + buffer_contexts], hooks, tokens=tokens)
+            flat = {k: ctx[k][:, start_pos:].reshape((-1,) + tuple(ctx[k].shape[2:]))
+                    for k in names}
+            if carry is not None:
+                flat = {k: torch.cat([carry[k], flat[k]]) for k in names}
+            n = flat[names[0]].shape[0]
+            order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
+            order = order.to(flat[names[0]].device)
+            full = (n // batch_size) * batch_size
+            for b in range(0, full, batch_size):
+                sel = order[b : b + batch_size]
+                yield {k: flat[k][sel] for k in names}
+            rest = order[full:]
+            carry = {k: flat[k][rest] for k in names} if rest.numel() else None
+        if carry is not None and not drop_last:
+            yield carry
+
+    # ------------------------------------------------------------------ patterns
+
+    def attention_params(self, layer: int) -> dict[str, Any]:
+        """The attention constants recorded for ``layer`` (see :func:`patterns.attention_params`)."""
+        try:
+            return self.manifest["attention"][str(layer)]
+        except KeyError:
+            raise KeyError(
+                f"layer {layer}: queries and keys were not both collected, so its pattern "
+                "cannot be recomputed; collect attn.hook_q and attn.hook_k of that layer"
+            ) from None
+
+    def attention_pattern(
+        self,
+        batch: dict[str, Tensor],
+        layer: int,
+        heads: Sequence[int] | None = None,
+    ) -> Float[Tensor, "batch n_sel_heads pos pos"]:
+        """Recompute ``blocks.{layer}.attn.hook_pattern`` from a batch's stored q and k.
+
+        Args:
+            batch: a dict from :meth:`iter_contexts` / :meth:`get_contexts` holding
+                ``blocks.{layer}.attn.hook_q`` and ``.hook_k`` (or ``hook_rot_q``/``hook_rot_k``).
+            heads: query heads to return (default all).
+
+        Returns:
+            float32 ``[batch, len(heads), ctx, ctx]`` on the batch's device.
+        """
+        params = self.attention_params(layer)
+        pre = f"blocks.{layer}.attn."
+        if pre + "hook_q" in batch and pre + "hook_k" in batch:
+            q, k, rotated = batch[pre + "hook_q"], batch[pre + "hook_k"], False
+        elif pre + "hook_rot_q" in batch and pre + "hook_rot_k" in batch:
+            q, k, rotated = batch[pre + "hook_rot_q"], batch[pre + "hook_rot_k"], True
+        else:
+            raise KeyError(f"batch lacks {pre}hook_q and {pre}hook_k")
+        rot = None
+        if params.get("rotary") and not rotated:
+            if self._rotary is None:
+                self._rotary, _ = mmap_safetensors(self.path / ATTENTION_FILE)
+            rot = (self._rotary[f"blocks.{layer}.rotary_cos"],
+                   self._rotary[f"blocks.{layer}.rotary_sin"])
+        return pattern_from_qk(q, k, params, rot, already_rotated=rotated,
+                               heads=list(heads) if heads is not None else None)
