@@ -10,8 +10,9 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from tl_superposition.models import random_model
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("TL_SUPERPOSITION_DATA", REPO.parent / "shared" / "data"))
@@ -35,27 +36,6 @@ def gpt2_tokenizer():
     return tok
 
 
-def _processed(cfg: HookedTransformerConfig, tokenizer, seed: int) -> HookedTransformer:
-    """A random model passed through the same weight processing as a pretrained load."""
-    torch.manual_seed(seed)
-    model = HookedTransformer(cfg, tokenizer=tokenizer)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    # Random LN/RMSNorm weights and attention biases, so folding and bias terms are exercised.
-    for k, v in state.items():
-        if k.endswith((".w", "ln_final.w")) and v.ndim == 1:
-            state[k] = 1.0 + 0.2 * torch.randn_like(v)
-        if k.endswith((".b_Q", ".b_K", "._b_K")) and v.abs().sum() == 0:
-            state[k] = 0.1 * torch.randn_like(v)
-    model.load_and_process_state_dict(
-        state,
-        fold_ln=True,
-        center_writing_weights=cfg.normalization_type == "LN",
-        center_unembed=True,
-    )
-    model.eval()
-    return model
-
-
 @pytest.fixture(scope="session")
 def tiny_gpt2(gpt2_tokenizer) -> HookedTransformer:
     """A GPT-2-shaped model (LayerNorm, learned positions, biases) with the real tokenizer."""
@@ -75,7 +55,7 @@ def tiny_gpt2(gpt2_tokenizer) -> HookedTransformer:
         initializer_range=0.25,  # sharper attention than GPT-2's 0.02, so heads fire
         seed=0,
     )
-    return _processed(cfg, gpt2_tokenizer, seed=0)
+    return random_model(cfg, gpt2_tokenizer, seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -102,4 +82,4 @@ def tiny_llama(gpt2_tokenizer) -> HookedTransformer:
         initializer_range=0.25,  # sharper attention than GPT-2's 0.02, so heads fire
         seed=0,
     )
-    return _processed(cfg, gpt2_tokenizer, seed=1)
+    return random_model(cfg, gpt2_tokenizer, seed=1)

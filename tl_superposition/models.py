@@ -350,6 +350,45 @@ def _load_smollm2(device, dtype, fold_ln, cww, center_unembed, refresh) -> Hooke
     return model.to(device)
 
 
+def random_model(cfg: Any, tokenizer: Any = None, seed: int = 0) -> HookedTransformer:
+    """A randomly initialised model given the same processing as :func:`load_model`.
+
+    Normalisation gains are drawn around 1 and query/key biases around 0 (instead of exactly
+    1 and 0) so that folding and the bias terms of the QK form are exercised. For tests and
+    benchmarks where no pretrained weights are at hand.
+
+    Args:
+        cfg: a ``HookedTransformerConfig`` (``normalization_type`` "LN" or "RMS").
+        tokenizer: optional tokenizer to attach.
+        seed: torch seed of the initialisation.
+    """
+    torch.manual_seed(seed)
+    model = HookedTransformer(cfg, tokenizer=tokenizer)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for k, v in state.items():
+        if k.endswith(".w") and v.ndim == 1:
+            state[k] = 1.0 + 0.2 * torch.randn_like(v)
+        if k.endswith((".b_Q", ".b_K", "._b_K")) and v.abs().sum() == 0:
+            state[k] = 0.1 * torch.randn_like(v)
+    model.load_and_process_state_dict(
+        state, fold_ln=True, center_writing_weights=cfg.normalization_type == "LN",
+        center_unembed=True,
+    )
+    return model.eval()
+
+
+def gpt2_small_config(d_vocab: int = 50257, n_layers: int = 12) -> Any:
+    """The ``HookedTransformerConfig`` of GPT-2 small (124M), for random stand-ins."""
+    from transformer_lens import HookedTransformerConfig
+
+    return HookedTransformerConfig(
+        n_layers=n_layers, d_model=768, n_ctx=1024, d_head=64, n_heads=12, d_mlp=3072,
+        d_vocab=d_vocab, act_fn="gelu_new", normalization_type="LN",
+        positional_embedding_type="standard", original_architecture="GPT2LMHeadModel",
+        default_prepend_bos=False, model_name="gpt2-small-random",
+    )
+
+
 def describe(model: HookedTransformer) -> dict[str, Any]:
     """Short JSON-able description of a model (name, shapes, architecture) for manifests."""
     cfg = model.cfg
