@@ -74,3 +74,17 @@ def test_hub_name_offline_names_the_offline_options(monkeypatch):
 def test_bad_dtype():
     with pytest.raises(ValueError, match="dtype"):
         load_model("smollm2-135m", dtype="float8")
+
+
+def test_trace_ioi_cli_on_a_local_folder(hf_models, tmp_path):
+    """The main job end to end on a tiny random GPT-2 saved as a Hugging Face folder."""
+    from tl_superposition.cli import main
+
+    _, path = hf_models["gpt2"]
+    out = tmp_path / "run"
+    assert main(["trace-ioi", "--model", str(path), "--n-prompts", "6", "--seed", "1",
+                 "--pattern-thresh", "0.2", "--out", str(out)]) == 0
+    for name in ("prompts.csv", "firings.parquet", "edges.csv", "graph.graphml", "summary.json",
+                 "circuit.png", "components.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left

@@ -39,7 +39,7 @@ def check_supported(model: HookedTransformer) -> None:
     problems = []
     if cfg.positional_embedding_type not in ("standard", "rotary"):
         problems.append(f"positional_embedding_type={cfg.positional_embedding_type!r}")
-    if getattr(cfg, "attn_scores_soft_cap", -1.0) and getattr(cfg, "attn_scores_soft_cap", -1.0) > 0:
+    if (getattr(cfg, "attn_scores_soft_cap", None) or -1.0) > 0:
         problems.append("attention-score soft-capping")
     if getattr(cfg, "use_qk_norm", False) or cfg.original_architecture in (
             "OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM"):

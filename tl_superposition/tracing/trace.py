@@ -314,7 +314,7 @@ def trace(
         edge_parts.append(e)
         del cache
 
-    firings = _firings_frame(firing_parts)
+    firings = firings_table(firing_parts).to_pandas()
     edges = _edges_frame(edge_parts)
     return TraceResult(firings=firings, edges=edges, seeds=list(seeds), config=cfg,
                        seconds=time.time() - t0, model_name=model.cfg.model_name)
@@ -423,36 +423,29 @@ def _collect_firings(per_layer: list[dict[str, Tensor]]) -> dict[str, Any]:
     }
 
 
-def _firings_frame(parts: list[dict[str, Any]]) -> pd.DataFrame:
-    """Concatenate per-batch firings; list columns become arrays per row (via Arrow)."""
-    table = firings_table(parts)
-    return table.to_pandas()
-
-
 def firings_table(parts: list[dict[str, Any]]) -> pa.Table:
-    """Arrow table of the firings, with ``components``/``contributions`` as list columns."""
-    cols: dict[str, Any] = {}
-    scalar = ["prompt_id", "layer", "head", "dest_pos", "src_pos", "score", "pattern",
-              "n_components"]
-    for k in scalar:
-        cols[k] = np.concatenate([p[k] for p in parts]) if parts else np.zeros(0)
-    counts = cols["n_components"].astype(np.int64)
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-    comps = np.concatenate([p["components"] for p in parts]).astype(np.int32) if parts else np.zeros(0, np.int32)
-    contribs = np.concatenate([p["contributions"] for p in parts]) if parts else np.zeros(0)
-    arrays = {k: pa.array(v) for k, v in cols.items()}
-    arrays["prompt_id"] = pa.array(cols["prompt_id"].astype(np.int64))
-    arrays["layer"] = pa.array(cols["layer"].astype(np.int32))
-    arrays["head"] = pa.array(cols["head"].astype(np.int32))
-    arrays["dest_pos"] = pa.array(cols["dest_pos"].astype(np.int32))
-    arrays["src_pos"] = pa.array(cols["src_pos"].astype(np.int32))
-    arrays["n_components"] = pa.array(counts.astype(np.int32))
-    arrays["components"] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(comps))
-    arrays["contributions"] = pa.ListArray.from_arrays(pa.array(offsets),
-                                                       pa.array(contribs.astype(np.float64)))
-    arrays["residual"] = pa.array(np.concatenate([p["residual"] for p in parts]) if parts else np.zeros(0))
-    arrays["traced"] = pa.array(np.concatenate([p["traced"] for p in parts]).astype(bool) if parts else np.zeros(0, bool))
-    return pa.table(arrays)
+    """Arrow table of per-batch firings, with ``components``/``contributions`` as list columns."""
+
+    def cat(key: str, dtype: Any) -> np.ndarray:
+        return np.concatenate([p[key] for p in parts]).astype(dtype) if parts else np.zeros(0, dtype)
+
+    counts = cat("n_components", np.int32)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int32))
+    columns = {
+        "prompt_id": pa.array(cat("prompt_id", np.int64)),
+        "layer": pa.array(cat("layer", np.int32)),
+        "head": pa.array(cat("head", np.int32)),
+        "dest_pos": pa.array(cat("dest_pos", np.int32)),
+        "src_pos": pa.array(cat("src_pos", np.int32)),
+        "score": pa.array(cat("score", np.float32)),
+        "pattern": pa.array(cat("pattern", np.float32)),
+        "n_components": pa.array(counts),
+        "components": pa.ListArray.from_arrays(offsets, pa.array(cat("components", np.int32))),
+        "contributions": pa.ListArray.from_arrays(offsets, pa.array(cat("contributions", np.float64))),
+        "residual": pa.array(cat("residual", np.float64)),
+        "traced": pa.array(cat("traced", bool)),
+    }
+    return pa.table(columns)
 
 
 def _edges_frame(parts: list[dict[str, np.ndarray]]) -> pd.DataFrame:
