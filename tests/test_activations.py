@@ -22,16 +22,7 @@ from tl_superposition.activations import collector as collector_mod
 
 from conftest import shared_data
 
-ALL_SHORT = [
-    "hook_resid_pre",
-    "ln1.hook_normalized",
-    "ln1.hook_scale",
-    "attn.hook_q",
-    "attn.hook_k",
-    "attn.hook_z",
-    "attn.hook_pattern",
-    "hook_attn_out",
-]
+ALL_SHORT = list(collector_mod.SHORT_HOOKS)
 
 
 @pytest.fixture(params=["tiny_gpt2", "tiny_llama"])

@@ -120,10 +120,14 @@ def load_model(
 # --------------------------------------------------------------------------- hub
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """True when ``huggingface.co:443`` accepts a TCP connection within ``timeout`` seconds."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
+def hub_reachable(timeout: float = 3.0, offline_vars: tuple[str, ...] = ("HF_HUB_OFFLINE",)) -> bool:
+    """True when ``huggingface.co:443`` accepts a TCP connection within ``timeout`` seconds.
+
+    False at once when one of ``offline_vars`` (environment variables) is set to a true value.
+    """
+    for var in offline_vars:
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return False
     try:
         with socket.create_connection(("huggingface.co", 443), timeout=timeout):
             return True

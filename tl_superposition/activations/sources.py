@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+
+from tl_superposition.models import hub_reachable
 
 PYDOC = "pydoc"
 _FILE_BUILDERS = {
@@ -75,18 +76,6 @@ def pydoc_documents() -> list[str]:
     from pydoc_data import topics
 
     return [topics.topics[k] for k in sorted(topics.topics)]
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether huggingface.co:443 answers within ``timeout`` seconds (False when offline mode is set)."""
-    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
-            return False
-    try:
-        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def _tokenize_texts(tokenizer: Any, texts: Iterable[str], chunk: int = 256) -> Iterator[list[int]]:
@@ -272,7 +261,7 @@ def resolve_source(
         raise FileNotFoundError(f"source path {source!r} does not exist")
 
     # -- Hugging Face hub dataset by name
-    if not hub_reachable():
+    if not hub_reachable(offline_vars=("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")):
         raise RuntimeError(
             f"source {source!r} is neither a local path nor reachable: the Hugging Face hub "
             f"cannot be reached from this machine (or HF_DATASETS_OFFLINE is set). "

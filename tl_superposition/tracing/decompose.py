@@ -165,6 +165,7 @@ def signal_directions(
     Returns:
         ``(g_src, g_dest)``, float64.
     """
+    selected = selected.to(proj.a.device)
     w = torch.where(selected, torch.sign(proj.a) * proj.s.sqrt(), torch.zeros_like(proj.a))
     t_src = torch.einsum("nik,nk->ni", proj.v_core, w)
     t_dest = torch.einsum("nik,nk->ni", proj.u_core, w)
