@@ -42,15 +42,16 @@ HOOKS = ["ln1.hook_normalized", "attn.hook_q", "attn.hook_k"]
 def load(name: str):
     """The model to benchmark; ``gpt2-tiny-random`` is a small random GPT-2 for quick checks."""
     if name == "gpt2-tiny-random":
-        from transformer_lens import HookedTransformer, HookedTransformerConfig
+        from transformer_lens import HookedTransformerConfig
         from transformers import GPT2TokenizerFast
+
+        from tl_superposition.models import random_model
 
         tok = GPT2TokenizerFast.from_pretrained(str(DEFAULT_DATA / "gpt2-tokenizer"))
         cfg = HookedTransformerConfig(n_layers=4, d_model=256, n_ctx=512, d_head=32, n_heads=8,
                                       d_mlp=1024, d_vocab=tok.vocab_size, act_fn="gelu_new",
-                                      normalization_type="LNPre", default_prepend_bos=True)
-        torch.manual_seed(0)
-        return HookedTransformer(cfg, tokenizer=tok).eval()
+                                      normalization_type="LN", default_prepend_bos=True)
+        return random_model(cfg, tok, seed=0)
     from tl_superposition import load_model
 
     return load_model(name)

@@ -392,21 +392,3 @@ def gpt2_small_config(d_vocab: int = 50257, n_layers: int = 12) -> Any:
         default_prepend_bos=False, model_name="gpt2-small-random",
     )
 
-
-def describe(model: HookedTransformer) -> dict[str, Any]:
-    """Short JSON-able description of a model (name, shapes, architecture) for manifests."""
-    cfg = model.cfg
-    return {
-        "model_name": cfg.model_name,
-        "architecture": cfg.original_architecture,
-        "n_layers": cfg.n_layers,
-        "d_model": cfg.d_model,
-        "n_heads": cfg.n_heads,
-        "n_key_value_heads": getattr(cfg, "n_key_value_heads", None) or cfg.n_heads,
-        "d_head": cfg.d_head,
-        "d_vocab": cfg.d_vocab,
-        "n_ctx": cfg.n_ctx,
-        "normalization_type": cfg.normalization_type,
-        "positional_embedding_type": cfg.positional_embedding_type,
-    }
-
