@@ -48,9 +48,18 @@ def load(name: str):
         from tl_superposition.models import random_model
 
         tok = GPT2TokenizerFast.from_pretrained(str(DEFAULT_DATA / "gpt2-tokenizer"))
-        cfg = HookedTransformerConfig(n_layers=4, d_model=256, n_ctx=512, d_head=32, n_heads=8,
-                                      d_mlp=1024, d_vocab=tok.vocab_size, act_fn="gelu_new",
-                                      normalization_type="LN", default_prepend_bos=True)
+        cfg = HookedTransformerConfig(
+            n_layers=4,
+            d_model=256,
+            n_ctx=512,
+            d_head=32,
+            n_heads=8,
+            d_mlp=1024,
+            d_vocab=tok.vocab_size,
+            act_fn="gelu_new",
+            normalization_type="LN",
+            default_prepend_bos=True,
+        )
         return random_model(cfg, tok, seed=0)
     from tl_superposition import load_model
 
@@ -76,10 +85,21 @@ def _reset_peak() -> bool:
 def _collect(model, args, max_tokens: int, out: Path):
     from tl_superposition import collect
 
-    return collect(model, args.source, HOOKS, layers=[args.layer], split=args.split,
-                   context_size=args.context_size, batch_size=args.batch_size,
-                   max_tokens=max_tokens, shard_tokens=args.shard_tokens, dtype=args.dtype,
-                   out_dir=out, progress=False, verbose=False)
+    return collect(
+        model,
+        args.source,
+        HOOKS,
+        layers=[args.layer],
+        split=args.split,
+        context_size=args.context_size,
+        batch_size=args.batch_size,
+        max_tokens=max_tokens,
+        shard_tokens=args.shard_tokens,
+        dtype=args.dtype,
+        out_dir=out,
+        progress=False,
+        verbose=False,
+    )
 
 
 def child(args) -> None:
@@ -90,12 +110,19 @@ def child(args) -> None:
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         s = _collect(model, args, args.max_tokens, Path(tmp) / "acts")
         peak = _vm("VmHWM")
-    print(json.dumps({
-        "max_tokens": args.max_tokens, "tokens": s.n_tokens, "rss_after_load_mb": after_load,
-        "peak_rss_mb": peak if reset else float("nan"),
-        "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "tokens_per_s": s.tokens_per_s, "shard_mb": s.bytes / 2**20 / max(s.n_shards, 1),
-    }))
+    print(
+        json.dumps(
+            {
+                "max_tokens": args.max_tokens,
+                "tokens": s.n_tokens,
+                "rss_after_load_mb": after_load,
+                "peak_rss_mb": peak if reset else float("nan"),
+                "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "tokens_per_s": s.tokens_per_s,
+                "shard_mb": s.bytes / 2**20 / max(s.n_shards, 1),
+            }
+        )
+    )
 
 
 def forward_rate(model, contexts: torch.Tensor, batch_size: int, stop: int) -> float:
@@ -134,8 +161,9 @@ def main() -> None:
     model = load(args.model)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     n_ctx = args.tokens // args.context_size
-    src = resolve_source(args.source, model.tokenizer, context_size=args.context_size,
-                         split=args.split)
+    src = resolve_source(
+        args.source, model.tokenizer, context_size=args.context_size, split=args.split
+    )
     bos = model.tokenizer.bos_token_id if model.cfg.default_prepend_bos else None
     it = iter_contexts(src, args.context_size, bos, model.tokenizer.bos_token_id)
     contexts = torch.stack([torch.from_numpy(next(it)) for _ in range(n_ctx)])
@@ -151,17 +179,29 @@ def main() -> None:
             s = _collect(model, args, n_ctx * args.context_size, Path(tmp) / "acts")
         col_rates.append(s.tokens_per_s)
     forward, collected = max(fwd_rates), max(col_rates)
-    print(f"bare forward: {[round(r) for r in fwd_rates]} tok/s; collect: "
-          f"{[round(r) for r in col_rates]} tok/s ({s.n_tokens:,} tokens, "
-          f"{s.bytes / 2**20:,.0f} MiB per run)", file=sys.stderr)
+    print(
+        f"bare forward: {[round(r) for r in fwd_rates]} tok/s; collect: "
+        f"{[round(r) for r in col_rates]} tok/s ({s.n_tokens:,} tokens, "
+        f"{s.bytes / 2**20:,.0f} MiB per run)",
+        file=sys.stderr,
+    )
     del model
 
     small, large = (int(x) for x in args.sizes.split(","))
     peaks = {}
     for label, size in (("small", small), ("large", large)):
         cmd = [sys.executable, __file__, "--child", "--max-tokens", str(size)]
-        for key in ("model", "layer", "source", "split", "context_size", "batch_size",
-                    "shard_tokens", "dtype", "tmp"):
+        for key in (
+            "model",
+            "layer",
+            "source",
+            "split",
+            "context_size",
+            "batch_size",
+            "shard_tokens",
+            "dtype",
+            "tmp",
+        ):
             val = getattr(args, key)
             if val is not None:
                 cmd += [f"--{key.replace('_', '-')}", str(val)]
@@ -172,27 +212,31 @@ def main() -> None:
         peaks[label] = json.loads(res.stdout.strip().splitlines()[-1])
         print(f"{label}: {peaks[label]}", file=sys.stderr)
 
-    print(json.dumps({
-        "model": args.model,
-        "layer": args.layer,
-        "hooks": HOOKS,
-        "context_size": args.context_size,
-        "batch_size": args.batch_size,
-        "dtype": args.dtype,
-        "tokens": s.n_tokens,
-        "collect_tokens_per_s": round(collected, 1),
-        "forward_tokens_per_s": round(forward, 1),
-        "ratio": round(collected / forward, 4),
-        "rounds": args.rounds,
-        "max_tokens_small": small,
-        "max_tokens_large": large,
-        "peak_rss_mb_small": round(peaks["small"]["peak_rss_mb"], 1),
-        "peak_rss_mb_large": round(peaks["large"]["peak_rss_mb"], 1),
-        "rss_after_load_mb": round(peaks["small"]["rss_after_load_mb"], 1),
-        "process_peak_rss_mb_small": round(peaks["small"]["process_peak_rss_mb"], 1),
-        "process_peak_rss_mb_large": round(peaks["large"]["process_peak_rss_mb"], 1),
-        "torch_threads": torch.get_num_threads(),
-    }))
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "layer": args.layer,
+                "hooks": HOOKS,
+                "context_size": args.context_size,
+                "batch_size": args.batch_size,
+                "dtype": args.dtype,
+                "tokens": s.n_tokens,
+                "collect_tokens_per_s": round(collected, 1),
+                "forward_tokens_per_s": round(forward, 1),
+                "ratio": round(collected / forward, 4),
+                "rounds": args.rounds,
+                "max_tokens_small": small,
+                "max_tokens_large": large,
+                "peak_rss_mb_small": round(peaks["small"]["peak_rss_mb"], 1),
+                "peak_rss_mb_large": round(peaks["large"]["peak_rss_mb"], 1),
+                "rss_after_load_mb": round(peaks["small"]["rss_after_load_mb"], 1),
+                "process_peak_rss_mb_small": round(peaks["small"]["process_peak_rss_mb"], 1),
+                "process_peak_rss_mb_large": round(peaks["large"]["process_peak_rss_mb"], 1),
+                "torch_threads": torch.get_num_threads(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

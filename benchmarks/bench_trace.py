@@ -85,16 +85,29 @@ def main() -> None:
     runs = []
     for name in args.models.split(","):
         out = subprocess.run(
-            [sys.executable, __file__, "--child", name, "--n-prompts", str(args.n_prompts),
-             "--batch-size", str(args.batch_size)],
-            check=True, capture_output=True, text=True,
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                name,
+                "--n-prompts",
+                str(args.n_prompts),
+                "--batch-size",
+                str(args.batch_size),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
         )
         run = json.loads(out.stdout.strip().splitlines()[-1])
         runs.append(run)
-        print(f"{name}: {run['n_prompts']} prompts in {run['seconds']} s "
-              f"({run['prompts_per_s']} prompts/s, {run['firings_per_s']} firings/s, "
-              f"{run['n_firings']} firings), peak RSS {run['peak_rss_mb']} MB, "
-              f"load {run['load_seconds']} s", flush=True)
+        print(
+            f"{name}: {run['n_prompts']} prompts in {run['seconds']} s "
+            f"({run['prompts_per_s']} prompts/s, {run['firings_per_s']} firings/s, "
+            f"{run['n_firings']} firings), peak RSS {run['peak_rss_mb']} MB, "
+            f"load {run['load_seconds']} s",
+            flush=True,
+        )
     main_run = next((r for r in runs if r["model"] == "smollm2-135m"), runs[-1])
     print(json.dumps({**main_run, "runs": runs}))
 

@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
-# Set up what the tests need (scripts/setup.sh), then run the whole suite: the fast unit tests
-# on tiny random models and the tests marked `slow` on the real SmolLM2-135M-Instruct.
-# Extra arguments go to pytest.
+# The project's test command (what `.ci/run` runs): set up what the tests need
+# (scripts/setup.sh), check lint, formatting and types, then run the whole suite: the fast
+# tests on tiny random models and the tests marked `slow` (the real SmolLM2-135M-Instruct and
+# the notebooks). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -m "slow or not slow" "$@"
+bin=.venv/bin
+echo "== ruff check"
+"$bin/ruff" check .
+echo "== ruff format --check"
+"$bin/ruff" format --check .
+echo "== pyright"
+"$bin/pyright" tl_superposition
+echo "== pytest"
+exec "$bin/python" -m pytest -m "slow or not slow" "$@"

@@ -1,12 +1,10 @@
 """Shared fixtures: tiny randomly initialised models and the real GPT-2 tokenizer.
 
-The data folder is ``../shared/data`` beside the repository (as CI has it); the environment
-variable ``TL_SUPERPOSITION_DATA`` can point elsewhere.
+The data the tests read lives in ``tests/data`` (see its README for sources and licences).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -14,15 +12,18 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from tl_superposition.models import random_model
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("TL_SUPERPOSITION_DATA", REPO.parent / "shared" / "data"))
+DATA = Path(__file__).resolve().parent / "data"
 
 
-def shared_data(*parts: str) -> Path:
-    """Path under the shared data folder; skips the test if it is missing."""
+def data_path(*parts: str) -> Path:
+    """Path of a file or folder under ``tests/data``; fails the test, naming it, if missing."""
     path = DATA.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"shared data not found: {path} (set TL_SUPERPOSITION_DATA)")
+        pytest.fail(
+            f"test data missing: {path}. It is part of the repository: restore it with "
+            "`git checkout -- tests/data`.",
+            pytrace=False,
+        )
     return path
 
 
@@ -31,7 +32,7 @@ def gpt2_tokenizer():
     """The real GPT-2 byte-level BPE tokenizer, loaded offline."""
     from transformers import GPT2TokenizerFast
 
-    tok = GPT2TokenizerFast.from_pretrained(str(shared_data("gpt2-tokenizer")))
+    tok = GPT2TokenizerFast.from_pretrained(str(data_path("gpt2-tokenizer")))
     assert tok.encode(" Mary") == [5335], "GPT-2 tokenizer did not load correctly"
     return tok
 

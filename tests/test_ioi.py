@@ -23,8 +23,9 @@ def test_template_families_are_large_enough():
 @pytest.mark.parametrize("prepend_bos", [False, True])
 @pytest.mark.parametrize("prompt_type", ["ABBA", "BABA", "mixed"])
 def test_positions_point_at_the_names(gpt2_tokenizer, prompt_type, prepend_bos):
-    ds = make_ioi_dataset(gpt2_tokenizer, 40, prompt_type=prompt_type, seed=3,
-                          prepend_bos=prepend_bos)
+    ds = make_ioi_dataset(
+        gpt2_tokenizer, 40, prompt_type=prompt_type, seed=3, prepend_bos=prepend_bos
+    )
     rows = torch.arange(len(ds))
     assert (ds.tokens[rows, ds.io_pos] == ds.io_tokens).all()
     assert (ds.tokens[rows, ds.s1_pos] == ds.s_tokens).all()
@@ -60,8 +61,16 @@ def test_deterministic_for_a_seed(gpt2_tokenizer):
 def test_dataframe_and_subsets(gpt2_tokenizer):
     ds = make_ioi_dataset(gpt2_tokenizer, 10, seed=0)
     df = ds.to_dataframe()
-    assert list(df.columns[:8]) == ["prompt_id", "text", "io", "s", "io_pos", "s1_pos", "s2_pos",
-                                    "end_pos"]
+    assert list(df.columns[:8]) == [
+        "prompt_id",
+        "text",
+        "io",
+        "s",
+        "io_pos",
+        "s1_pos",
+        "s2_pos",
+        "end_pos",
+    ]
     sub = ds[2:5]
     assert sub.prompts == ds.prompts[2:5]
     assert torch.equal(sub.tokens, ds.tokens[2:5, : int(ds.lengths[2:5].max())])
@@ -73,7 +82,9 @@ def test_bad_input(gpt2_tokenizer):
     with pytest.raises(ValueError, match="at least 2"):
         make_ioi_dataset(gpt2_tokenizer, 5, names=["Mary", "Bartholomewson"])
     with pytest.raises(ValueError, match=r"\[B\]"):
-        make_ioi_dataset(gpt2_tokenizer, 5, templates=["When [A] went to the [PLACE], [B] gave it to"])
+        make_ioi_dataset(
+            gpt2_tokenizer, 5, templates=["When [A] went to the [PLACE], [B] gave it to"]
+        )
     with pytest.raises(ValueError, match="follow a space"):
         make_ioi_dataset(gpt2_tokenizer, 5, templates=["[A] and [B] met. [B] waved to"])
     with pytest.raises(ValueError, match="prompt_type"):

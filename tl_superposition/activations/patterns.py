@@ -62,7 +62,11 @@ def attention_params(model: Any, layer: int) -> dict[str, Any]:
 
 
 def rotary_tables(model: Any, layer: int, n_pos: int) -> tuple[Tensor, Tensor]:
-    """The layer's rotary cos/sin tables for positions ``0..n_pos-1`` (float32 ``[n_pos, rotary_dim]``)."""
+    """The layer's rotary cos/sin tables for positions ``0..n_pos-1``.
+
+    Returns:
+        ``(cos, sin)``, float32 ``[n_pos, rotary_dim]``.
+    """
     attn = model.blocks[layer].attn
     if attn.rotary_cos.shape[0] < n_pos:
         attn._extend_rotary_embeddings(n_pos)
@@ -128,7 +132,9 @@ def pattern_from_qk(
         hq = torch.as_tensor(heads, dtype=torch.long, device=q.device)
     if params.get("rotary") and not already_rotated:
         if rotary is None:
-            raise ValueError("rotary model: pass the rotary (cos, sin) tables stored by the collector")
+            raise ValueError(
+                "rotary model: pass the rotary (cos, sin) tables stored by the collector"
+            )
         cos, sin = rotary
         rd = int(params["rotary_dim"])
         adj = bool(params.get("rotary_adjacent_pairs", False))

@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -119,8 +120,9 @@ def _local_files(path: Path, split: str | None) -> list[Path]:
     if path.is_file():
         return [path]
     files = sorted(
-        p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _FILE_BUILDERS
-        and not p.name.startswith(".")
+        p
+        for p in path.rglob("*")
+        if p.is_file() and p.suffix.lower() in _FILE_BUILDERS and not p.name.startswith(".")
     )
     if not files:
         raise ValueError(
@@ -139,7 +141,9 @@ def _local_files(path: Path, split: str | None) -> list[Path]:
         files = chosen
     builders = {_FILE_BUILDERS[p.suffix.lower()] for p in files}
     if len(builders) > 1:
-        raise ValueError(f"source folder {path} mixes file types {sorted(builders)}; pick one split")
+        raise ValueError(
+            f"source folder {path} mixes file types {sorted(builders)}; pick one split"
+        )
     return files
 
 
@@ -188,7 +192,9 @@ def resolve_source(
         if arr.ndim == 1:
             arr = arr[None]
         if arr.ndim != 2:
-            raise ValueError(f"token data must be 1-D or 2-D [n, seq], got shape {tuple(arr.shape)}")
+            raise ValueError(
+                f"token data must be 1-D or 2-D [n, seq], got shape {tuple(arr.shape)}"
+            )
         return _token_rows_source([row for row in arr.astype(np.int64)], context_size)
 
     # -- in-memory strings, or lists of token ids
@@ -205,7 +211,9 @@ def resolve_source(
                 documents=lambda: _tokenize_texts(tokenizer, texts),
             )
         if all(isinstance(s, (list, tuple, np.ndarray, torch.Tensor)) for s in source):
-            rows = [np.asarray(torch.as_tensor(r).cpu(), dtype=np.int64).reshape(-1) for r in source]
+            rows = [
+                np.asarray(torch.as_tensor(r).cpu(), dtype=np.int64).reshape(-1) for r in source
+            ]
             return _token_rows_source(rows, context_size)
         raise ValueError(
             "a list source must hold only strings (documents) or only token-id sequences"
@@ -223,8 +231,11 @@ def resolve_source(
                 f"dataset has no column {column!r}; available columns: {list(names)}. "
                 "Pass one of them as column= (--column)."
             )
-        desc = {"kind": "datasets_object", "column": column,
-                "fingerprint": getattr(source, "_fingerprint", None)}
+        desc = {
+            "kind": "datasets_object",
+            "column": column,
+            "fingerprint": getattr(source, "_fingerprint", None),
+        }
         return _rows_source(lambda: _dataset_rows(source), desc, tokenizer, column, "the dataset")
 
     if isinstance(source, os.PathLike):
@@ -269,8 +280,13 @@ def resolve_source(
         )
     name, _, config = source.partition(":")
     hub_split = split or "train"
-    desc = {"kind": "hub", "name": name, "config": config or None, "split": hub_split,
-            "column": column}
+    desc = {
+        "kind": "hub",
+        "name": name,
+        "config": config or None,
+        "split": hub_split,
+        "column": column,
+    }
 
     def hub_rows() -> Iterator[dict[str, Any]]:
         ds = datasets.load_dataset(name, config or None, split=hub_split, streaming=True)

@@ -17,8 +17,9 @@ import json
 import mmap
 import os
 import struct
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -134,13 +135,18 @@ class ActivationStore:
         return self.n_contexts
 
     def __repr__(self) -> str:
-        return (f"ActivationStore({str(self.path)!r}, contexts={self.n_contexts}, "
-                f"context_size={self.context_size}, hooks={self.hooks})")
+        return (
+            f"ActivationStore({str(self.path)!r}, contexts={self.n_contexts}, "
+            f"context_size={self.context_size}, hooks={self.hooks})"
+        )
 
     # ------------------------------------------------------------------ basic access
 
     def shape(self, hook: str) -> list[int]:
-        """Per-context shape of a stored hook (``[context_size, ...]``; patterns ``[heads, ctx, ctx]``)."""
+        """Per-context shape of a stored hook.
+
+        ``[context_size, ...]``; patterns ``[heads, ctx, ctx]``.
+        """
         return list(self.manifest["hooks"][hook]["shape"])
 
     def _check_hooks(self, hooks: Sequence[str] | None) -> list[str]:
@@ -159,8 +165,11 @@ class ActivationStore:
         return t.to(self.device)
 
     def get_contexts(
-        self, indices: Sequence[int] | Tensor, hooks: Sequence[str] | None = None,
-        *, tokens: bool = True,
+        self,
+        indices: Sequence[int] | Tensor,
+        hooks: Sequence[str] | None = None,
+        *,
+        tokens: bool = True,
     ) -> dict[str, Tensor]:
         """Gather contexts by global index (0 .. n_contexts-1), in the order given.
 
@@ -247,7 +256,8 @@ class ActivationStore:
             tokens: also yield ``"tokens"`` (int64 ``[batch]``).
 
         Yields:
-            ``{hook: [batch, *shape(hook)[1:]]}``, e.g. ``ln1.hook_normalized``: ``[batch, d_model]``.
+            ``{hook: [batch, *shape(hook)[1:]]}``, e.g. ``ln1.hook_normalized``:
+            ``[batch, d_model]``.
         """
         if hooks is None:
             hooks = [h for h in self.hooks if not h.endswith("hook_pattern")]
@@ -255,16 +265,18 @@ class ActivationStore:
         bad = [h for h in hooks if h.endswith("hook_pattern")]
         if bad:
             raise ValueError(f"{bad}: patterns are not position-wise; use iter_contexts")
-        g = torch.Generator().manual_seed((self.seed if seed is None else seed) * 1_000_003
-                                          + epoch + 7)
+        g = torch.Generator().manual_seed(
+            (self.seed if seed is None else seed) * 1_000_003 + epoch + 7
+        )
         perm = self._permutation(shuffle, seed, epoch)
         names = hooks + (["tokens"] if tokens else [])
         carry: dict[str, Tensor] | None = None
         start_pos = 1 if skip_bos else 0
         for lo in range(0, self.n_contexts, buffer_contexts):
             ctx = self.get_contexts(perm[lo : lo + buffer_contexts], hooks, tokens=tokens)
-            flat = {k: ctx[k][:, start_pos:].reshape((-1,) + tuple(ctx[k].shape[2:]))
-                    for k in names}
+            flat = {
+                k: ctx[k][:, start_pos:].reshape((-1,) + tuple(ctx[k].shape[2:])) for k in names
+            }
             if carry is not None:
                 flat = {k: torch.cat([carry[k], flat[k]]) for k in names}
             n = flat[names[0]].shape[0]
@@ -282,7 +294,7 @@ class ActivationStore:
     # ------------------------------------------------------------------ patterns
 
     def attention_params(self, layer: int) -> dict[str, Any]:
-        """The attention constants recorded for ``layer`` (see :func:`patterns.attention_params`)."""
+        """The attention constants recorded for ``layer`` (:func:`patterns.attention_params`)."""
         try:
             return self.manifest["attention"][str(layer)]
         except KeyError:
@@ -319,7 +331,15 @@ class ActivationStore:
         if params.get("rotary") and not rotated:
             if self._rotary is None:
                 self._rotary, _ = mmap_safetensors(self.path / ATTENTION_FILE)
-            rot = (self._rotary[f"blocks.{layer}.rotary_cos"],
-                   self._rotary[f"blocks.{layer}.rotary_sin"])
-        return pattern_from_qk(q, k, params, rot, already_rotated=rotated,
-                               heads=list(heads) if heads is not None else None)
+            rot = (
+                self._rotary[f"blocks.{layer}.rotary_cos"],
+                self._rotary[f"blocks.{layer}.rotary_sin"],
+            )
+        return pattern_from_qk(
+            q,
+            k,
+            params,
+            rot,
+            already_rotated=rotated,
+            heads=list(heads) if heads is not None else None,
+        )

@@ -11,12 +11,34 @@ Data flow, one module per step:
 """
 
 from tl_superposition.tracing.decompose import find_firings, project, shortest_prefix
-from tl_superposition.tracing.ioi_trace import IOITrace, choose_seeds, head_logit_attribution, trace_ioi
+from tl_superposition.tracing.ioi_trace import (
+    IOITrace,
+    choose_seeds,
+    head_logit_attribution,
+    trace_ioi,
+)
 from tl_superposition.tracing.qk_svd import LayerQK, QKSVDCache
-from tl_superposition.tracing.trace import TraceConfig, TraceResult, parse_heads, trace, upstream_writes
+from tl_superposition.tracing.trace import (
+    TraceConfig,
+    TraceResult,
+    parse_heads,
+    trace,
+    upstream_writes,
+)
 
 __all__ = [
-    "find_firings", "project", "shortest_prefix", "LayerQK", "QKSVDCache", "TraceConfig",
-    "TraceResult", "parse_heads", "trace", "upstream_writes", "trace_ioi", "IOITrace",
-    "choose_seeds", "head_logit_attribution",
+    "find_firings",
+    "project",
+    "shortest_prefix",
+    "LayerQK",
+    "QKSVDCache",
+    "TraceConfig",
+    "TraceResult",
+    "parse_heads",
+    "trace",
+    "upstream_writes",
+    "trace_ioi",
+    "IOITrace",
+    "choose_seeds",
+    "head_logit_attribution",
 ]

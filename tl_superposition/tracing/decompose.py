@@ -47,8 +47,10 @@ def find_firings(
     if exclude_first:
         fire[..., 0] = False
     if lengths is not None:
-        dest_ok = torch.arange(pattern.shape[2], device=pattern.device)[None, :] < lengths.to(
-            pattern.device)[:, None]
+        dest_ok = (
+            torch.arange(pattern.shape[2], device=pattern.device)[None, :]
+            < lengths.to(pattern.device)[:, None]
+        )
         fire &= dest_ok[:, None, :, None]
     b, h, d, s = fire.nonzero(as_tuple=True)
     return b, h, d, s
@@ -59,7 +61,7 @@ def shortest_prefix(
     target: Float[Tensor, " n"],
     rtol: float = REACH_RTOL,
 ) -> tuple[Int[Tensor, "n m"], Int[Tensor, " n"]]:
-    """Order the values so the first ones push furthest towards ``target``; find the shortest prefix reaching it.
+    """Sort each row towards ``target`` and find the shortest prefix that reaches it.
 
     For a positive target the values are sorted descending and the prefix must reach
     ``cumsum >= target``; for a negative target, ascending and ``cumsum <= target``. The
@@ -75,8 +77,11 @@ def shortest_prefix(
     cs = torch.gather(v, 1, order).cumsum(1)
     tol = rtol * values.abs().sum(1)
     reached = cs >= (target * sign - tol)[:, None]
-    count = torch.where(reached.any(1), reached.to(torch.int8).argmax(1) + 1,
-                        torch.full_like(target, values.shape[1], dtype=torch.long))
+    count = torch.where(
+        reached.any(1),
+        reached.to(torch.int8).argmax(1) + 1,
+        torch.full_like(target, values.shape[1], dtype=torch.long),
+    )
     return order, count.long()
 
 

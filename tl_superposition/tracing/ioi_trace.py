@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import networkx as nx
 import numpy as np
@@ -49,10 +50,16 @@ def head_logit_attribution(
     n_layers = model.cfg.n_layers
     names = {f"blocks.{L}.attn.hook_z" for L in range(n_layers)} | {"ln_final.hook_scale"}
     lds, dlas = [], []
-    for lo in tqdm(range(0, len(dataset), batch_size), desc="logit attribution", unit="batch",
-                   disable=not progress):
+    for lo in tqdm(
+        range(0, len(dataset), batch_size),
+        desc="logit attribution",
+        unit="batch",
+        disable=not progress,
+    ):
         part = dataset[lo : lo + batch_size]
-        logits, cache = model.run_with_cache(part.tokens.to(device), names_filter=lambda n: n in names)
+        logits, cache = model.run_with_cache(
+            part.tokens.to(device), names_filter=lambda n: n in names
+        )
         lds.append(_logit_diff_from_logits(logits, part))
         rows = torch.arange(len(part), device=device)
         end = part.end_pos.to(device)
@@ -68,8 +75,10 @@ def head_logit_attribution(
 
 
 def choose_seeds(
-    model: HookedTransformer, dla: Float[Tensor, "n_prompts n_layers n_heads"],
-    seeds: str | Sequence[Any] | None, n_seeds: int = 3,
+    model: HookedTransformer,
+    dla: Float[Tensor, "n_prompts n_layers n_heads"],
+    seeds: str | Sequence[Any] | None,
+    n_seeds: int = 3,
 ) -> list[tuple[int, int]]:
     """Resolve the seed heads.
 
@@ -87,9 +96,11 @@ def choose_seeds(
         return [(int(i) // mean.shape[1], int(i) % mean.shape[1]) for i in top]
     if seeds == "name-movers":
         if (model.cfg.n_layers, model.cfg.n_heads) != (12, 12):
-            raise ValueError("seeds='name-movers' are GPT-2 small's heads 9.6, 9.9, 10.0; this "
-                             f"model has {model.cfg.n_layers} layers x {model.cfg.n_heads} heads. "
-                             "Use seeds='dla' or a list such as '9.6,9.9'.")
+            raise ValueError(
+                "seeds='name-movers' are GPT-2 small's heads 9.6, 9.9, 10.0; this "
+                f"model has {model.cfg.n_layers} layers x {model.cfg.n_heads} heads. "
+                "Use seeds='dla' or a list such as '9.6,9.9'."
+            )
         return list(GPT2_NAME_MOVERS)
     return parse_heads(seeds) or []
 
@@ -122,8 +133,16 @@ class IOITrace:
         """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        paths = {name: out / name for name in ("prompts.csv", "firings.parquet", "edges.csv",
-                                                "graph.graphml", "summary.json")}
+        paths = {
+            name: out / name
+            for name in (
+                "prompts.csv",
+                "firings.parquet",
+                "edges.csv",
+                "graph.graphml",
+                "summary.json",
+            )
+        }
         with atomic_path(paths["prompts.csv"]) as tmp:
             self.prompts.to_csv(tmp, index=False)
         with atomic_path(paths["firings.parquet"]) as tmp:
@@ -139,9 +158,13 @@ class IOITrace:
             paths["circuit.png"] = out / "circuit.png"
             paths["components.png"] = out / "components.png"
             with atomic_path(paths["circuit.png"], suffix=".png") as tmp:
-                plot_circuit(graph, tmp, seeds=self.summary["seeds"],
-                             title=f"IOI signal graph, {self.summary['model']} "
-                                   f"(seeds {', '.join(self.summary['seeds'])})")
+                plot_circuit(
+                    graph,
+                    tmp,
+                    seeds=self.summary["seeds"],
+                    title=f"IOI signal graph, {self.summary['model']} "
+                    f"(seeds {', '.join(self.summary['seeds'])})",
+                )
             with atomic_path(paths["components.png"], suffix=".png") as tmp:
                 plot_component_usage(self.firings, tmp, d_head=self.summary["d_head"])
         write_json_atomic(paths["summary.json"], self.summary)
@@ -156,8 +179,12 @@ def _to_arrow(df: pd.DataFrame):
 
 def _roles(dataset: IOIDataset, prompt_id: np.ndarray, pos: np.ndarray) -> np.ndarray:
     roles = np.full(len(pos), "", dtype=object)
-    for name, where in (("IO", dataset.io_pos), ("S1", dataset.s1_pos), ("S2", dataset.s2_pos),
-                        ("END", dataset.end_pos)):
+    for name, where in (
+        ("IO", dataset.io_pos),
+        ("S1", dataset.s1_pos),
+        ("S2", dataset.s2_pos),
+        ("END", dataset.end_pos),
+    ):
         roles[where.numpy()[prompt_id] == pos] = name
     if dataset.prepend_bos:
         roles[pos == 0] = "BOS"
@@ -200,9 +227,16 @@ def trace_ioi(
     src_positions = {"IO": dataset.io_pos, "S2": dataset.s2_pos, "any": None}
     if seed_src not in src_positions:
         raise ValueError(f"seed_src must be 'IO', 'S2', 'any' or 'auto', got {seed_src!r}")
-    result = trace(model, dataset.tokens, seed_heads, seed_dest=dataset.end_pos,
-                   seed_src=src_positions[seed_src], lengths=dataset.lengths, config=cfg,
-                   progress=progress)
+    result = trace(
+        model,
+        dataset.tokens,
+        seed_heads,
+        seed_dest=dataset.end_pos,
+        seed_src=src_positions[seed_src],
+        lengths=dataset.lengths,
+        config=cfg,
+        progress=progress,
+    )
     f = result.firings
     f["dest_role"] = _roles(dataset, f.prompt_id.to_numpy(), f.dest_pos.to_numpy())
     f["src_role"] = _roles(dataset, f.prompt_id.to_numpy(), f.src_pos.to_numpy())
@@ -225,8 +259,10 @@ def trace_ioi(
         "seed_mean_dla": [float(dla[:, L, h].mean()) for L, h in seed_heads],
         "seed_src": seed_src,
         "n_seed_firings": int(len(seed_fire)),
-        "seed_firings_by_src_role": {str(k): int(v) for k, v in
-                                     seed_fire.src_role.replace("", "other").value_counts().items()},
+        "seed_firings_by_src_role": {
+            str(k): int(v)
+            for k, v in seed_fire.src_role.replace("", "other").value_counts().items()
+        },
         "n_traced_firings": int(f.traced.sum()),
         "n_edges": int(len(result.edges)),
         "max_abs_residual": float(f.residual.abs().max()) if len(f) else 0.0,
@@ -256,5 +292,11 @@ def format_summary(summary: dict[str, Any]) -> str:
     )
 
 
-__all__ = ["trace_ioi", "IOITrace", "head_logit_attribution", "choose_seeds", "format_summary",
-           "GPT2_NAME_MOVERS"]
+__all__ = [
+    "trace_ioi",
+    "IOITrace",
+    "head_logit_attribution",
+    "choose_seeds",
+    "format_summary",
+    "GPT2_NAME_MOVERS",
+]

@@ -14,7 +14,10 @@ import pandas as pd  # noqa: E402
 
 
 def circuit_subgraph(
-    graph: nx.MultiDiGraph, seeds: list[str], per_node: int = 3, max_nodes: int = 40,
+    graph: nx.MultiDiGraph,
+    seeds: list[str],
+    per_node: int = 3,
+    max_nodes: int = 40,
     heads_only: bool = True,
 ) -> nx.MultiDiGraph:
     """The readable core of a trace graph: from the seeds, each node's strongest inputs.
@@ -48,8 +51,13 @@ def circuit_subgraph(
 
 
 def plot_circuit(
-    graph: nx.MultiDiGraph, path: str | os.PathLike, seeds: list[str], title: str = "",
-    per_node: int = 3, max_nodes: int = 40, heads_only: bool = True,
+    graph: nx.MultiDiGraph,
+    path: str | os.PathLike,
+    seeds: list[str],
+    title: str = "",
+    per_node: int = 3,
+    max_nodes: int = 40,
+    heads_only: bool = True,
 ) -> None:
     """Draw :func:`circuit_subgraph` with layers bottom (embeddings) to top, and save a PNG.
 
@@ -76,17 +84,37 @@ def plot_circuit(
     max_n = max((d["n_firings"] for _, _, d in sub.edges(data=True)), default=1)
     for u, v, side, d in sub.edges(keys=True, data=True):
         (x0, y0), (x1, y1) = pos[u], pos[v]
-        ax.annotate("", xy=(x1, y1), xytext=(x0, y0),
-                    arrowprops=dict(arrowstyle="->", lw=0.5 + 4 * d["n_firings"] / max_n,
-                                    color="tab:blue" if side == "src" else "tab:orange",
-                                    alpha=0.6, shrinkA=8, shrinkB=8,
-                                    connectionstyle="arc3,rad=0.1" if side == "src" else "arc3,rad=-0.1"))
+        ax.annotate(
+            "",
+            xy=(x1, y1),
+            xytext=(x0, y0),
+            arrowprops=dict(
+                arrowstyle="->",
+                lw=0.5 + 4 * d["n_firings"] / max_n,
+                color="tab:blue" if side == "src" else "tab:orange",
+                alpha=0.6,
+                shrinkA=8,
+                shrinkB=8,
+                connectionstyle="arc3,rad=0.1" if side == "src" else "arc3,rad=-0.1",
+            ),
+        )
     for n, (x, y) in pos.items():
         kind = sub.nodes[n]["kind"]
         color = {"attn": "white", "mlp": "lightgrey", "embed": "khaki"}[kind]
-        ax.text(x, y, n, ha="center", va="center", fontsize=8,
-                bbox=dict(boxstyle="round,pad=0.25", fc=color, lw=1.5 if n in seeds else 0.6,
-                          ec="red" if n in seeds else "black"))
+        ax.text(
+            x,
+            y,
+            n,
+            ha="center",
+            va="center",
+            fontsize=8,
+            bbox=dict(
+                boxstyle="round,pad=0.25",
+                fc=color,
+                lw=1.5 if n in seeds else 0.6,
+                ec="red" if n in seeds else "black",
+            ),
+        )
     ys = [y for _, y in pos.values()]
     ax.set_ylim(min(ys) - 1, max(ys) + 1)
     ax.set_xlim(0, 1)

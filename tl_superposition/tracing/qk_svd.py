@@ -42,7 +42,10 @@ def check_supported(model: HookedTransformer) -> None:
     if (getattr(cfg, "attn_scores_soft_cap", None) or -1.0) > 0:
         problems.append("attention-score soft-capping")
     if getattr(cfg, "use_qk_norm", False) or cfg.original_architecture in (
-            "OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM"):
+        "OlmoeForCausalLM",
+        "Olmo2ForCausalLM",
+        "Olmo3ForCausalLM",
+    ):
         problems.append("QK normalisation")
     if getattr(cfg, "use_dynamic_ntk_rope", False) or getattr(cfg, "use_logn_attn", False):
         problems.append("length-dependent rotary scaling")
@@ -59,7 +62,9 @@ def check_supported(model: HookedTransformer) -> None:
 
 def qk_factors(
     model: HookedTransformer, layer: int
-) -> tuple[Float[Tensor, "n_heads d_model_plus_1 d_head"], Float[Tensor, "n_heads d_model_plus_1 d_head"]]:
+) -> tuple[
+    Float[Tensor, "n_heads d_model_plus_1 d_head"], Float[Tensor, "n_heads d_model_plus_1 d_head"]
+]:
     """The augmented query and key factors ``[W_Q; b_Q]`` and ``[W_K; b_K]`` of every query head.
 
     For grouped-query attention the key factor of query head ``h`` is that of its key/value
@@ -69,8 +74,10 @@ def qk_factors(
         IndexError: ``layer`` is out of range.
     """
     if not 0 <= layer < model.cfg.n_layers:
-        raise IndexError(f"layer {layer} out of range: the model has {model.cfg.n_layers} layers "
-                         f"(0-{model.cfg.n_layers - 1})")
+        raise IndexError(
+            f"layer {layer} out of range: the model has {model.cfg.n_layers} layers "
+            f"(0-{model.cfg.n_layers - 1})"
+        )
     attn = model.blocks[layer].attn
     wq = torch.cat([attn.W_Q, attn.b_Q[:, None, :]], dim=1)
     wk = torch.cat([attn.W_K, attn.b_K[:, None, :]], dim=1)
@@ -122,18 +129,27 @@ class LayerQK:
     _cores: dict[int, tuple[Tensor, Tensor, Tensor]]
 
     @classmethod
-    def from_model(cls, model: HookedTransformer, layer: int) -> "LayerQK":
+    def from_model(cls, model: HookedTransformer, layer: int) -> LayerQK:
         """QR-factorise the layer's query and key factors (float64)."""
         check_supported(model)
         wq, wk = qk_factors(model, layer)
         qq, rq = torch.linalg.qr(wq.to(torch.float64))
         qk, rk = torch.linalg.qr(wk.to(torch.float64))
-        return cls(layer=layer, q_basis=qq, k_basis=qk, q_r=rq, k_r=rk,
-                   attn_scale=float(model.blocks[layer].attn.attn_scale),
-                   rotary=model.cfg.positional_embedding_type == "rotary",
-                   _model=model, _cores={})
+        return cls(
+            layer=layer,
+            q_basis=qq,
+            k_basis=qk,
+            q_r=rq,
+            k_r=rk,
+            attn_scale=float(model.blocks[layer].attn.attn_scale),
+            rotary=model.cfg.positional_embedding_type == "rotary",
+            _model=model,
+            _cores={},
+        )
 
-    def cores(self, offsets: Tensor) -> tuple[
+    def cores(
+        self, offsets: Tensor
+    ) -> tuple[
         Float[Tensor, "n_offsets n_heads d_head d_head"],
         Float[Tensor, "n_offsets n_heads d_head"],
         Float[Tensor, "n_offsets n_heads d_head d_head"],
@@ -162,8 +178,12 @@ class LayerQK:
         parts = [self._cores[o] for o in offsets.tolist()]
         return tuple(torch.stack([p[i] for p in parts]) for i in range(3))  # type: ignore[return-value]
 
-    def svd(self, head: int, offset: int = 0) -> tuple[
-        Float[Tensor, "d_model_plus_1 d_head"], Float[Tensor, " d_head"], Float[Tensor, "d_model_plus_1 d_head"]
+    def svd(
+        self, head: int, offset: int = 0
+    ) -> tuple[
+        Float[Tensor, "d_model_plus_1 d_head"],
+        Float[Tensor, " d_head"],
+        Float[Tensor, "d_model_plus_1 d_head"],
     ]:
         """The full ``(U, S, V)`` of head ``head`` at ``offset``: ``Omega = U diag(S) V^T``.
 

@@ -29,8 +29,9 @@ Node names: ``A9.6`` (layer 9, head 6), ``M3`` (MLP of layer 3), ``E`` (embeddin
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import networkx as nx
 import numpy as np
@@ -131,11 +132,22 @@ class TraceResult:
         names |= {f"A{layer}.{head}" for layer, head in self.seeds}
         for name in sorted(names):
             kind, layer, head = _parse_node(name)
-            g.add_node(name, kind=kind, layer=layer, head=head,
-                       n_traced_firings=int(counts.get((layer, head), 0)) if kind == "attn" else 0)
+            g.add_node(
+                name,
+                kind=kind,
+                layer=layer,
+                head=head,
+                n_traced_firings=int(counts.get((layer, head), 0)) if kind == "attn" else 0,
+            )
         for row in edges.itertuples(index=False):
-            g.add_edge(row.upstream, row.downstream, key=row.side, side=row.side,
-                       weight=float(row.weight), n_firings=int(row.n_firings))
+            g.add_edge(
+                row.upstream,
+                row.downstream,
+                key=row.side,
+                side=row.side,
+                weight=float(row.weight),
+                n_firings=int(row.n_firings),
+            )
         return g
 
 
@@ -153,9 +165,14 @@ def _hook_names(model: HookedTransformer) -> list[str]:
     if model.cfg.positional_embedding_type == "standard":
         names.append("hook_pos_embed")
     for L in range(model.cfg.n_layers):
-        names += [f"blocks.{L}.ln1.hook_normalized", f"blocks.{L}.ln1.hook_scale",
-                  f"blocks.{L}.attn.hook_attn_scores", f"blocks.{L}.attn.hook_pattern",
-                  f"blocks.{L}.attn.hook_z", f"blocks.{L}.hook_mlp_out"]
+        names += [
+            f"blocks.{L}.ln1.hook_normalized",
+            f"blocks.{L}.ln1.hook_scale",
+            f"blocks.{L}.attn.hook_attn_scores",
+            f"blocks.{L}.attn.hook_pattern",
+            f"blocks.{L}.attn.hook_z",
+            f"blocks.{L}.hook_mlp_out",
+        ]
     return names
 
 
@@ -175,8 +192,9 @@ class _BatchCache:
 @torch.inference_mode()
 def _run_batch(model: HookedTransformer, tokens: Tensor) -> _BatchCache:
     names = _hook_names(model)
-    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names,
-                                    stop_at_layer=model.cfg.n_layers)
+    _, cache = model.run_with_cache(
+        tokens, names_filter=lambda n: n in names, stop_at_layer=model.cfg.n_layers
+    )
     n = model.cfg.n_layers
     embed = cache["hook_embed"]
     if "hook_pos_embed" in cache:
@@ -201,11 +219,13 @@ class _Writers:
     centred: bool
 
     @classmethod
-    def from_model(cls, model: HookedTransformer) -> "_Writers":
+    def from_model(cls, model: HookedTransformer) -> _Writers:
         b_O = model.b_O.detach().to(torch.float64)
-        return cls(W_O=model.W_O.detach().to(torch.float64),
-                   b_O_cumsum=torch.cat([torch.zeros_like(b_O[:1]), b_O.cumsum(0)]),
-                   centred=model.cfg.normalization_type in ("LN", "LNPre"))
+        return cls(
+            W_O=model.W_O.detach().to(torch.float64),
+            b_O_cumsum=torch.cat([torch.zeros_like(b_O[:1]), b_O.cumsum(0)]),
+            centred=model.cfg.normalization_type in ("LN", "LNPre"),
+        )
 
 
 def upstream_writes(
@@ -241,7 +261,7 @@ def upstream_writes(
 def _upstream_nodes(layer: int, n_heads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(kind, layer, head) of each column of :func:`upstream_writes` but the bias column."""
     kinds = [KIND_HEAD] * (layer * n_heads) + [KIND_MLP] * layer + [KIND_EMBED]
-    layers = [l for l in range(layer) for _ in range(n_heads)] + list(range(layer)) + [-1]
+    layers = [up for up in range(layer) for _ in range(n_heads)] + list(range(layer)) + [-1]
     heads = [h for _ in range(layer) for h in range(n_heads)] + [-1] * layer + [-1]
     return np.array(kinds), np.array(layers), np.array(heads)
 
@@ -286,8 +306,10 @@ def trace(
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     for layer, head in seeds:
         if not (0 <= layer < n_layers and 0 <= head < n_heads):
-            raise ValueError(f"seed head {layer}.{head} out of range: the model has {n_layers} "
-                             f"layers and {n_heads} heads per layer")
+            raise ValueError(
+                f"seed head {layer}.{head} out of range: the model has {n_layers} "
+                f"layers and {n_heads} heads per layer"
+            )
     n_prompts = tokens.shape[0]
     if n_prompts == 0:
         raise ValueError("trace needs at least one prompt")
@@ -306,8 +328,17 @@ def trace(
         hi = min(lo + cfg.batch_size, n_prompts)
         blen = lengths[lo:hi]
         cache = _run_batch(model, tokens[lo:hi, : int(blen.max())].to(device))
-        f, e = _trace_batch(model, qk, writers, cache, blen, seeds, seed_dest[lo:hi].cpu(),
-                            None if seed_src is None else seed_src[lo:hi].cpu(), cfg)
+        f, e = _trace_batch(
+            model,
+            qk,
+            writers,
+            cache,
+            blen,
+            seeds,
+            seed_dest[lo:hi].cpu(),
+            None if seed_src is None else seed_src[lo:hi].cpu(),
+            cfg,
+        )
         f["prompt_id"] = f["prompt_id"] + lo
         e["prompt_id"] = e["prompt_id"] + lo
         firing_parts.append(f)
@@ -316,8 +347,14 @@ def trace(
 
     firings = firings_table(firing_parts).to_pandas()
     edges = _edges_frame(edge_parts)
-    return TraceResult(firings=firings, edges=edges, seeds=list(seeds), config=cfg,
-                       seconds=time.time() - t0, model_name=model.cfg.model_name)
+    return TraceResult(
+        firings=firings,
+        edges=edges,
+        seeds=list(seeds),
+        config=cfg,
+        seconds=time.time() - t0,
+        model_name=model.cfg.model_name,
+    )
 
 
 def _trace_batch(model, qk, writers, cache: _BatchCache, lengths, seeds, seed_dest, seed_src, cfg):
@@ -329,20 +366,33 @@ def _trace_batch(model, qk, writers, cache: _BatchCache, lengths, seeds, seed_de
     # 1. firings and their sparse decomposition
     for L in range(n_layers):
         pat, sc = cache.pattern[L], cache.scores[L]
-        b, h, d, s = (t.cpu() for t in find_firings(pat, sc, lengths, cfg.pattern_thresh,
-                                                       cfg.exclude_first))
+        b, h, d, s = (
+            t.cpu() for t in find_firings(pat, sc, lengths, cfg.pattern_thresh, cfg.exclude_first)
+        )
         score = sc[b, h, d, s].cpu()
         contrib = torch.empty(len(b), model.cfg.d_head, dtype=torch.float64)
         for c0 in range(0, len(b), CHUNK):
             sl = slice(c0, c0 + CHUNK)
-            proj = project(qk[L], cache.x[b[sl], d[sl], L], cache.x[b[sl], s[sl], L], h[sl],
-                           d[sl] - s[sl])
+            proj = project(
+                qk[L], cache.x[b[sl], d[sl], L], cache.x[b[sl], s[sl], L], h[sl], d[sl] - s[sl]
+            )
             contrib[sl] = proj.contributions
         order, count = shortest_prefix(contrib, score.to(torch.float64) * cfg.thresh)
         index[b, L, h, d] = torch.arange(len(b))
-        per_layer.append(dict(b=b, h=h, d=d, s=s, score=score, pattern=pat[b, h, d, s].cpu(),
-                              contrib=contrib, order=order, count=count,
-                              traced=torch.zeros(len(b), dtype=torch.bool)))
+        per_layer.append(
+            dict(
+                b=b,
+                h=h,
+                d=d,
+                s=s,
+                score=score,
+                pattern=pat[b, h, d, s].cpu(),
+                contrib=contrib,
+                order=order,
+                count=count,
+                traced=torch.zeros(len(b), dtype=torch.bool),
+            )
+        )
 
     # 2. seeds
     rows = torch.arange(B)
@@ -354,8 +404,19 @@ def _trace_batch(model, qk, writers, cache: _BatchCache, lengths, seeds, seed_de
         per_layer[L]["traced"][fid[ok]] = True
 
     # 3. walk down the layers
-    edges: dict[str, list] = {k: [] for k in ("prompt_id", "down_layer", "down_head", "up_kind",
-                                              "up_layer", "up_head", "side", "weight")}
+    edges: dict[str, list] = {
+        k: []
+        for k in (
+            "prompt_id",
+            "down_layer",
+            "down_head",
+            "up_kind",
+            "up_layer",
+            "up_head",
+            "side",
+            "weight",
+        )
+    }
     for L in range(n_layers - 1, -1, -1):
         fl = per_layer[L]
         todo = fl["traced"].nonzero()[:, 0]
@@ -427,7 +488,9 @@ def firings_table(parts: list[dict[str, Any]]) -> pa.Table:
     """Arrow table of per-batch firings, with ``components``/``contributions`` as list columns."""
 
     def cat(key: str, dtype: Any) -> np.ndarray:
-        return np.concatenate([p[key] for p in parts]).astype(dtype) if parts else np.zeros(0, dtype)
+        return (
+            np.concatenate([p[key] for p in parts]).astype(dtype) if parts else np.zeros(0, dtype)
+        )
 
     counts = cat("n_components", np.int32)
     offsets = pa.array(np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int32))
@@ -441,7 +504,9 @@ def firings_table(parts: list[dict[str, Any]]) -> pa.Table:
         "pattern": pa.array(cat("pattern", np.float32)),
         "n_components": pa.array(counts),
         "components": pa.ListArray.from_arrays(offsets, pa.array(cat("components", np.int32))),
-        "contributions": pa.ListArray.from_arrays(offsets, pa.array(cat("contributions", np.float64))),
+        "contributions": pa.ListArray.from_arrays(
+            offsets, pa.array(cat("contributions", np.float64))
+        ),
         "residual": pa.array(cat("residual", np.float64)),
         "traced": pa.array(cat("traced", bool)),
     }
@@ -449,15 +514,27 @@ def firings_table(parts: list[dict[str, Any]]) -> pa.Table:
 
 
 def _edges_frame(parts: list[dict[str, np.ndarray]]) -> pd.DataFrame:
-    raw = pd.DataFrame({k: np.concatenate([p[k] for p in parts]) for k in parts[0]}) if parts else pd.DataFrame()
+    raw = (
+        pd.DataFrame({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+        if parts
+        else pd.DataFrame()
+    )
     columns = ["upstream", "downstream", "side", "weight", "n_firings"]
     if raw.empty:
         return pd.DataFrame(columns=columns)
-    raw["upstream"] = [node_name(k, l, h) for k, l, h in
-                       zip(raw.up_kind.astype(int), raw.up_layer.astype(int), raw.up_head.astype(int))]
-    raw["downstream"] = [f"A{l}.{h}" for l, h in zip(raw.down_layer.astype(int), raw.down_head.astype(int))]
-    out = (raw.groupby(["upstream", "downstream", "side"], sort=False)
-           .agg(weight=("weight", "sum"), n_firings=("weight", "size"))
-           .reset_index()
-           .sort_values(["n_firings", "weight"], ascending=False, ignore_index=True))
+    raw["upstream"] = [
+        node_name(k, up, h)
+        for k, up, h in zip(
+            raw.up_kind.astype(int), raw.up_layer.astype(int), raw.up_head.astype(int)
+        )
+    ]
+    raw["downstream"] = [
+        f"A{down}.{h}" for down, h in zip(raw.down_layer.astype(int), raw.down_head.astype(int))
+    ]
+    out = (
+        raw.groupby(["upstream", "downstream", "side"], sort=False)
+        .agg(weight=("weight", "sum"), n_firings=("weight", "size"))
+        .reset_index()
+        .sort_values(["n_firings", "weight"], ascending=False, ignore_index=True)
+    )
     return out[columns]
