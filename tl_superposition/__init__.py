@@ -12,11 +12,14 @@ Main entry points:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
 from tl_superposition.models import load_model  # noqa: E402
+
+if TYPE_CHECKING:  # collection pulls in `datasets`: imported on first use (see __getattr__)
+    from tl_superposition.activations import ActivationStore, collect
 
 __all__ = ["load_model", "collect", "ActivationStore", "__version__"]
 

@@ -39,6 +39,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from tl_superposition._atomic import atomic_path, write_json_atomic
+from tl_superposition.dtypes import parse_dtype
 
 log = logging.getLogger(__name__)
 
@@ -58,22 +59,6 @@ def cache_dir() -> Path:
     """Converted-weight folder: ``$TL_SUPERPOSITION_CACHE`` or ``~/.cache/tl_superposition``."""
     env = os.environ.get("TL_SUPERPOSITION_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "tl_superposition"
-
-
-def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return {
-            "float32": torch.float32,
-            "float64": torch.float64,
-            "float16": torch.float16,
-            "bfloat16": torch.bfloat16,
-        }[str(dtype).replace("torch.", "")]
-    except KeyError:
-        raise ValueError(
-            f"unknown dtype {dtype!r}: use float32, float64, float16 or bfloat16"
-        ) from None
 
 
 def load_model(
@@ -110,7 +95,7 @@ def load_model(
             installed.
         ValueError: an unknown dtype.
     """
-    dtype = _as_dtype(dtype)
+    _, dtype = parse_dtype(dtype)
     name = str(name_or_path)
     if name.lower() in SMOLLM2_NAMES:
         model = _load_smollm2(
@@ -378,6 +363,48 @@ def _load_smollm2(device, dtype, fold_ln, cww, center_unembed, refresh) -> Hooke
         )
     model.cfg.model_name = "SmolLM2-135M-Instruct"
     return model.to(device)
+
+
+#: Architectures whose attention normalises queries and keys (OLMo 2 and 3, OLMoE).
+_QK_NORM_ARCHITECTURES = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
+
+
+def nonstandard_attention(cfg: Any) -> list[str]:
+    """The features of a model's attention that break ``score = rope(q) . rope(k) / attn_scale``.
+
+    The package's pattern recomputation (:mod:`tl_superposition.activations.patterns`) and QK
+    decomposition (:mod:`tl_superposition.tracing.qk_svd`) both assume that form: absolute or
+    rotary positions, no score bias, queries and keys used as computed. An empty list means
+    the model's attention has that form (score soft-capping aside, which callers check
+    themselves: the recomputation reproduces it, the bilinear decomposition cannot).
+
+    Args:
+        cfg: a ``HookedTransformerConfig``.
+
+    Returns:
+        Human-readable names of the features found, e.g. ``["alibi position bias"]``.
+    """
+    found = []
+    pos = cfg.positional_embedding_type
+    if pos not in ("standard", "rotary"):
+        found.append(
+            f"{pos} position bias"
+            if pos in ("alibi", "relative_positional_bias")
+            else f"positional_embedding_type={pos!r}"
+        )
+    for flag, name in (
+        ("use_attention_sinks", "attention sinks"),
+        ("use_logn_attn", "log-n attention scaling"),
+        ("use_dynamic_ntk_rope", "dynamic NTK rotary scaling"),
+        ("use_qk_norm", "QK normalisation"),
+    ):
+        if getattr(cfg, flag, False):
+            found.append(name)
+    if cfg.original_architecture in _QK_NORM_ARCHITECTURES and "QK normalisation" not in found:
+        found.append("QK normalisation")
+    if getattr(cfg, "clip_qkv", None) is not None:
+        found.append("clipped q/k/v")
+    return found
 
 
 def random_model(cfg: Any, tokenizer: Any = None, seed: int = 0) -> HookedTransformer:

@@ -20,8 +20,8 @@ Example::
 """
 
 from tl_superposition.activations.collector import (
-    DTYPES,
     SHORT_HOOKS,
+    STORAGE_DTYPES,
     CollectSummary,
     collect,
     resolve_hooks,
@@ -41,5 +41,5 @@ __all__ = [
     "pack_contexts",
     "mmap_safetensors",
     "SHORT_HOOKS",
-    "DTYPES",
+    "STORAGE_DTYPES",
 ]

@@ -41,6 +41,7 @@ from safetensors.torch import save_file
 from tl_superposition._atomic import atomic_path, write_json_atomic
 from tl_superposition.activations.patterns import attention_params, rotary_tables
 from tl_superposition.activations.sources import iter_contexts, resolve_source
+from tl_superposition.dtypes import parse_dtype
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +63,8 @@ SHORT_HOOKS = (
     "hook_attn_out",
 )
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_DTYPE_ALIASES = {
-    "fp32": "float32",
-    "f32": "float32",
-    "fp16": "float16",
-    "half": "float16",
-    "f16": "float16",
-    "bf16": "bfloat16",
-}
+#: Storage dtypes of shards (names for :func:`tl_superposition.dtypes.parse_dtype`).
+STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 _BLOCK_RE = re.compile(r"^blocks\.(-?\d+)\.(.+)$")
 
 
@@ -117,19 +111,6 @@ class CollectSummary:
 
 # --------------------------------------------------------------------------------------
 # validation helpers
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> tuple[str, torch.dtype]:
-    """``("float16", torch.float16)`` from a name or torch dtype; ValueError if unsupported."""
-    if isinstance(dtype, torch.dtype):
-        for name, dt in DTYPES.items():
-            if dt == dtype:
-                return name, dt
-        raise ValueError(f"storage dtype {dtype} not supported; use one of {list(DTYPES)}")
-    name = _DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).lower())
-    if name not in DTYPES:
-        raise ValueError(f"storage dtype {dtype!r} not supported; use one of {list(DTYPES)}")
-    return name, DTYPES[name]
 
 
 def resolve_hooks(
@@ -387,7 +368,7 @@ def collect(
             f"max_tokens {max_tokens} is below context_size {context_size}: not one context "
             "would be collected"
         )
-    dtype_name, store_dtype = resolve_dtype(dtype)
+    dtype_name, store_dtype = parse_dtype(dtype, STORAGE_DTYPES, "storage dtype")
     hook_names = resolve_hooks(model, hooks, layers)
     if separator not in ("bos", "eos", "none"):
         raise ValueError(f"separator must be 'bos', 'eos' or 'none', got {separator!r}")
@@ -719,4 +700,4 @@ def _summary(
     )
 
 
-__all__ = ["collect", "CollectSummary", "resolve_hooks", "resolve_dtype", "SHORT_HOOKS", "DTYPES"]
+__all__ = ["collect", "CollectSummary", "resolve_hooks", "SHORT_HOOKS", "STORAGE_DTYPES"]

@@ -19,6 +19,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_superposition.models import nonstandard_attention
+
 
 def attention_params(model: Any, layer: int) -> dict[str, Any]:
     """Constants needed to recompute layer ``layer``'s pattern from its q and k.
@@ -45,16 +47,7 @@ def attention_params(model: Any, layer: int) -> dict[str, Any]:
         "recomputable": True,
         "reason": None,
     }
-    problems = []
-    if pos in ("alibi", "relative_positional_bias"):
-        problems.append(f"{pos} position bias")
-    for flag in ("use_attention_sinks", "use_logn_attn", "use_qk_norm", "use_dynamic_ntk_rope"):
-        if getattr(cfg, flag, False):
-            problems.append(flag)
-    if getattr(cfg, "clip_qkv", None) is not None:
-        problems.append("clip_qkv")
-    if cfg.original_architecture in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM"):
-        problems.append("OLMo QK-norm")
+    problems = nonstandard_attention(cfg)
     if problems:
         out["recomputable"] = False
         out["reason"] = "not reproduced from q/k: " + ", ".join(problems)

@@ -28,6 +28,8 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from tl_superposition.models import nonstandard_attention
+
 
 def check_supported(model: HookedTransformer) -> None:
     """Raise ``NotImplementedError`` for attention variants whose score is not ``x~ Omega x~``.
@@ -36,21 +38,9 @@ def check_supported(model: HookedTransformer) -> None:
     standard or grouped-query attention, LayerNorm or RMSNorm.
     """
     cfg = model.cfg
-    problems = []
-    if cfg.positional_embedding_type not in ("standard", "rotary"):
-        problems.append(f"positional_embedding_type={cfg.positional_embedding_type!r}")
+    problems = nonstandard_attention(cfg)
     if (getattr(cfg, "attn_scores_soft_cap", None) or -1.0) > 0:
         problems.append("attention-score soft-capping")
-    if getattr(cfg, "use_qk_norm", False) or cfg.original_architecture in (
-        "OlmoeForCausalLM",
-        "Olmo2ForCausalLM",
-        "Olmo3ForCausalLM",
-    ):
-        problems.append("QK normalisation")
-    if getattr(cfg, "use_dynamic_ntk_rope", False) or getattr(cfg, "use_logn_attn", False):
-        problems.append("length-dependent rotary scaling")
-    if getattr(cfg, "clip_qkv", None) is not None:
-        problems.append("clipped q/k")
     if cfg.normalization_type not in ("LN", "LNPre", "RMS", "RMSPre"):
         problems.append(f"normalization_type={cfg.normalization_type!r}")
     if problems:
