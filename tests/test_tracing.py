@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import networkx as nx
@@ -11,18 +12,23 @@ import torch
 
 from tl_superposition.ioi import make_ioi_dataset
 from tl_superposition.tracing import (
+    Node,
+    NodeKind,
     QKSVDCache,
+    ResidualWriters,
     TraceConfig,
     find_firings,
+    head_name,
     parse_heads,
     project,
+    run_batch,
+    selected_mask,
     shortest_prefix,
     trace,
     trace_ioi,
+    upstream_writes,
 )
-from tl_superposition.tracing.decompose import selected_mask
 from tl_superposition.tracing.qk_svd import LayerQK, qk_factors, rotary_matrices
-from tl_superposition.tracing.trace import _run_batch, _Writers, upstream_writes
 
 MODELS = ["tiny_gpt2", "tiny_llama"]
 # Random tiny models attend diffusely; a lower firing threshold gives enough firings to test.
@@ -112,13 +118,14 @@ def test_shortest_prefix_on_known_values():
 
 
 def test_trace_decomposition_sums_and_minimal_sets(model, prompts):
+    # one batch of all prompts: the same forward pass as _cache, so values compare exactly
     res = trace(
         model,
         prompts.tokens,
         seeds=[(2, 0), (2, 1)],
         seed_dest=prompts.end_pos,
         lengths=prompts.lengths,
-        config=CFG,
+        config=dataclasses.replace(CFG, batch_size=len(prompts)),
         progress=False,
     )
     f = res.firings
@@ -156,7 +163,7 @@ def test_trace_decomposition_sums_and_minimal_sets(model, prompts):
 
 
 def test_upstream_writes_add_up_to_the_normalised_residual(model, prompts):
-    cache = _run_batch(model, prompts.tokens)
+    cache = run_batch(model, prompts.tokens)
     n = 20
     g = torch.randn(n, model.cfg.d_model, dtype=torch.float64)
     b = torch.randint(0, len(prompts), (n,))
@@ -168,7 +175,7 @@ def test_upstream_writes_add_up_to_the_normalised_residual(model, prompts):
         gc = g - g.mean(1, keepdim=True) if model.cfg.normalization_type == "LNPre" else g
         assert torch.allclose(writes.sum(1), (x * gc).sum(1), atol=1e-4)
         assert torch.allclose(
-            upstream_writes(_Writers.from_model(model), cache, L, b, p, g), writes
+            upstream_writes(ResidualWriters.from_model(model), cache, L, b, p, g), writes
         )
 
 
@@ -228,11 +235,10 @@ def test_graph_is_non_empty_and_round_trips(model, prompts, tmp_path):
     ):
         assert key in summary
     assert paths["circuit.png"].stat().st_size > 0 and paths["components.png"].stat().st_size > 0
-    # edges only point from lower to higher layers
+    # edges only point from lower to higher layers, into heads
     for u, v in zip(edges.upstream, edges.downstream):
-        down = int(v[1:].split(".")[0])
-        up = -1 if u == "E" else int(u[1:].split(".")[0])
-        assert up < down
+        up, down = Node.parse(u), Node.parse(v)
+        assert down.kind == NodeKind.ATTN and up.layer < down.layer
 
 
 def test_dla_seeds_are_the_top_heads(tiny_gpt2):
@@ -241,7 +247,7 @@ def test_dla_seeds_are_the_top_heads(tiny_gpt2):
     mean = res.dla.mean(0)
     top = torch.topk(mean.flatten(), 2).indices
     assert res.summary["seeds"] == [
-        f"A{int(i) // mean.shape[1]}.{int(i) % mean.shape[1]}" for i in top
+        head_name(int(i) // mean.shape[1], int(i) % mean.shape[1]) for i in top
     ]
 
 
