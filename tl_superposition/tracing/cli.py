@@ -116,8 +116,8 @@ def check_output_dir(out: str | os.PathLike) -> Path:
     Raises:
         ValueError: ``out`` cannot be written (the message says why).
     """
-    path = Path(out).expanduser().absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
+    path = Path(out).expanduser()
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
     problem = None
     if not existing.is_dir():
         problem = f"{existing} is a file, not a folder"

@@ -19,7 +19,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import IntEnum
 from pathlib import Path
 from typing import Any
@@ -232,12 +232,8 @@ class EdgeRecords:
         if not parts:
             ints = np.zeros(0, dtype=np.int64)
             return cls(ints, ints, ints, ints, ints, ints, np.zeros(0, dtype="<U4"), np.zeros(0))
-        return cls(
-            **{
-                name: np.concatenate([getattr(p, name) for p in parts])
-                for name in cls.__dataclass_fields__
-            }
-        )
+        columns = [f.name for f in fields(cls)]
+        return cls(**{c: np.concatenate([getattr(p, c) for p in parts]) for c in columns})
 
 
 def edges_table(records: EdgeRecords) -> pd.DataFrame:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +117,7 @@ class TraceConfig:
                 f"edge_thresh must be in (0, 1] (a fraction of the upstream contribution), "
                 f"got {self.edge_thresh}"
             )
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int):
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, Integral):
             raise ValueError(f"batch_size must be an int, got {self.batch_size!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
@@ -483,15 +484,11 @@ def trace_batch(
     return firings, edges
 
 
-def _check_positions(
-    name: str, positions: Tensor | None, lengths: Tensor, n_prompts: int
-) -> Tensor | None:
-    if positions is None:
-        return None
+def _check_positions(name: str, positions: Tensor, lengths: Tensor) -> Tensor:
     positions = positions.cpu()
-    if positions.shape != (n_prompts,):
+    if positions.shape != lengths.shape:
         raise ValueError(
-            f"{name} must hold one position per prompt ({n_prompts}), got shape "
+            f"{name} must hold one position per prompt ({len(lengths)}), got shape "
             f"{tuple(positions.shape)}"
         )
     if (positions >= lengths).any() or (positions < 0).any():
@@ -542,9 +539,8 @@ def trace(
     if n_prompts == 0:
         raise ValueError("trace needs at least one prompt")
     lengths = torch.full((n_prompts,), tokens.shape[1]) if lengths is None else lengths.cpu()
-    dest = _check_positions("seed_dest", seed_dest, lengths, n_prompts)
-    assert dest is not None
-    src = _check_positions("seed_src", seed_src, lengths, n_prompts)
+    dest = _check_positions("seed_dest", seed_dest, lengths)
+    src = None if seed_src is None else _check_positions("seed_src", seed_src, lengths)
     qk = QKSVDCache(model)
     writers = ResidualWriters.from_model(model)
     device = next(model.parameters()).device
