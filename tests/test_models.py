@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformer_lens import HookedTransformerConfig
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from tl_superposition import load_model
 from tl_superposition.models import (
-    gpt2_small_config,
     hub_reachable,
     model_config,
     model_source,
@@ -119,7 +119,17 @@ def test_missing_folder_is_a_clear_error(tmp_path):
 
 
 def test_random_model_depends_on_its_seed_only():
-    cfg = gpt2_small_config(d_vocab=100, n_layers=1)
+    cfg = HookedTransformerConfig(
+        n_layers=1,
+        d_model=16,
+        n_ctx=8,
+        d_head=4,
+        n_heads=4,
+        d_mlp=32,
+        d_vocab=50,
+        act_fn="relu",
+        normalization_type="LN",
+    )
     state = torch.random.get_rng_state()
     a = random_model(cfg, seed=3)
     assert torch.equal(torch.random.get_rng_state(), state)  # the global generator is untouched
