@@ -1,15 +1,15 @@
 """Signal tracing through attention firings, on any prompts (Franco & Crovella 2024, Sec. 5).
 
-:func:`trace` runs the model over the prompts in batches and, per batch (:func:`trace_batch`):
+:func:`trace` runs the model over the prompts in batches. Per batch, :func:`run_batch` caches
+the normalised residual stream, ``ln1.hook_scale``, scores, patterns, ``hook_z``, MLP outputs
+and embeddings of every layer (``run_with_cache`` up to the last block, no unembedding), and
+:func:`trace_batch` runs three steps on them:
 
-1. :func:`run_batch` caches the normalised residual stream, ``ln1.hook_scale``, scores,
-   patterns, ``hook_z``, MLP outputs and embeddings of every layer (``run_with_cache`` up to
-   the last block, no unembedding);
-2. :func:`decompose_batch` finds every firing of every head and decomposes its score into
+1. :func:`decompose_batch` finds every firing of every head and decomposes its score into
    singular-component contributions, keeping the shortest set reaching ``thresh x score``
    (:mod:`~tl_superposition.tracing.decompose`);
-3. :func:`mark_seeds` marks the seed firings as traced;
-4. :func:`walk_upstream` walks down the layers: for each traced firing it measures how much
+2. :func:`mark_seeds` marks the seed firings as traced;
+3. :func:`walk_upstream` walks down the layers: for each traced firing it measures how much
    every upstream component (each attention head, each MLP, the embeddings) writes into the
    firing's selected singular directions at the source position (``side="src"``) and at the
    destination position (``side="dest"``), keeps as edges the upstream components making up
@@ -332,8 +332,8 @@ class BatchFirings:
         layers: one :class:`~tl_superposition.tracing.decompose.LayerFirings` per layer.
         index: ``index[b, L, h, d]`` is the row in ``layers[L]`` of the firing of head
             ``(L, h)`` at destination ``d`` of prompt ``b``; -1 where none. Where a
-            destination fires on several sources (``pattern_thresh`` below 0.5) it holds one
-            of them.
+            destination fires on several sources (possible when ``pattern_thresh`` is 0.5 or
+            less) it holds one of them, and only that one can be marked traced.
     """
 
     layers: list[LayerFirings]
