@@ -13,13 +13,14 @@ printed is one JSON object with the SmolLM2 figures at top level and every run u
 
     python benchmarks/bench_trace.py                       # both models, 256 prompts
     python benchmarks/bench_trace.py --models smollm2-135m --n-prompts 64
+
+The GPT-2 tokenizer comes from ``tests/data/gpt2-tokenizer`` (``--tokenizer PATH`` for another).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -29,26 +30,26 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("TL_SUPERPOSITION_DATA", REPO.parent / "shared" / "data"))
+GPT2_TOKENIZER = REPO / "tests" / "data" / "gpt2-tokenizer"
 
 
-def load(name: str):
+def load(name: str, tokenizer: str):
     from tl_superposition.models import gpt2_small_config, load_model, random_model
 
     if name == "gpt2-small-random":
         from transformers import GPT2TokenizerFast
 
-        tok = GPT2TokenizerFast.from_pretrained(str(DATA / "gpt2-tokenizer"))
+        tok = GPT2TokenizerFast.from_pretrained(tokenizer)
         return random_model(gpt2_small_config(tok.vocab_size), tok, seed=0)
     return load_model(name)
 
 
-def child(name: str, n_prompts: int, batch_size: int) -> dict:
+def child(name: str, n_prompts: int, batch_size: int, tokenizer: str) -> dict:
     from tl_superposition.ioi import make_ioi_dataset
     from tl_superposition.tracing import TraceConfig, trace_ioi
 
     t0 = time.perf_counter()
-    model = load(name)
+    model = load(name, tokenizer)
     load_s = time.perf_counter() - t0
     dataset = make_ioi_dataset(model, n_prompts, seed=0)
     t0 = time.perf_counter()
@@ -77,10 +78,18 @@ def main() -> None:
     parser.add_argument("--models", default="gpt2-small-random,smollm2-135m")
     parser.add_argument("--n-prompts", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--tokenizer",
+        default=str(GPT2_TOKENIZER),
+        help="GPT-2 tokenizer folder for gpt2-small-random (default: the copy in tests/data)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    wanted = [args.child] if args.child else args.models.split(",")
+    if "gpt2-small-random" in wanted and not Path(args.tokenizer, "vocab.json").exists():
+        parser.error(f"--tokenizer {args.tokenizer}: no GPT-2 tokenizer (vocab.json) there")
     if args.child:
-        print(json.dumps(child(args.child, args.n_prompts, args.batch_size)))
+        print(json.dumps(child(args.child, args.n_prompts, args.batch_size, args.tokenizer)))
         return
     runs = []
     for name in args.models.split(","):
@@ -94,6 +103,8 @@ def main() -> None:
                 str(args.n_prompts),
                 "--batch-size",
                 str(args.batch_size),
+                "--tokenizer",
+                args.tokenizer,
             ],
             check=True,
             capture_output=True,

@@ -84,3 +84,16 @@ def tiny_llama(gpt2_tokenizer) -> HookedTransformer:
         seed=0,
     )
     return random_model(cfg, gpt2_tokenizer, seed=1)
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Make every way of loading pretrained weights fail the test (for argument checks)."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("tl_superposition.models.load_model", fail)
+    monkeypatch.setattr("tl_superposition.models.load_smollm2_hf", fail)
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", fail)
+    monkeypatch.setattr("transformer_lens.HookedTransformer.from_pretrained", fail)

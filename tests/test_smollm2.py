@@ -12,10 +12,24 @@ import torch
 
 from tl_superposition import load_model
 from tl_superposition.ioi import logit_diff, make_ioi_dataset
-from tl_superposition.models import load_smollm2_hf, smollm2_gguf_path
+from tl_superposition.models import load_smollm2_hf, model_config, smollm2_gguf_path
 from tl_superposition.tracing import QKSVDCache, TraceConfig, project, trace_ioi
 
 pytestmark = pytest.mark.slow
+
+
+def test_config_from_the_gguf_metadata(tmp_path, monkeypatch, no_model_loading):
+    """Before the first conversion, model_config reads SmolLM2's shape from the GGUF metadata.
+
+    First in this file, so that it runs before the module's model is loaded: with the model in
+    memory the parse of the metadata (some 100,000 small objects) took five times longer.
+    """
+    monkeypatch.setenv("TL_SUPERPOSITION_CACHE", str(tmp_path))  # nothing converted there
+    cfg = model_config("smollm2-135m")
+    assert (cfg.n_layers, cfg.n_heads, cfg.n_key_value_heads) == (30, 9, 3)
+    assert (cfg.d_model, cfg.d_head, cfg.d_vocab) == (576, 64, 49152)
+    assert cfg.positional_embedding_type == "rotary" and cfg.normalization_type == "RMSPre"
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +110,27 @@ def test_ioi_trace_on_the_real_model(smollm2, ioi, tmp_path):
     assert len(res.edges) > 0 and res.graph().number_of_nodes() > len(res.summary["seeds"])
     paths = res.save(tmp_path)
     assert all(p.exists() for p in paths.values())
+
+
+def test_config_without_weights(smollm2, no_model_loading):
+    """model_config reads the shape from the cached conversion, without weights."""
+    keys = ("n_layers", "n_heads", "n_key_value_heads", "d_model", "d_head", "d_vocab")
+    cfg = model_config("smollm2-135m")
+    assert {k: getattr(cfg, k) for k in keys} == {k: getattr(smollm2.cfg, k) for k in keys}
+
+
+def test_cli_checks_seed_heads_before_loading(tmp_path, capsys, no_model_loading):
+    from tl_superposition.cli import main
+
+    out = tmp_path / "run"
+    assert (
+        main(["trace-ioi", "--model", "smollm2-135m", "--seeds", "29.8,30.0", "--out", str(out)])
+        == 2
+    )
+    assert (
+        "head 30.0 out of range: the model has 30 layers (0-29) and 9 heads"
+        in capsys.readouterr().err
+    )
+    assert main(["trace-ioi", "--seeds", "12.9", "--out", str(out)]) == 2
+    assert "head 12.9 out of range" in capsys.readouterr().err
+    assert not out.exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import networkx as nx
@@ -11,18 +12,23 @@ import torch
 
 from tl_superposition.ioi import make_ioi_dataset
 from tl_superposition.tracing import (
+    Node,
+    NodeKind,
     QKSVDCache,
+    ResidualWriters,
     TraceConfig,
     find_firings,
+    head_name,
     parse_heads,
     project,
+    run_batch,
+    selected_mask,
     shortest_prefix,
     trace,
     trace_ioi,
+    upstream_writes,
 )
-from tl_superposition.tracing.decompose import selected_mask
 from tl_superposition.tracing.qk_svd import LayerQK, qk_factors, rotary_matrices
-from tl_superposition.tracing.trace import _run_batch, _Writers, upstream_writes
 
 MODELS = ["tiny_gpt2", "tiny_llama"]
 # Random tiny models attend diffusely; a lower firing threshold gives enough firings to test.
@@ -56,7 +62,7 @@ def test_svd_is_exact_for_every_head_and_offset(model):
             r = rot[i] if rot is not None else torch.eye(model.cfg.d_head, dtype=torch.float64)
             dense = wq[h].double() @ r @ wk[h].double().T / scale
             u, s, v = qk.svd(h, off)
-            assert torch.allclose((u * s) @ v.T, dense, atol=1e-9)
+            assert torch.allclose(qk.omega(h, off), dense, atol=1e-9)
             assert torch.allclose(u.T @ u, torch.eye(u.shape[1], dtype=u.dtype), atol=1e-9)
             assert (s[:-1] >= s[1:]).all()
 
@@ -112,13 +118,14 @@ def test_shortest_prefix_on_known_values():
 
 
 def test_trace_decomposition_sums_and_minimal_sets(model, prompts):
+    # one batch of all prompts: the same forward pass as _cache, so values compare exactly
     res = trace(
         model,
         prompts.tokens,
         seeds=[(2, 0), (2, 1)],
         seed_dest=prompts.end_pos,
         lengths=prompts.lengths,
-        config=CFG,
+        config=dataclasses.replace(CFG, batch_size=len(prompts)),
         progress=False,
     )
     f = res.firings
@@ -156,7 +163,7 @@ def test_trace_decomposition_sums_and_minimal_sets(model, prompts):
 
 
 def test_upstream_writes_add_up_to_the_normalised_residual(model, prompts):
-    cache = _run_batch(model, prompts.tokens)
+    cache = run_batch(model, prompts.tokens)
     n = 20
     g = torch.randn(n, model.cfg.d_model, dtype=torch.float64)
     b = torch.randint(0, len(prompts), (n,))
@@ -168,7 +175,7 @@ def test_upstream_writes_add_up_to_the_normalised_residual(model, prompts):
         gc = g - g.mean(1, keepdim=True) if model.cfg.normalization_type == "LNPre" else g
         assert torch.allclose(writes.sum(1), (x * gc).sum(1), atol=1e-4)
         assert torch.allclose(
-            upstream_writes(_Writers.from_model(model), cache, L, b, p, g), writes
+            upstream_writes(ResidualWriters.from_model(model), cache, L, b, p, g), writes
         )
 
 
@@ -228,11 +235,10 @@ def test_graph_is_non_empty_and_round_trips(model, prompts, tmp_path):
     ):
         assert key in summary
     assert paths["circuit.png"].stat().st_size > 0 and paths["components.png"].stat().st_size > 0
-    # edges only point from lower to higher layers
+    # edges only point from lower to higher layers, into heads
     for u, v in zip(edges.upstream, edges.downstream):
-        down = int(v[1:].split(".")[0])
-        up = -1 if u == "E" else int(u[1:].split(".")[0])
-        assert up < down
+        up, down = Node.parse(u), Node.parse(v)
+        assert down.kind == NodeKind.ATTN and up.layer < down.layer
 
 
 def test_dla_seeds_are_the_top_heads(tiny_gpt2):
@@ -241,24 +247,126 @@ def test_dla_seeds_are_the_top_heads(tiny_gpt2):
     mean = res.dla.mean(0)
     top = torch.topk(mean.flatten(), 2).indices
     assert res.summary["seeds"] == [
-        f"A{int(i) // mean.shape[1]}.{int(i) % mean.shape[1]}" for i in top
+        head_name(int(i) // mean.shape[1], int(i) % mean.shape[1]) for i in top
     ]
 
 
-def test_bad_seeds_and_heads(tiny_gpt2):
+def test_bad_seeds_and_heads(tiny_gpt2, monkeypatch):
     ds = make_ioi_dataset(tiny_gpt2, 4, seed=0)
     with pytest.raises(ValueError, match="out of range"):
         trace(tiny_gpt2, ds.tokens, seeds=[(7, 0)], seed_dest=ds.end_pos, lengths=ds.lengths)
     with pytest.raises(ValueError, match="LAYER.HEAD"):
         parse_heads("9-6")
-    with pytest.raises(ValueError, match="name-movers"):
-        trace_ioi(tiny_gpt2, ds, seeds="name-movers", progress=False)
+    with pytest.raises(ValueError, match="LAYER.HEAD"):
+        parse_heads("M3")
     assert parse_heads("9.6, A10.0") == [(9, 6), (10, 0)]
+    assert parse_heads([(9, 6), "A10.0"]) == [(9, 6), (10, 0)]
+
+    # trace_ioi rejects bad seeds before the logit-attribution pass over the prompts
+    def no_forward(*args, **kwargs):
+        raise AssertionError("the model ran")
+
+    monkeypatch.setattr(tiny_gpt2, "run_with_cache", no_forward)
+    for seeds, match in (("name-movers", "name-movers"), ("3.0", "out of range"), ("9", "LAYER")):
+        with pytest.raises(ValueError, match=match):
+            trace_ioi(tiny_gpt2, ds, seeds=seeds, progress=False)
+    with pytest.raises(ValueError, match="n_seeds"):
+        trace_ioi(tiny_gpt2, ds, n_seeds=13, progress=False)  # 3 layers x 4 heads
+    with pytest.raises(ValueError, match="seed_src"):
+        trace_ioi(tiny_gpt2, ds, seed_src="END", progress=False)
 
 
-def test_cli_rejects_bad_input(tmp_path, capsys):
+def test_node_names_round_trip():
+    for name in ("A9.6", "A0.0", "A29.8", "M3", "M0", "E"):
+        assert Node.parse(name).name == name
+    assert Node.parse("A9.6") == Node(NodeKind.ATTN, 9, 6) == Node.attn(9, 6)
+    assert Node.parse("M3") == Node(NodeKind.MLP, 3) and Node.parse("E").layer == -1
+    assert head_name(9, 6) == "A9.6" and str(Node.attn(1, 2)) == "A1.2"
+    assert [NodeKind(k).label for k in range(3)] == ["attn", "mlp", "embed"]
+    for bad in ("A9", "A9.6.1", "M3.2", "X1", "A-1.0", "e", ""):
+        with pytest.raises(ValueError, match="node name"):
+            Node.parse(bad)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("pattern_thresh", 0.0),
+        ("pattern_thresh", 1.5),
+        ("pattern_thresh", float("nan")),
+        ("thresh", 0.0),
+        ("thresh", -1.0),
+        ("edge_thresh", 0.0),
+        ("edge_thresh", 1.01),
+        ("batch_size", 0),
+        ("batch_size", 2.5),
+        ("exclude_first", "no"),
+    ],
+)
+def test_trace_config_checks_its_fields(field, value):
+    with pytest.raises(ValueError, match=f"^{field} "):
+        TraceConfig(**{field: value})
+
+
+def test_cli_defaults_come_from_trace_config():
+    from tl_superposition.cli import build_parser
+
+    args = build_parser().parse_args(["trace-ioi", "--out", "x"])
+    default = TraceConfig()
+    for field in ("pattern_thresh", "thresh", "edge_thresh", "batch_size"):
+        assert getattr(args, field) == getattr(default, field), field
+
+
+def test_layer_qk_repr_is_short(tiny_llama):
+    text = repr(QKSVDCache(tiny_llama)[1])
+    assert text.startswith("LayerQK(layer=1, n_heads=4") and len(text) < 200
+
+
+def test_plots_leave_the_matplotlib_backend_alone(tmp_path):
+    import importlib
+
+    import matplotlib
+
+    from tl_superposition.tracing import plots
+
+    before = matplotlib.get_backend()
+    try:
+        matplotlib.use("svg")
+        importlib.reload(plots)
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--n-prompts", "0"], "--n-prompts"),
+        (["--pattern-thresh", "1.5"], "--pattern-thresh must be in (0, 1]"),
+        (["--thresh", "0"], "--thresh must be > 0"),
+        (["--edge-thresh", "-0.7"], "--edge-thresh must be in (0, 1]"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--seeds", "9-6"], "LAYER.HEAD"),
+        (["--model", "gtp2"], "Did you mean 'gpt2'"),
+        (["--model", "/no/such/folder"], "no model folder"),
+    ],
+)
+def test_cli_rejects_bad_input_before_loading(tmp_path, capsys, no_model_loading, extra, message):
     from tl_superposition.cli import main
 
-    assert main(["trace-ioi", "--n-prompts", "0", "--out", str(tmp_path)]) == 2
-    assert "--n-prompts" in capsys.readouterr().err
-    assert main(["trace-ioi", "--model", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
+    out = tmp_path / "run"
+    assert main(["trace-ioi", "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err) < 800  # one clear line, not every model name
+    assert not out.exists()  # nothing written
+
+
+def test_cli_rejects_an_unwritable_out_before_loading(tmp_path, capsys, no_model_loading):
+    from tl_superposition.cli import main
+
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("keep me")
+    for out in (a_file, a_file / "run"):
+        assert main(["trace-ioi", "--out", str(out)]) == 2
+        assert "--out" in capsys.readouterr().err
+    assert a_file.read_text() == "keep me"

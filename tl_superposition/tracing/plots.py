@@ -1,16 +1,19 @@
-"""Pictures of a trace: the circuit graph and singular-component usage per head (matplotlib)."""
+"""Pictures of a trace: the circuit graph and singular-component usage per head (matplotlib).
+
+Figures are drawn on ``matplotlib.figure.Figure`` objects and saved directly, without pyplot:
+importing or using this module leaves the caller's backend and open figures alone.
+"""
 
 from __future__ import annotations
 
 import os
 
-import matplotlib
+import networkx as nx
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only; no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import networkx as nx  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+from tl_superposition.tracing.graph import head_name
 
 
 def circuit_subgraph(
@@ -46,7 +49,9 @@ def circuit_subgraph(
                 frontier.append(u)
     sub = nx.MultiDiGraph()
     sub.add_nodes_from((n, graph.nodes[n]) for n in seen)
-    sub.add_edges_from((u, v, k, d) for u, v, k, d in edges if u in seen)
+    for u, v, k, d in edges:
+        if u in seen:
+            sub.add_edge(u, v, key=k, **d)
     return sub
 
 
@@ -65,12 +70,12 @@ def plot_circuit(
     edges orange; seeds are outlined in red. Options as in :func:`circuit_subgraph`.
     """
     sub = circuit_subgraph(graph, seeds, per_node, max_nodes, heads_only)
-    fig, ax = plt.subplots(figsize=(11, 8))
+    fig = Figure(figsize=(11, 8))
+    ax = fig.subplots()
     if sub.number_of_nodes() == 0:
         ax.text(0.5, 0.5, "no traced firings", ha="center", va="center")
         ax.set_axis_off()
         fig.savefig(path, format="png", dpi=110)
-        plt.close(fig)
         return
     by_row: dict[float, list[str]] = {}
     for n, d in sub.nodes(data=True):
@@ -126,7 +131,6 @@ def plot_circuit(
     ax.set_title(title or "signal graph")
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=110)
-    plt.close(fig)
 
 
 def component_usage(firings: pd.DataFrame, d_head: int, top_heads: int = 20) -> pd.DataFrame:
@@ -136,14 +140,18 @@ def component_usage(firings: pd.DataFrame, d_head: int, top_heads: int = 20) -> 
         DataFrame indexed by head name (``A{L}.{h}``, the ``top_heads`` heads with most
         firings), one column per component ``0..d_head-1`` (descending singular value).
     """
-    counts = firings.groupby(["layer", "head"]).size().sort_values(ascending=False)
+    sizes = firings.groupby(["layer", "head"]).size()
+    assert isinstance(sizes, pd.Series)
+    top = sizes.sort_values(ascending=False).head(top_heads)
     rows = {}
-    for (layer, head), n in counts.head(top_heads).items():
+    for layer, head, n in zip(
+        top.index.get_level_values(0), top.index.get_level_values(1), top.to_numpy()
+    ):
         sub = firings[(firings.layer == layer) & (firings["head"] == head)]
         used = np.zeros(d_head)
         comps = np.concatenate(sub.components.to_numpy()) if len(sub) else np.zeros(0, int)
         np.add.at(used, comps.astype(int), 1)
-        rows[f"A{layer}.{head}"] = used / n
+        rows[head_name(layer, head)] = used / n
     return pd.DataFrame.from_dict(rows, orient="index", columns=range(d_head))
 
 
@@ -152,7 +160,8 @@ def plot_component_usage(
 ) -> None:
     """Heatmap of :func:`component_usage` beside the histogram of components per firing."""
     usage = component_usage(firings, d_head, top_heads)
-    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(13, 6), gridspec_kw={"width_ratios": [3, 1]})
+    fig = Figure(figsize=(13, 6))
+    ax0, ax1 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 1]})
     im = ax0.imshow(usage.to_numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1)
     ax0.set_yticks(range(len(usage)), usage.index, fontsize=8)
     ax0.set_xlabel("singular component (descending singular value)")
@@ -164,4 +173,3 @@ def plot_component_usage(
     ax1.set_title(f"median {firings.n_components.median():.0f}" if len(firings) else "no firings")
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=110)
-    plt.close(fig)

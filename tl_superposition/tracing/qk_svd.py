@@ -94,7 +94,7 @@ def rotary_matrices(
     return out.permute(1, 0, 2)[offsets.long().cpu()].to(torch.float64)
 
 
-@dataclass
+@dataclass(repr=False)
 class LayerQK:
     """The thin SVD of every head's QK form in one layer, computed lazily per offset.
 
@@ -117,6 +117,13 @@ class LayerQK:
     rotary: bool
     _model: HookedTransformer
     _cores: dict[int, tuple[Tensor, Tensor, Tensor]]
+
+    def __repr__(self) -> str:
+        n_heads, d_aug, d_head = self.q_basis.shape
+        return (
+            f"LayerQK(layer={self.layer}, n_heads={n_heads}, d_model={d_aug - 1}, "
+            f"d_head={d_head}, rotary={self.rotary}, cached_offsets={len(self._cores)})"
+        )
 
     @classmethod
     def from_model(cls, model: HookedTransformer, layer: int) -> LayerQK:
@@ -150,6 +157,8 @@ class LayerQK:
         cached per offset, so each (head, offset) is decomposed once.
         """
         offsets = offsets.long().cpu()
+        if not len(offsets):
+            raise ValueError("cores() needs at least one offset")
         if not self.rotary:
             offsets = torch.zeros_like(offsets)
         wanted = sorted(set(offsets.tolist()) - self._cores.keys())
@@ -163,10 +172,9 @@ class LayerQK:
             u, s, vh = torch.linalg.svd(core / self.attn_scale)
             for i, o in enumerate(wanted):
                 self._cores[o] = (u[i], s[i], vh[i].transpose(-1, -2))
-        if not len(offsets):
-            raise ValueError("cores() needs at least one offset")
         parts = [self._cores[o] for o in offsets.tolist()]
-        return tuple(torch.stack([p[i] for p in parts]) for i in range(3))  # type: ignore[return-value]
+        u, s, v = (torch.stack([p[i] for p in parts]) for i in range(3))
+        return u, s, v
 
     def svd(
         self, head: int, offset: int = 0

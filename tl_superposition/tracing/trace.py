@@ -1,99 +1,128 @@
 """Signal tracing through attention firings, on any prompts (Franco & Crovella 2024, Sec. 5).
 
-:func:`trace` runs the model over the prompts in batches and, per batch:
+:func:`trace` runs the model over the prompts in batches. Per batch, :func:`run_batch` caches
+the normalised residual stream, ``ln1.hook_scale``, scores, patterns, ``hook_z``, MLP outputs
+and embeddings of every layer (``run_with_cache`` up to the last block, no unembedding), and
+:func:`trace_batch` runs three steps on them:
 
-1. caches the normalised residual stream, ``ln1.hook_scale``, scores, patterns, ``hook_z``,
-   MLP outputs and embeddings of every layer (``run_with_cache`` up to the last block, no
-   unembedding);
-2. finds every firing of every head and decomposes its score into singular-component
-   contributions, keeping the shortest set reaching ``thresh x score``
+1. :func:`decompose_batch` finds every firing of every head and decomposes its score into
+   singular-component contributions, keeping the shortest set reaching ``thresh x score``
    (:mod:`~tl_superposition.tracing.decompose`);
-3. starting from the seed firings, walks down the layers: for each traced firing it measures
-   how much every upstream component (each attention head, each MLP, the embeddings) writes
-   into the firing's selected singular directions at the source position (``side="src"``)
-   and at the destination position (``side="dest"``), keeps as edges the upstream components
-   making up the top ``edge_thresh`` of the positive contribution, and traces the firings of
-   the upstream heads at that position in turn.
+2. :func:`mark_seeds` marks the seed firings as traced;
+3. :func:`walk_upstream` walks down the layers: for each traced firing it measures how much
+   every upstream component (each attention head, each MLP, the embeddings) writes into the
+   firing's selected singular directions at the source position (``side="src"``) and at the
+   destination position (``side="dest"``), keeps as edges the upstream components making up
+   the top ``edge_thresh`` of the positive contribution (:func:`select_edges`), and marks the
+   firings of the upstream heads at that position as traced in turn.
 
 Upstream write of component ``j`` at position ``p`` into a firing of layer ``L``:
 ``(y_j[p] . g) / ln1.hook_scale_L[p]`` with ``g`` the signal direction of
 :func:`~tl_superposition.tracing.decompose.signal_directions` (centred for LayerNorm models,
 since LayerNorm subtracts the mean). Over all components, plus the attention output biases,
-these writes add up to ``x_p . g`` exactly.
+these writes add up to ``x_p . g`` exactly (:func:`upstream_writes`).
 
-Edges are aggregated over firings into a table (upstream, downstream, side, weight,
-n_firings): ``weight`` is the summed write of the edge over the firings where it was selected.
-Node names: ``A9.6`` (layer 9, head 6), ``M3`` (MLP of layer 3), ``E`` (embeddings).
+The tables and the graph of the result are built by :mod:`~tl_superposition.tracing.graph`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from numbers import Integral
+from pathlib import Path
 from typing import Any
 
 import networkx as nx
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from tl_superposition.tracing.decompose import (
-    find_firings,
+    CHUNK,
+    LayerFirings,
+    decompose_layer,
     project,
     selected_mask,
     shortest_prefix,
     signal_directions,
 )
+from tl_superposition.tracing.graph import (
+    EdgeRecords,
+    NodeKind,
+    build_graph,
+    check_heads,
+    edges_table,
+    firing_columns,
+    firings_table,
+    parse_heads,
+    save_trace,
+)
 from tl_superposition.tracing.qk_svd import QKSVDCache
-
-# Firings projected at once: bounds the gathered d_head x d_head cores (64 KiB per firing).
-CHUNK = 2048
-KIND_HEAD, KIND_MLP, KIND_EMBED = 0, 1, 2
-
-
-def node_name(kind: int, layer: int, head: int) -> str:
-    """``A{layer}.{head}``, ``M{layer}`` or ``E``."""
-    return f"A{layer}.{head}" if kind == KIND_HEAD else (f"M{layer}" if kind == KIND_MLP else "E")
-
-
-def parse_heads(spec: str | Sequence[Any] | None) -> list[tuple[int, int]] | None:
-    """Parse ``"9.6,9.9"`` (or ``[(9, 6), "9.9"]``) into ``[(9, 6), (9, 9)]``.
-
-    Raises:
-        ValueError: an item is not ``LAYER.HEAD``.
-    """
-    if spec is None:
-        return None
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
-    heads = []
-    for item in items:
-        if isinstance(item, str):
-            item = item.strip().lstrip("A")
-            try:
-                layer, head = (int(x) for x in item.split("."))
-            except ValueError:
-                raise ValueError(f"head {item!r} is not of the form LAYER.HEAD, e.g. 9.6") from None
-        else:
-            layer, head = (int(x) for x in item)
-        heads.append((layer, head))
-    return heads
 
 
 @dataclass
 class TraceConfig:
-    """Hyperparameters of the decomposition and the tracing (defaults: Franco & Crovella)."""
+    """Hyperparameters of the decomposition and the tracing.
+
+    The defaults are Franco & Crovella's (arXiv 2410.00340): a head fires at pattern >= 0.5,
+    sparse sets reach the whole score, edges make up 70% of the upstream contribution.
+
+    Attributes:
+        pattern_thresh: a head *fires* on ``(dest, src)`` when its attention probability
+            (``hook_pattern``) there is at least this and its score is positive. In (0, 1].
+            At 0.5 or above a destination fires on at most one source (ties at exactly 0.5
+            aside); below, several sources can fire and :func:`walk_upstream` traces one of
+            them per (prompt, head, destination).
+        thresh: the sparse set of a firing is the shortest prefix of its singular components,
+            sorted by contribution, whose sum reaches ``thresh x score``. Greater than 0; 1.0
+            is the whole score. Above 1 the target may be out of reach: the set is then every
+            component.
+        edge_thresh: an upstream component is an edge into a firing when it is among the
+            largest positive writes that together make up this fraction of the summed positive
+            writes. In (0, 1].
+        batch_size: prompts per forward pass (at least 1). Memory grows with it: the
+            activations of every layer of a batch are cached at once.
+        exclude_first: skip firings whose source is position 0 (BOS, or the attention sink of
+            prompts without BOS), as the paper does.
+
+    Raises:
+        ValueError: a field outside its range; the message starts with the field's name.
+    """
 
     pattern_thresh: float = 0.5
     thresh: float = 1.0
     edge_thresh: float = 0.7
     batch_size: int = 32
     exclude_first: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 < self.pattern_thresh <= 1:
+            raise ValueError(
+                f"pattern_thresh must be in (0, 1] (an attention probability), "
+                f"got {self.pattern_thresh}"
+            )
+        if not self.thresh > 0:
+            raise ValueError(
+                f"thresh must be > 0 (a fraction of the score; 1.0 is the whole score), "
+                f"got {self.thresh}"
+            )
+        if not 0 < self.edge_thresh <= 1:
+            raise ValueError(
+                f"edge_thresh must be in (0, 1] (a fraction of the upstream contribution), "
+                f"got {self.edge_thresh}"
+            )
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, Integral):
+            raise ValueError(f"batch_size must be an int, got {self.batch_size!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not isinstance(self.exclude_first, bool):
+            raise ValueError(f"exclude_first must be True or False, got {self.exclude_first!r}")
 
 
 @dataclass
@@ -103,10 +132,12 @@ class TraceResult:
     Attributes:
         firings: one row per firing (see :func:`trace`).
         edges: one row per (upstream, downstream, side) edge with its summed ``weight`` and
-            the number of firings ``n_firings`` in which it was selected.
+            the number of firings ``n_firings`` in which it was selected
+            (:func:`~tl_superposition.tracing.graph.edges_table`).
         seeds: the seed heads.
         config: the hyperparameters.
         seconds: wall time.
+        model_name: ``model.cfg.model_name``.
     """
 
     firings: pd.DataFrame
@@ -115,70 +146,48 @@ class TraceResult:
     config: TraceConfig
     seconds: float
     model_name: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def graph(self, min_firings: int = 1) -> nx.MultiDiGraph:
-        """The communication graph: nodes ``A{L}.{h}``/``M{L}``/``E``, one edge per (pair, side).
+        """The communication graph (:func:`~tl_superposition.tracing.graph.build_graph`)."""
+        return build_graph(self.firings, self.edges, self.seeds, min_firings)
 
-        Node attributes: ``kind`` (attn/mlp/embed), ``layer`` (-1 for E), ``head`` (-1 if none),
-        ``n_traced_firings``. Edge attributes: ``side``, ``weight``, ``n_firings``; edge keys
-        are the side, so ``G[u][v]["src"]`` works.
-        """
-        g = nx.MultiDiGraph()
-        edges = self.edges[self.edges.n_firings >= min_firings]
-        traced = self.firings[self.firings.traced]
-        counts = traced.groupby(["layer", "head"]).size()
-        names = set(edges.upstream) | set(edges.downstream)
-        names |= {f"A{layer}.{head}" for layer, head in self.seeds}
-        for name in sorted(names):
-            kind, layer, head = _parse_node(name)
-            g.add_node(
-                name,
-                kind=kind,
-                layer=layer,
-                head=head,
-                n_traced_firings=int(counts.get((layer, head), 0)) if kind == "attn" else 0,
-            )
-        for row in edges.itertuples(index=False):
-            g.add_edge(
-                row.upstream,
-                row.downstream,
-                key=row.side,
-                side=row.side,
-                weight=float(row.weight),
-                n_firings=int(row.n_firings),
-            )
-        return g
+    def save(self, out_dir: str | Path) -> dict[str, Path]:
+        """Write firings.parquet, edges.csv and graph.graphml atomically; return their paths."""
+        return save_trace(out_dir, self.firings, self.edges, self.graph())
 
 
-def _parse_node(name: str) -> tuple[str, int, int]:
-    if name == "E":
-        return "embed", -1, -1
-    if name.startswith("M"):
-        return "mlp", int(name[1:]), -1
-    layer, head = name[1:].split(".")
-    return "attn", int(layer), int(head)
+# --------------------------------------------------------------------------- activations
 
 
-def _hook_names(model: HookedTransformer) -> list[str]:
-    names = ["hook_embed"]
-    if model.cfg.positional_embedding_type == "standard":
-        names.append("hook_pos_embed")
-    for L in range(model.cfg.n_layers):
-        names += [
+def _hook_names(n_layers: int, absolute_positions: bool) -> set[str]:
+    names = {"hook_embed"} | ({"hook_pos_embed"} if absolute_positions else set())
+    for L in range(n_layers):
+        names |= {
             f"blocks.{L}.ln1.hook_normalized",
             f"blocks.{L}.ln1.hook_scale",
             f"blocks.{L}.attn.hook_attn_scores",
             f"blocks.{L}.attn.hook_pattern",
             f"blocks.{L}.attn.hook_z",
             f"blocks.{L}.hook_mlp_out",
-        ]
+        }
     return names
 
 
 @dataclass
-class _BatchCache:
-    """Stacked activations of one batch (float32, on the model's device)."""
+class BatchCache:
+    """The activations of one batch that the trace reads, stacked over layers.
+
+    Tensors stay on the model's device, in its dtype.
+
+    Attributes:
+        x: ``blocks.{L}.ln1.hook_normalized``, the input of W_Q/W_K of layer L.
+        scale: ``blocks.{L}.ln1.hook_scale``.
+        z: ``blocks.{L}.attn.hook_z``.
+        mlp: ``blocks.{L}.hook_mlp_out``.
+        embed: ``hook_embed`` plus ``hook_pos_embed`` where positions are learned.
+        pattern, scores: per layer, ``attn.hook_pattern`` and ``attn.hook_attn_scores``
+            (``[batch, n_heads, dest, src]``).
+    """
 
     x: Float[Tensor, "batch pos n_layers d_model"]
     scale: Float[Tensor, "batch pos n_layers"]
@@ -190,16 +199,22 @@ class _BatchCache:
 
 
 @torch.inference_mode()
-def _run_batch(model: HookedTransformer, tokens: Tensor) -> _BatchCache:
-    names = _hook_names(model)
-    _, cache = model.run_with_cache(
-        tokens, names_filter=lambda n: n in names, stop_at_layer=model.cfg.n_layers
-    )
+def run_batch(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -> BatchCache:
+    """Run ``model`` on ``tokens`` (up to its last block) and keep what the trace reads.
+
+    Args:
+        model: a processed ``HookedTransformer`` (:func:`tl_superposition.load_model`).
+        tokens: token ids, on the model's device.
+    """
     n = model.cfg.n_layers
+    names = _hook_names(n, model.cfg.positional_embedding_type == "standard")
+    _, cache = model.run_with_cache(
+        tokens, names_filter=lambda name: name in names, stop_at_layer=n
+    )
     embed = cache["hook_embed"]
     if "hook_pos_embed" in cache:
         embed = embed + cache["hook_pos_embed"]
-    return _BatchCache(
+    return BatchCache(
         x=torch.stack([cache[f"blocks.{L}.ln1.hook_normalized"] for L in range(n)], 2),
         scale=torch.stack([cache[f"blocks.{L}.ln1.hook_scale"][..., 0] for L in range(n)], 2),
         z=torch.stack([cache[f"blocks.{L}.attn.hook_z"] for L in range(n)], 2),
@@ -210,16 +225,27 @@ def _run_batch(model: HookedTransformer, tokens: Tensor) -> _BatchCache:
     )
 
 
+# --------------------------------------------------------------------------- upstream writes
+
+
 @dataclass
-class _Writers:
-    """Float64 copies of the weights that write to the residual stream (made once per trace)."""
+class ResidualWriters:
+    """Float64 copies of the weights that write to the residual stream (made once per trace).
+
+    Attributes:
+        W_O: every head's output matrix.
+        b_O_cumsum: row ``L`` is the sum of ``b_O`` over the layers before ``L``.
+        centred: whether the model normalises with LayerNorm (which subtracts the mean, so
+            signal directions are centred before the writes are measured).
+    """
 
     W_O: Float[Tensor, "n_layers n_heads d_head d_model"]
-    b_O_cumsum: Float[Tensor, "n_layers_plus_1 d_model"]  # row L: sum of b_O over layers < L
+    b_O_cumsum: Float[Tensor, "n_layers_plus_1 d_model"]
     centred: bool
 
     @classmethod
-    def from_model(cls, model: HookedTransformer) -> _Writers:
+    def from_model(cls, model: HookedTransformer) -> ResidualWriters:
+        """Copy the writers of ``model``."""
         b_O = model.b_O.detach().to(torch.float64)
         return cls(
             W_O=model.W_O.detach().to(torch.float64),
@@ -229,8 +255,8 @@ class _Writers:
 
 
 def upstream_writes(
-    model: HookedTransformer | _Writers,
-    cache: _BatchCache,
+    writers: ResidualWriters | HookedTransformer,
+    cache: BatchCache,
     layer: int,
     batch: Int[Tensor, " n"],
     pos: Int[Tensor, " n"],
@@ -238,12 +264,23 @@ def upstream_writes(
 ) -> Float[Tensor, "n n_upstream_plus_1"]:
     """What each component upstream of ``layer`` writes along ``g`` at ``(batch, pos)``.
 
-    Columns: every head of layers ``< layer`` (layer-major), every MLP of layers ``< layer``,
-    the embeddings, and last the summed attention output biases ``b_O`` (not a node). Each
-    write is divided by ``blocks.{layer}.ln1.hook_scale`` at that position; for LayerNorm
-    models ``g`` is centred first. The columns sum to ``ln1.hook_normalized . g``.
+    Columns (see :func:`upstream_columns`): every head of layers ``< layer`` (layer-major),
+    every MLP of layers ``< layer``, the embeddings, and last the summed attention output
+    biases ``b_O`` (not a node). Each write is divided by ``blocks.{layer}.ln1.hook_scale`` at
+    that position; for LayerNorm models ``g`` is centred first. The columns sum to
+    ``ln1.hook_normalized . g``.
+
+    Args:
+        writers: :meth:`ResidualWriters.from_model` (or the model, copied on each call).
+        cache: the batch's activations.
+        layer: the downstream layer.
+        batch, pos: prompt (within the batch) and position of each row.
+        g: one direction per row, in ``d_model``.
+
+    Returns:
+        float64 writes, in score units of the downstream firing.
     """
-    w = model if isinstance(model, _Writers) else _Writers.from_model(model)
+    w = writers if isinstance(writers, ResidualWriters) else ResidualWriters.from_model(writers)
     g = g.to(torch.float64)
     if w.centred:
         g = g - g.mean(1, keepdim=True)
@@ -258,19 +295,212 @@ def upstream_writes(
     return torch.cat([heads, mlps, emb, bias], 1) / scale
 
 
-def _upstream_nodes(layer: int, n_heads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(kind, layer, head) of each column of :func:`upstream_writes` but the bias column."""
-    kinds = [KIND_HEAD] * (layer * n_heads) + [KIND_MLP] * layer + [KIND_EMBED]
+def upstream_columns(layer: int, n_heads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(kind, layer, head)`` of each column of :func:`upstream_writes` but the bias column.
+
+    ``kind`` holds :class:`~tl_superposition.tracing.graph.NodeKind` values; layer and head
+    are -1 where the component has none.
+    """
+    kinds = [NodeKind.ATTN] * (layer * n_heads) + [NodeKind.MLP] * layer + [NodeKind.EMBED]
     layers = [up for up in range(layer) for _ in range(n_heads)] + list(range(layer)) + [-1]
     heads = [h for _ in range(layer) for h in range(n_heads)] + [-1] * layer + [-1]
-    return np.array(kinds), np.array(layers), np.array(heads)
+    return np.array([int(k) for k in kinds]), np.array(layers), np.array(heads)
+
+
+def select_edges(writes: Float[Tensor, "n m"], edge_thresh: float) -> Bool[Tensor, "n m"]:
+    """The edges into each firing: the largest positive writes making up ``edge_thresh``.
+
+    Row ``i`` keeps the shortest prefix of its positive writes, sorted descending, whose sum
+    reaches ``edge_thresh`` times the sum of its positive writes; a row without a positive
+    write keeps nothing.
+    """
+    positive = writes.clamp(min=0)
+    total = positive.sum(1)
+    order, count = shortest_prefix(positive, edge_thresh * total)
+    count = torch.where(total > 0, count, torch.zeros_like(count))
+    return selected_mask(order, count) & (writes > 0)
+
+
+# --------------------------------------------------------------------------- the steps
+
+
+@dataclass
+class BatchFirings:
+    """Every firing of one batch, layer by layer, and where to find each one.
+
+    Attributes:
+        layers: one :class:`~tl_superposition.tracing.decompose.LayerFirings` per layer.
+        index: ``index[b, L, h, d]`` is the row in ``layers[L]`` of the firing of head
+            ``(L, h)`` at destination ``d`` of prompt ``b``; -1 where none. Where a
+            destination fires on several sources (possible when ``pattern_thresh`` is 0.5 or
+            less) it holds one of them, and only that one can be marked traced.
+    """
+
+    layers: list[LayerFirings]
+    index: Int[Tensor, "batch n_layers n_heads pos"]
+
+    def mark_traced(
+        self,
+        batch: Int[Tensor, " n"],
+        layer: Int[Tensor, " n"],
+        head: Int[Tensor, " n"],
+        dest: Int[Tensor, " n"],
+        src: Int[Tensor, " n"] | None = None,
+    ) -> None:
+        """Mark as traced the firings at ``(batch, layer, head, dest)`` that exist.
+
+        With ``src``, only those whose source is ``src``.
+        """
+        rows = self.index[batch, layer, head, dest]
+        found = rows >= 0
+        for L in layer[found].unique().tolist():
+            here = found & (layer == L)
+            if src is not None:
+                here &= self.layers[L].src[rows.clamp(min=0)] == src
+            self.layers[L].traced[rows[here]] = True
+
+
+def decompose_batch(
+    qk: QKSVDCache, cache: BatchCache, lengths: Int[Tensor, " batch"], cfg: TraceConfig
+) -> BatchFirings:
+    """Step 1: find and decompose the firings of every layer (:func:`decompose_layer`)."""
+    B, P, n_layers = cache.x.shape[:3]
+    n_heads = cache.z.shape[3]
+    index = torch.full((B, n_layers, n_heads, P), -1, dtype=torch.long)
+    layers = []
+    for L in range(n_layers):
+        fl = decompose_layer(
+            qk[L],
+            cache.x[:, :, L],
+            cache.pattern[L],
+            cache.scores[L],
+            lengths,
+            cfg.pattern_thresh,
+            cfg.thresh,
+            cfg.exclude_first,
+        )
+        index[fl.prompt, L, fl.head, fl.dest] = torch.arange(len(fl))
+        layers.append(fl)
+    return BatchFirings(layers, index)
+
+
+def mark_seeds(
+    firings: BatchFirings,
+    seeds: Sequence[tuple[int, int]],
+    seed_dest: Int[Tensor, " batch"],
+    seed_src: Int[Tensor, " batch"] | None,
+) -> None:
+    """Step 2: mark the firings of each seed head at ``seed_dest`` (from ``seed_src``)."""
+    rows = torch.arange(len(seed_dest))
+    for L, H in seeds:
+        layer, head = torch.full_like(rows, L), torch.full_like(rows, H)
+        firings.mark_traced(rows, layer, head, seed_dest, seed_src)
+
+
+def walk_upstream(
+    firings: BatchFirings,
+    qk: QKSVDCache,
+    writers: ResidualWriters,
+    cache: BatchCache,
+    edge_thresh: float,
+) -> EdgeRecords:
+    """Step 3: from the top layer down, find the edges into every traced firing.
+
+    The firings of upstream heads selected as edges are marked traced before their own layer
+    is reached, so the trace recurses down to the embeddings.
+    """
+    parts = []
+    for L in range(len(firings.layers) - 1, -1, -1):
+        todo = firings.layers[L].traced.nonzero()[:, 0]
+        for c0 in range(0, len(todo), CHUNK):
+            parts += _trace_chunk(
+                firings, qk, writers, cache, L, todo[c0 : c0 + CHUNK], edge_thresh
+            )
+    return EdgeRecords.concat(parts)
+
+
+def _trace_chunk(
+    firings: BatchFirings,
+    qk: QKSVDCache,
+    writers: ResidualWriters,
+    cache: BatchCache,
+    L: int,
+    ids: Int[Tensor, " n"],
+    edge_thresh: float,
+) -> list[EdgeRecords]:
+    """Edges into firings ``ids`` of layer ``L``, source side then destination side."""
+    fl = firings.layers[L]
+    b, h, d, s = fl.prompt[ids], fl.head[ids], fl.dest[ids], fl.src[ids]
+    x = cache.x[:, :, L]
+    proj = project(qk[L], x[b, d], x[b, s], h, d - s)
+    sel = selected_mask(fl.order[ids], fl.count[ids])
+    g_src, g_dest = signal_directions(qk[L], proj, sel, h)
+    kinds, up_layers, up_heads = upstream_columns(L, writers.W_O.shape[1])
+    out = []
+    for side, g, p in (("src", g_src, s), ("dest", g_dest, d)):
+        writes = upstream_writes(writers, cache, L, b, p, g.to(cache.x.device)).cpu()[:, :-1]
+        n_i, col = select_edges(writes, edge_thresh).nonzero(as_tuple=True)
+        col_np = col.numpy()
+        out.append(
+            EdgeRecords(
+                prompt_id=b[n_i].numpy(),
+                down_layer=np.full(len(n_i), L),
+                down_head=h[n_i].numpy(),
+                up_kind=kinds[col_np],
+                up_layer=up_layers[col_np],
+                up_head=up_heads[col_np],
+                side=np.full(len(n_i), side),
+                weight=writes[n_i, col].numpy(),
+            )
+        )
+        # the upstream heads' own firings at this position are traced next
+        is_head = kinds[col_np] == NodeKind.ATTN
+        firings.mark_traced(
+            b[n_i][is_head],
+            torch.as_tensor(up_layers[col_np][is_head]),
+            torch.as_tensor(up_heads[col_np][is_head]),
+            p[n_i][is_head],
+        )
+    return out
+
+
+def trace_batch(
+    qk: QKSVDCache,
+    writers: ResidualWriters,
+    cache: BatchCache,
+    lengths: Int[Tensor, " batch"],
+    seeds: Sequence[tuple[int, int]],
+    seed_dest: Int[Tensor, " batch"],
+    seed_src: Int[Tensor, " batch"] | None,
+    cfg: TraceConfig,
+) -> tuple[BatchFirings, EdgeRecords]:
+    """Decompose one batch's firings, mark the seeds, and walk upstream (steps 1-3).
+
+    Prompt indices in the result are within the batch.
+    """
+    firings = decompose_batch(qk, cache, lengths, cfg)
+    mark_seeds(firings, seeds, seed_dest, seed_src)
+    edges = walk_upstream(firings, qk, writers, cache, cfg.edge_thresh)
+    return firings, edges
+
+
+def _check_positions(name: str, positions: Tensor, lengths: Tensor) -> Tensor:
+    positions = positions.cpu()
+    if positions.shape != lengths.shape:
+        raise ValueError(
+            f"{name} must hold one position per prompt ({len(lengths)}), got shape "
+            f"{tuple(positions.shape)}"
+        )
+    if (positions >= lengths).any() or (positions < 0).any():
+        raise ValueError(f"{name} has a position outside its prompt")
+    return positions
 
 
 @torch.no_grad()
 def trace(
     model: HookedTransformer,
     tokens: Int[Tensor, "n_prompts pos"],
-    seeds: Sequence[tuple[int, int]] | str,
+    seeds: Iterable[Any] | str,
     seed_dest: Int[Tensor, " n_prompts"],
     seed_src: Int[Tensor, " n_prompts"] | None = None,
     lengths: Int[Tensor, " n_prompts"] | None = None,
@@ -283,7 +513,8 @@ def trace(
         model: a ``HookedTransformer`` with folded normalisation weights (see
             :func:`tl_superposition.load_model`); absolute or rotary positions, MHA or GQA.
         tokens: right-padded prompts.
-        seeds: heads ``[(layer, head), ...]`` (or ``"9.6,9.9"``) whose firings start the trace.
+        seeds: heads ``[(layer, head), ...]`` (or ``"9.6,9.9"``, see
+            :func:`~tl_superposition.tracing.graph.parse_heads`) whose firings start the trace.
         seed_dest: per prompt, the destination position of the seed firings (IOI: END).
         seed_src: per prompt, the required source position (IOI: IO); ``None`` accepts any.
         lengths: real length of each prompt (default: all of ``tokens``).
@@ -302,239 +533,46 @@ def trace(
         NotImplementedError: an attention variant the decomposition does not cover.
     """
     cfg = config or TraceConfig()
-    seeds = parse_heads(seeds) if isinstance(seeds, str) else [tuple(map(int, s)) for s in seeds]
-    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    for layer, head in seeds:
-        if not (0 <= layer < n_layers and 0 <= head < n_heads):
-            raise ValueError(
-                f"seed head {layer}.{head} out of range: the model has {n_layers} "
-                f"layers and {n_heads} heads per layer"
-            )
+    seed_heads = parse_heads(seeds) or []
+    check_heads(seed_heads, model.cfg.n_layers, model.cfg.n_heads)
     n_prompts = tokens.shape[0]
     if n_prompts == 0:
         raise ValueError("trace needs at least one prompt")
     lengths = torch.full((n_prompts,), tokens.shape[1]) if lengths is None else lengths.cpu()
-    if (seed_dest.cpu() >= lengths).any() or (seed_dest < 0).any():
-        raise ValueError("seed_dest has a position outside its prompt")
+    dest = _check_positions("seed_dest", seed_dest, lengths)
+    src = None if seed_src is None else _check_positions("seed_src", seed_src, lengths)
     qk = QKSVDCache(model)
-    writers = _Writers.from_model(model)
+    writers = ResidualWriters.from_model(model)
     device = next(model.parameters()).device
 
     t0 = time.time()
     firing_parts: list[dict[str, Any]] = []
-    edge_parts: list[dict[str, np.ndarray]] = []
-    batches = range(0, n_prompts, cfg.batch_size)
-    for lo in tqdm(batches, desc="trace", unit="batch", disable=not progress):
+    edge_parts: list[EdgeRecords] = []
+    for lo in tqdm(
+        range(0, n_prompts, cfg.batch_size), desc="trace", unit="batch", disable=not progress
+    ):
         hi = min(lo + cfg.batch_size, n_prompts)
-        blen = lengths[lo:hi]
-        cache = _run_batch(model, tokens[lo:hi, : int(blen.max())].to(device))
-        f, e = _trace_batch(
-            model,
+        cache = run_batch(model, tokens[lo:hi, : int(lengths[lo:hi].max())].to(device))
+        f, e = trace_batch(
             qk,
             writers,
             cache,
-            blen,
-            seeds,
-            seed_dest[lo:hi].cpu(),
-            None if seed_src is None else seed_src[lo:hi].cpu(),
+            lengths[lo:hi],
+            seed_heads,
+            dest[lo:hi],
+            None if src is None else src[lo:hi],
             cfg,
         )
-        f["prompt_id"] = f["prompt_id"] + lo
-        e["prompt_id"] = e["prompt_id"] + lo
-        firing_parts.append(f)
+        firing_parts.append(firing_columns(f.layers, prompt_offset=lo))
+        e.prompt_id = e.prompt_id + lo
         edge_parts.append(e)
         del cache
 
-    firings = firings_table(firing_parts).to_pandas()
-    edges = _edges_frame(edge_parts)
     return TraceResult(
-        firings=firings,
-        edges=edges,
-        seeds=list(seeds),
+        firings=firings_table(firing_parts).to_pandas(),
+        edges=edges_table(EdgeRecords.concat(edge_parts)),
+        seeds=list(seed_heads),
         config=cfg,
         seconds=time.time() - t0,
         model_name=model.cfg.model_name,
     )
-
-
-def _trace_batch(model, qk, writers, cache: _BatchCache, lengths, seeds, seed_dest, seed_src, cfg):
-    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    B, P = cache.x.shape[0], cache.x.shape[1]
-    per_layer: list[dict[str, Tensor]] = []
-    index = torch.full((B, n_layers, n_heads, P), -1, dtype=torch.long)  # firing row, per layer
-
-    # 1. firings and their sparse decomposition
-    for L in range(n_layers):
-        pat, sc = cache.pattern[L], cache.scores[L]
-        b, h, d, s = (
-            t.cpu() for t in find_firings(pat, sc, lengths, cfg.pattern_thresh, cfg.exclude_first)
-        )
-        score = sc[b, h, d, s].cpu()
-        contrib = torch.empty(len(b), model.cfg.d_head, dtype=torch.float64)
-        for c0 in range(0, len(b), CHUNK):
-            sl = slice(c0, c0 + CHUNK)
-            proj = project(
-                qk[L], cache.x[b[sl], d[sl], L], cache.x[b[sl], s[sl], L], h[sl], d[sl] - s[sl]
-            )
-            contrib[sl] = proj.contributions
-        order, count = shortest_prefix(contrib, score.to(torch.float64) * cfg.thresh)
-        index[b, L, h, d] = torch.arange(len(b))
-        per_layer.append(
-            dict(
-                b=b,
-                h=h,
-                d=d,
-                s=s,
-                score=score,
-                pattern=pat[b, h, d, s].cpu(),
-                contrib=contrib,
-                order=order,
-                count=count,
-                traced=torch.zeros(len(b), dtype=torch.bool),
-            )
-        )
-
-    # 2. seeds
-    rows = torch.arange(B)
-    for L, H in seeds:
-        fid = index[rows, L, H, seed_dest]
-        ok = fid >= 0
-        if seed_src is not None:
-            ok &= per_layer[L]["s"][fid.clamp(min=0)] == seed_src
-        per_layer[L]["traced"][fid[ok]] = True
-
-    # 3. walk down the layers
-    edges: dict[str, list] = {
-        k: []
-        for k in (
-            "prompt_id",
-            "down_layer",
-            "down_head",
-            "up_kind",
-            "up_layer",
-            "up_head",
-            "side",
-            "weight",
-        )
-    }
-    for L in range(n_layers - 1, -1, -1):
-        fl = per_layer[L]
-        todo = fl["traced"].nonzero()[:, 0]
-        if len(todo) == 0:
-            continue
-        kinds, up_layers, up_heads = _upstream_nodes(L, n_heads)
-        for c0 in range(0, len(todo), CHUNK):
-            ids = todo[c0 : c0 + CHUNK]
-            b, h, d, s = fl["b"][ids], fl["h"][ids], fl["d"][ids], fl["s"][ids]
-            proj = project(qk[L], cache.x[b, d, L], cache.x[b, s, L], h, d - s)
-            sel = selected_mask(fl["order"][ids], fl["count"][ids])
-            g_src, g_dest = signal_directions(qk[L], proj, sel, h)
-            for side, g, p in (("src", g_src, s), ("dest", g_dest, d)):
-                writes = upstream_writes(writers, cache, L, b, p, g.to(cache.x.device)).cpu()
-                vals = writes[:, :-1]
-                positive = vals.clamp(min=0)
-                total = positive.sum(1)
-                order, count = shortest_prefix(positive, cfg.edge_thresh * total)
-                count = torch.where(total > 0, count, torch.zeros_like(count))
-                keep = selected_mask(order, count) & (vals > 0)
-                n_i, col = keep.nonzero(as_tuple=True)
-                col_np = col.numpy()
-                edges["prompt_id"].append(b[n_i].numpy())
-                edges["down_layer"].append(np.full(len(n_i), L))
-                edges["down_head"].append(h[n_i].numpy())
-                edges["up_kind"].append(kinds[col_np])
-                edges["up_layer"].append(up_layers[col_np])
-                edges["up_head"].append(up_heads[col_np])
-                edges["side"].append(np.full(len(n_i), side))
-                edges["weight"].append(vals[n_i, col].numpy())
-                # the upstream heads' own firings at this position are traced next
-                is_head = kinds[col_np] == KIND_HEAD
-                ub, up = b[n_i][is_head], p[n_i][is_head]
-                ul = torch.as_tensor(up_layers[col_np][is_head])
-                uh = torch.as_tensor(up_heads[col_np][is_head])
-                fid = index[ub, ul, uh, up]
-                for l_up in ul[fid >= 0].unique().tolist():
-                    m = (fid >= 0) & (ul == l_up)
-                    per_layer[l_up]["traced"][fid[m]] = True
-
-    firings = _collect_firings(per_layer)
-    return firings, {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in edges.items()}
-
-
-def _collect_firings(per_layer: list[dict[str, Tensor]]) -> dict[str, Any]:
-    cat = lambda key: torch.cat([fl[key] for fl in per_layer])  # noqa: E731
-    layer = torch.cat([torch.full((len(fl["b"]),), L) for L, fl in enumerate(per_layer)])
-    contrib, order, count = cat("contrib"), cat("order"), cat("count")
-    score = cat("score")
-    sorted_c = torch.gather(contrib, 1, order)
-    keep = torch.arange(order.shape[1])[None, :] < count[:, None]
-    return {
-        "prompt_id": cat("b").numpy(),
-        "layer": layer.numpy(),
-        "head": cat("h").numpy(),
-        "dest_pos": cat("d").numpy(),
-        "src_pos": cat("s").numpy(),
-        "score": score.numpy(),
-        "pattern": cat("pattern").numpy(),
-        "n_components": count.numpy(),
-        "components": order[keep].numpy(),
-        "contributions": sorted_c[keep].numpy(),
-        "residual": (score.to(torch.float64) - contrib.sum(1)).numpy(),
-        "traced": cat("traced").numpy(),
-    }
-
-
-def firings_table(parts: list[dict[str, Any]]) -> pa.Table:
-    """Arrow table of per-batch firings, with ``components``/``contributions`` as list columns."""
-
-    def cat(key: str, dtype: Any) -> np.ndarray:
-        return (
-            np.concatenate([p[key] for p in parts]).astype(dtype) if parts else np.zeros(0, dtype)
-        )
-
-    counts = cat("n_components", np.int32)
-    offsets = pa.array(np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int32))
-    columns = {
-        "prompt_id": pa.array(cat("prompt_id", np.int64)),
-        "layer": pa.array(cat("layer", np.int32)),
-        "head": pa.array(cat("head", np.int32)),
-        "dest_pos": pa.array(cat("dest_pos", np.int32)),
-        "src_pos": pa.array(cat("src_pos", np.int32)),
-        "score": pa.array(cat("score", np.float32)),
-        "pattern": pa.array(cat("pattern", np.float32)),
-        "n_components": pa.array(counts),
-        "components": pa.ListArray.from_arrays(offsets, pa.array(cat("components", np.int32))),
-        "contributions": pa.ListArray.from_arrays(
-            offsets, pa.array(cat("contributions", np.float64))
-        ),
-        "residual": pa.array(cat("residual", np.float64)),
-        "traced": pa.array(cat("traced", bool)),
-    }
-    return pa.table(columns)
-
-
-def _edges_frame(parts: list[dict[str, np.ndarray]]) -> pd.DataFrame:
-    raw = (
-        pd.DataFrame({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
-        if parts
-        else pd.DataFrame()
-    )
-    columns = ["upstream", "downstream", "side", "weight", "n_firings"]
-    if raw.empty:
-        return pd.DataFrame(columns=columns)
-    raw["upstream"] = [
-        node_name(k, up, h)
-        for k, up, h in zip(
-            raw.up_kind.astype(int), raw.up_layer.astype(int), raw.up_head.astype(int)
-        )
-    ]
-    raw["downstream"] = [
-        f"A{down}.{h}" for down, h in zip(raw.down_layer.astype(int), raw.down_head.astype(int))
-    ]
-    out = (
-        raw.groupby(["upstream", "downstream", "side"], sort=False)
-        .agg(weight=("weight", "sum"), n_firings=("weight", "size"))
-        .reset_index()
-        .sort_values(["n_firings", "weight"], ascending=False, ignore_index=True)
-    )
-    return out[columns]
