@@ -520,12 +520,10 @@ def collect(model: HookedTransformer, config: CollectConfig, source: Any = None)
     t_loop = time.perf_counter()
     new_contexts = _write_shards(model, config, plan, shapes, contexts, manifest, out_dir)
     seconds = time.perf_counter() - t_loop
-    if manifest["n_contexts"] == 0:
-        raise ValueError("the source yielded no complete context")
     manifest["complete"] = True
     write_json_atomic(out_dir / MANIFEST, manifest)
     summary = _summary(out_dir, manifest, new_contexts * config.context_size, n_before, seconds)
-    log.info(summary.line())
+    log.info("%s", summary.line())
     return summary
 
 
