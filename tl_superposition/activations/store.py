@@ -1,11 +1,13 @@
 """``ActivationStore``: memory-mapped, shuffled minibatches from a :func:`collect` folder.
 
-Shards are opened with ``safetensors.safe_open``, whose tensors are copy-on-write memory maps
-of the file: opening reads only the header, and a minibatch reads only the pages of the
-contexts it gathers. (Measured against a hand-written ``mmap`` reader on a 168 MiB shard of
-256 contexts, gathering 16 random contexts: the same CPU time per batch within noise,
-12 ms against 13 ms from the page cache and 26 ms against 31 ms after dropping it, medians of
-20 rounds; opening all tensors raises the resident memory by 3 MiB.) Two granularities:
+Shards are opened with ``safetensors.safe_open``, whose torch tensors are copy-on-write memory
+maps of the file: opening reads only the header, and a minibatch reads only the pages of the
+contexts it gathers. It replaced a hand-written ``mmap`` reader after a measurement
+(safetensors 0.8.0, a 168 MiB shard of 256 SmolLM2-sized contexts, batches of 16 random
+contexts, CPU time per batch, medians of 20 alternating rounds on 2 loaded cores):
+``safe_open`` 11.5 ms and the own reader 13.0 ms with the file in the page cache, 26.2 ms and
+30.9 ms after dropping it from the cache; opening every tensor of the shard with ``safe_open``
+raised the resident memory by 3 MiB. Two granularities:
 
 - :meth:`ActivationStore.iter_contexts`: whole contexts ``[batch, context_size, ...]`` (what
   attention losses need, e.g. KL over every query row of a pattern);
