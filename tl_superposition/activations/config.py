@@ -82,7 +82,8 @@ class CollectConfig:
         seed: recorded in the manifest; the default shuffling seed of
             :class:`~tl_superposition.activations.store.ActivationStore`.
         device: where the forward pass runs (default the model's device).
-        overwrite: delete a collection with other settings in ``out_dir`` instead of refusing.
+        overwrite: delete the collection in ``out_dir`` (any settings) and start again, instead
+            of resuming it or refusing other settings.
         progress: show a tqdm bar (tokens, tokens per second).
 
     Raises:
