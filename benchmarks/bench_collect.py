@@ -158,7 +158,7 @@ def main() -> None:
         return
 
     from tl_superposition import ActivationStore
-    from tl_superposition.activations.collector import source_label
+    from tl_superposition.activations.sources import source_label
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", file=sys.stderr)
     t0 = time.perf_counter()

@@ -44,7 +44,12 @@ from tl_superposition.activations.folder import (
     open_out_dir,
 )
 from tl_superposition.activations.patterns import attention_params, rotary_tables
-from tl_superposition.activations.sources import TokenSource, iter_contexts, resolve_source
+from tl_superposition.activations.sources import (
+    TokenSource,
+    iter_contexts,
+    resolve_source,
+    source_label,
+)
 
 log = logging.getLogger(__name__)
 
@@ -120,20 +125,6 @@ class CollectSummary:
                 else ""
             )
         )
-
-
-def source_label(description: dict[str, Any]) -> str:
-    """A short name for a source description, e.g. ``"pydoc (auto)"`` or ``"wikitext-2 valid"``."""
-    kind = description.get("kind")
-    if kind == "local":
-        label = Path(description["path"]).name
-        label += f" {description['split']}" if description.get("split") else ""
-    elif kind == "hub":
-        config = f":{description['config']}" if description.get("config") else ""
-        label = f"{description['name']}{config} {description['split']}"
-    else:
-        label = str(kind)
-    return label + (" (auto)" if description.get("requested") == "auto" else "")
 
 
 # --------------------------------------------------------------------------------------

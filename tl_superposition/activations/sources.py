@@ -223,6 +223,20 @@ def resolve_source(
     return _hub_source(name, config or None, split, column, tokenizer)
 
 
+def source_label(description: dict[str, Any]) -> str:
+    """A short name for a source description, e.g. ``"pydoc (auto)"`` or ``"wikitext-2 valid"``."""
+    kind = description.get("kind")
+    if kind == "local":
+        label = Path(description["path"]).name
+        label += f" {description['split']}" if description.get("split") else ""
+    elif kind == "hub":
+        config = f":{description['config']}" if description.get("config") else ""
+        label = f"{description['name']}{config} {description['split']}"
+    else:
+        label = str(kind)
+    return label + (" (auto)" if description.get("requested") == "auto" else "")
+
+
 def _pydoc_source(tokenizer: Any) -> TokenSource:
     docs = pydoc_documents()
     return TokenSource(
