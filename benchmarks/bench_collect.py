@@ -1,9 +1,11 @@
 """Benchmark activation collection against the bare forward pass, and its peak memory.
 
-Measures, in one run on the same contexts of WikiText-2:
+Measures, in one run on the same contexts of ``--source`` (default ``auto``: WikiText-2 from
+the Hugging Face hub where it can be reached, else the built-in ``pydoc`` corpus; the JSON
+records which):
 
 - ``forward_tokens_per_s``: ``model(tokens, stop_at_layer=L+1)`` under ``torch.inference_mode``
-  on pre-tokenised contexts;
+  on the contexts of a first (warm-up) collection, read back from its shards;
 - ``collect_tokens_per_s``: ``tl_superposition.collect`` of ``ln1.hook_normalized``,
   ``attn.hook_q`` and ``attn.hook_k`` of layer L, end to end (reading and tokenising the text,
   the forward pass with hooks, writing float32 safetensors shards, manifest updates).
@@ -16,7 +18,7 @@ Measures, in one run on the same contexts of WikiText-2:
 
 The last line printed is one JSON object.
 
-    python benchmarks/bench_collect.py                      # SmolLM2-135M, layer 15
+    python benchmarks/bench_collect.py --source path/to/wikitext-2 --split valid  # SmolLM2 L15
     python benchmarks/bench_collect.py --model gpt2-tiny-random --layer 1   # quick check
 """
 
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -35,7 +36,6 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = Path(os.environ.get("TL_SUPERPOSITION_DATA", REPO.parent / "shared" / "data"))
 HOOKS = ["ln1.hook_normalized", "attn.hook_q", "attn.hook_k"]
 
 
@@ -47,7 +47,7 @@ def load(name: str):
 
         from tl_superposition.models import random_model
 
-        tok = GPT2TokenizerFast.from_pretrained(str(DEFAULT_DATA / "gpt2-tokenizer"))
+        tok = GPT2TokenizerFast.from_pretrained(str(REPO / "tests" / "data" / "gpt2-tokenizer"))
         cfg = HookedTransformerConfig(
             n_layers=4,
             d_model=256,
@@ -83,23 +83,21 @@ def _reset_peak() -> bool:
 
 
 def _collect(model, args, max_tokens: int, out: Path):
-    from tl_superposition import collect
+    from tl_superposition import CollectConfig, collect
 
-    return collect(
-        model,
-        args.source,
-        HOOKS,
-        layers=[args.layer],
+    config = CollectConfig(
+        out_dir=out,
+        hooks=HOOKS,
+        layers=args.layer,
         split=args.split,
         context_size=args.context_size,
         batch_size=args.batch_size,
         max_tokens=max_tokens,
         shard_tokens=args.shard_tokens,
         dtype=args.dtype,
-        out_dir=out,
         progress=False,
-        verbose=False,
     )
+    return collect(model, config, args.source)
 
 
 def child(args) -> None:
@@ -137,8 +135,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--layer", type=int, default=15)
-    p.add_argument("--source", default=str(DEFAULT_DATA / "wikitext-2"))
-    p.add_argument("--split", default="valid")
+    p.add_argument(
+        "--source",
+        default="auto",
+        help="text source for collect (default auto: WikiText-2 from the hub if reachable, "
+        "else the built-in pydoc corpus); e.g. path/to/wikitext-2",
+    )
+    p.add_argument("--split", default=None, help="split, e.g. valid for path/to/wikitext-2")
     p.add_argument("--context-size", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--shard-tokens", type=int, default=32768)
@@ -154,20 +157,21 @@ def main() -> None:
         child(args)
         return
 
-    from tl_superposition.activations.sources import iter_contexts, resolve_source
+    from tl_superposition import ActivationStore
+    from tl_superposition.activations.sources import source_label
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", file=sys.stderr)
     t0 = time.perf_counter()
     model = load(args.model)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     n_ctx = args.tokens // args.context_size
-    src = resolve_source(
-        args.source, model.tokenizer, context_size=args.context_size, split=args.split
-    )
-    bos = model.tokenizer.bos_token_id if model.cfg.default_prepend_bos else None
-    it = iter_contexts(src, args.context_size, bos, model.tokenizer.bos_token_id)
-    contexts = torch.stack([torch.from_numpy(next(it)) for _ in range(n_ctx)])
     stop = args.layer + 1
+    # A warm-up collection; its contexts (read back) are what the bare forward runs on.
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        warm = _collect(model, args, n_ctx * args.context_size, Path(tmp) / "acts")
+        store = ActivationStore(Path(tmp) / "acts")
+        contexts = store.get_contexts(range(warm.n_contexts), hooks=[])["tokens"]
+    print(f"source: {source_label(warm.source)}, {warm.n_tokens:,} tokens", file=sys.stderr)
 
     forward_rate(model, contexts[: args.batch_size * 2], args.batch_size, stop)  # warm-up
     # Alternate the two measurements and keep the best of each, so that a burst of other
@@ -216,6 +220,7 @@ def main() -> None:
         json.dumps(
             {
                 "model": args.model,
+                "source": source_label(warm.source),
                 "layer": args.layer,
                 "hooks": HOOKS,
                 "context_size": args.context_size,

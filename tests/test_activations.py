@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,15 +15,20 @@ from conftest import data_path
 
 import tl_superposition
 from tl_superposition.activations import (
+    SHORT_HOOKS,
     ActivationStore,
+    CollectConfig,
     collect,
     pack_contexts,
     pattern_from_qk,
     resolve_hooks,
+    resolve_source,
 )
 from tl_superposition.activations import collector as collector_mod
+from tl_superposition.activations import folder as folder_mod
+from tl_superposition.activations import sources as sources_mod
 
-ALL_SHORT = list(collector_mod.SHORT_HOOKS)
+ALL_SHORT = list(SHORT_HOOKS)
 
 
 @pytest.fixture(params=["tiny_gpt2", "tiny_llama"])
@@ -45,17 +52,18 @@ def test_stored_activations_equal_run_with_cache(model, tmp_path):
     out = tmp_path / "acts"
     summary = collect(
         model,
+        CollectConfig(
+            hooks=ALL_SHORT,
+            layers=[1],
+            split="valid",
+            context_size=32,
+            batch_size=3,
+            max_tokens=32 * 10,
+            shard_tokens=32 * 4,
+            out_dir=out,
+            progress=False,
+        ),
         corpus(),
-        ALL_SHORT,
-        layers=[1],
-        split="valid",
-        context_size=32,
-        batch_size=3,
-        max_tokens=32 * 10,
-        shard_tokens=32 * 4,
-        out_dir=out,
-        progress=False,
-        verbose=False,
     )
     assert summary.n_contexts == 10 and summary.n_shards == 3  # shards of 4, 4, 2 contexts
     store = ActivationStore(out)
@@ -77,13 +85,14 @@ def test_stored_tokens_trace_back_to_text(tiny_gpt2, tmp_path):
     docs = ["The quick brown fox jumps over the lazy dog. " * 6, "Colourless green ideas " * 9]
     collect(
         tiny_gpt2,
+        CollectConfig(
+            hooks="blocks.0.hook_resid_pre",
+            context_size=16,
+            out_dir=tmp_path / "a",
+            prepend_bos=True,
+            progress=False,
+        ),
         docs,
-        "blocks.0.hook_resid_pre",
-        context_size=16,
-        out_dir=tmp_path / "a",
-        prepend_bos=True,
-        progress=False,
-        verbose=False,
     )
     store = ActivationStore(tmp_path / "a")
     toks = store.get_contexts(range(len(store)))["tokens"]
@@ -103,13 +112,13 @@ def test_stop_at_layer_runs_only_needed_blocks(tiny_gpt2, tmp_path):
     try:
         collect(
             tiny_gpt2,
-            None,
-            ["blocks.1.attn.hook_q"],
-            context_size=16,
-            max_tokens=64,
-            out_dir=tmp_path / "a",
-            progress=False,
-            verbose=False,
+            CollectConfig(
+                hooks=["blocks.1.attn.hook_q"],
+                context_size=16,
+                max_tokens=64,
+                out_dir=tmp_path / "a",
+                progress=False,
+            ),
         )
     finally:
         handle.remove()
@@ -120,24 +129,24 @@ def test_stop_at_layer_runs_only_needed_blocks(tiny_gpt2, tmp_path):
 def test_storage_dtype(tiny_llama, tmp_path, dtype):
     collect(
         tiny_llama,
-        None,
-        "blocks.0.ln1.hook_normalized",
-        context_size=16,
-        max_tokens=64,
-        dtype=dtype,
-        out_dir=tmp_path / "h",
-        progress=False,
-        verbose=False,
+        CollectConfig(
+            hooks="blocks.0.ln1.hook_normalized",
+            context_size=16,
+            max_tokens=64,
+            dtype=dtype,
+            out_dir=tmp_path / "h",
+            progress=False,
+        ),
     )
     collect(
         tiny_llama,
-        None,
-        "blocks.0.ln1.hook_normalized",
-        context_size=16,
-        max_tokens=64,
-        out_dir=tmp_path / "f",
-        progress=False,
-        verbose=False,
+        CollectConfig(
+            hooks="blocks.0.ln1.hook_normalized",
+            context_size=16,
+            max_tokens=64,
+            out_dir=tmp_path / "f",
+            progress=False,
+        ),
     )
     half = ActivationStore(tmp_path / "h").get_contexts([0, 1, 2])
     full = ActivationStore(tmp_path / "f").get_contexts([0, 1, 2])
@@ -155,15 +164,16 @@ def test_patterns_recomputed_from_q_k_equal_hook_pattern(model, tmp_path):
     hooks = ["attn.hook_q", "attn.hook_k"]
     collect(
         model,
+        CollectConfig(
+            hooks=hooks,
+            layers=[0, 2],
+            split="test",
+            context_size=48,
+            max_tokens=48 * 6,
+            out_dir=tmp_path / "qk",
+            progress=False,
+        ),
         corpus(),
-        hooks,
-        layers=[0, 2],
-        split="test",
-        context_size=48,
-        max_tokens=48 * 6,
-        out_dir=tmp_path / "qk",
-        progress=False,
-        verbose=False,
     )
     store = ActivationStore(tmp_path / "qk")
     batch = next(store.iter_contexts(6))
@@ -190,14 +200,14 @@ def test_patterns_recomputed_from_q_k_equal_hook_pattern(model, tmp_path):
 def test_pattern_head_selection_is_stored(tiny_llama, tmp_path):
     collect(
         tiny_llama,
-        None,
-        ["blocks.1.attn.hook_pattern"],
-        heads=[2, 0],
-        context_size=16,
-        max_tokens=64,
-        out_dir=tmp_path / "p",
-        progress=False,
-        verbose=False,
+        CollectConfig(
+            hooks=["blocks.1.attn.hook_pattern"],
+            heads=[2, 0],
+            context_size=16,
+            max_tokens=64,
+            out_dir=tmp_path / "p",
+            progress=False,
+        ),
     )
     store = ActivationStore(tmp_path / "p")
     assert store.shape("blocks.1.attn.hook_pattern") == [2, 16, 16]
@@ -225,9 +235,8 @@ def test_interrupted_run_resumes_byte_identical(model, tmp_path, monkeypatch):
         max_tokens=32 * 14,
         shard_tokens=32 * 4,
         progress=False,
-        verbose=False,
     )
-    collect(model, corpus(), out_dir=tmp_path / "full", **kwargs)
+    collect(model, CollectConfig(out_dir=tmp_path / "full", **kwargs), corpus())
 
     real_save = collector_mod._save_shard
     calls = []
@@ -242,7 +251,7 @@ def test_interrupted_run_resumes_byte_identical(model, tmp_path, monkeypatch):
 
     monkeypatch.setattr(collector_mod, "_save_shard", crashing_save)
     with pytest.raises(KeyboardInterrupt):
-        collect(model, corpus(), out_dir=tmp_path / "resumed", **kwargs)
+        collect(model, CollectConfig(out_dir=tmp_path / "resumed", **kwargs), corpus())
     monkeypatch.setattr(collector_mod, "_save_shard", real_save)
 
     part = tmp_path / "resumed"
@@ -256,7 +265,7 @@ def test_interrupted_run_resumes_byte_identical(model, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="incomplete"):
         ActivationStore(part)
 
-    summary = collect(model, corpus(), out_dir=part, **kwargs)
+    summary = collect(model, CollectConfig(out_dir=part, **kwargs), corpus())
     assert summary.resumed_from_contexts == 8 and summary.n_contexts == 14
     assert _files(part) == _files(tmp_path / "full")
     m_full = json.loads((tmp_path / "full" / "manifest.json").read_text())
@@ -264,35 +273,68 @@ def test_interrupted_run_resumes_byte_identical(model, tmp_path, monkeypatch):
     assert m_part["shards"] == m_full["shards"] and m_part["complete"]
 
     # a third call with the same settings finds the collection complete and writes nothing
-    again = collect(model, corpus(), out_dir=part, **kwargs)
+    again = collect(model, CollectConfig(out_dir=part, **kwargs), corpus())
     assert again.new_tokens == 0 and again.n_contexts == 14
 
 
 def test_different_settings_refuse_instead_of_mixing(tiny_gpt2, tmp_path):
     out = tmp_path / "a"
-    base = dict(context_size=16, max_tokens=64, out_dir=out, progress=False, verbose=False)
-    collect(tiny_gpt2, None, "blocks.0.hook_resid_pre", **base)
+    base = CollectConfig(
+        hooks="blocks.0.hook_resid_pre", context_size=16, max_tokens=64, out_dir=out, progress=False
+    )
+    collect(tiny_gpt2, base)
     before = _files(out)
     with pytest.raises(FileExistsError, match="context_size"):
-        collect(tiny_gpt2, None, "blocks.0.hook_resid_pre", **{**base, "context_size": 32})
+        collect(tiny_gpt2, replace(base, context_size=32))
     with pytest.raises(FileExistsError, match="hooks"):
-        collect(tiny_gpt2, None, "blocks.1.hook_resid_pre", **base)
+        collect(tiny_gpt2, replace(base, hooks="blocks.1.hook_resid_pre"))
     with pytest.raises(FileExistsError, match="dtype"):
-        collect(tiny_gpt2, None, "blocks.0.hook_resid_pre", **{**base, "dtype": "float16"})
+        collect(tiny_gpt2, replace(base, dtype="float16"))
     assert _files(out) == before
-    collect(
-        tiny_gpt2, None, "blocks.0.hook_resid_pre", overwrite=True, **{**base, "context_size": 32}
-    )
+    collect(tiny_gpt2, replace(base, overwrite=True, context_size=32))
     assert ActivationStore(out).context_size == 32
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not empty"):
-        collect(tiny_gpt2, None, "blocks.0.hook_resid_pre", **{**base, "out_dir": foreign})
+        collect(tiny_gpt2, replace(base, out_dir=foreign))
 
 
 # ------------------------------------------------------------------ bad input
+
+
+def test_config_checks_fields_without_a_model(tmp_path):
+    ok = CollectConfig(out_dir=tmp_path, hooks=" attn.hook_q, attn.hook_k", layers=15, dtype="fp16")
+    assert ok.hooks == ("attn.hook_q", "attn.hook_k") and ok.layers == (15,)
+    assert ok.dtype == "float16" and ok.storage_dtype == torch.float16
+    assert ok.shard_contexts == 32768 // 128 and ok.max_contexts is None
+    numpy_heads = CollectConfig(out_dir=tmp_path, hooks="attn.hook_pattern", heads=np.array([2, 0]))
+    assert numpy_heads.heads == (2, 0)
+    bad = {
+        "context_size": dict(context_size=1),
+        "batch_size": dict(batch_size=0),
+        "shard_tokens": dict(shard_tokens=0),
+        "below context_size": dict(max_tokens=100),
+        "storage dtype": dict(dtype="int8"),
+        "separator": dict(separator="tab"),
+        "hooks must be hook names": dict(hooks=" , "),
+        "layers must be integers": dict(layers=["a"]),
+        "attn.hook_pattern, which is not requested": dict(heads=[0]),
+        "distinct": dict(hooks="attn.hook_pattern", heads=[1, 1]),
+        "column": dict(column=""),
+    }
+    for message, kwargs in bad.items():
+        with pytest.raises(ValueError, match=message):
+            CollectConfig(out_dir=tmp_path, **kwargs)
+
+
+def test_config_changed_after_construction_is_checked(tiny_gpt2, tmp_path):
+    config = CollectConfig(out_dir=tmp_path / "a", hooks="blocks.0.hook_resid_pre")
+    config.batch_size = 0
+    with pytest.raises(ValueError, match="batch_size"):
+        collect(tiny_gpt2, config)
+    assert not (tmp_path / "a").exists()
 
 
 def test_bad_hooks(tiny_gpt2):
@@ -314,36 +356,39 @@ def test_bad_hooks(tiny_gpt2):
 
 def test_bad_inputs_write_nothing(tiny_gpt2, tmp_path):
     out = tmp_path / "out"
-    kw = dict(out_dir=out, progress=False, verbose=False)
+
+    def cfg(hooks="blocks.0.attn.hook_q", **kw):
+        return CollectConfig(out_dir=out, hooks=hooks, progress=False, **kw)
+
     with pytest.raises(ValueError, match="out of range"):
-        collect(tiny_gpt2, None, "blocks.7.attn.hook_q", **kw)
+        collect(tiny_gpt2, cfg("blocks.7.attn.hook_q"))
     with pytest.raises(ValueError, match="n_ctx 128"):
-        collect(tiny_gpt2, None, "blocks.0.attn.hook_q", context_size=256, **kw)
+        collect(tiny_gpt2, cfg(context_size=256))
     with pytest.raises(ValueError, match="empty"):
-        collect(tiny_gpt2, [], "blocks.0.attn.hook_q", **kw)
+        collect(tiny_gpt2, cfg(), [])
     with pytest.raises(ValueError, match="blank"):
-        collect(tiny_gpt2, ["   ", "\n"], "blocks.0.attn.hook_q", **kw)
+        collect(tiny_gpt2, cfg(), ["   ", "\n"])
     with pytest.raises(ValueError, match="no complete context"):
-        collect(tiny_gpt2, ["too short"], "blocks.0.attn.hook_q", context_size=64, **kw)
+        collect(tiny_gpt2, cfg(context_size=64), ["too short"])
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     with pytest.raises(ValueError, match="empty"):
-        collect(tiny_gpt2, empty, "blocks.0.attn.hook_q", **kw)
+        collect(tiny_gpt2, cfg(), empty)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        collect(tiny_gpt2, tmp_path / "missing.txt", "blocks.0.attn.hook_q", **kw)
+        collect(tiny_gpt2, cfg(), tmp_path / "missing.txt")
     jsonl = tmp_path / "docs.jsonl"
     jsonl.write_text("\n".join(json.dumps({"content": "hello world " * 20}) for _ in range(5)))
     with pytest.raises(ValueError, match=r"no column 'text'.*'content'"):
-        collect(tiny_gpt2, jsonl, "blocks.0.attn.hook_q", **kw)
+        collect(tiny_gpt2, cfg(), jsonl)
     with pytest.raises(ValueError, match="split 'train' matches no file"):
-        collect(tiny_gpt2, corpus(), "blocks.0.attn.hook_q", split="train", **kw)
+        collect(tiny_gpt2, cfg(split="train"), corpus())
     with pytest.raises(ValueError, match="heads"):
-        collect(tiny_gpt2, None, "blocks.0.attn.hook_pattern", heads=[4], **kw)
+        collect(tiny_gpt2, cfg("blocks.0.attn.hook_pattern", heads=[4]))
     with pytest.raises(ValueError, match="dtype"):
-        collect(tiny_gpt2, None, "blocks.0.attn.hook_q", dtype="int8", **kw)
+        collect(tiny_gpt2, cfg(dtype="int8"))
     assert not out.exists() or not any(out.iterdir())
     # the column that does exist works
-    collect(tiny_gpt2, jsonl, "blocks.0.attn.hook_q", column="content", context_size=16, **kw)
+    collect(tiny_gpt2, cfg(column="content", context_size=16), jsonl)
     assert ActivationStore(out).n_contexts > 0
 
 
@@ -352,11 +397,8 @@ def test_hub_unreachable_names_local_options(tiny_gpt2, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="pydoc"):
         collect(
             tiny_gpt2,
+            CollectConfig(hooks="blocks.0.attn.hook_q", out_dir=tmp_path / "o", progress=False),
             "someone/some-dataset",
-            "blocks.0.attn.hook_q",
-            out_dir=tmp_path / "o",
-            progress=False,
-            verbose=False,
         )
 
 
@@ -364,15 +406,11 @@ def test_unwritable_out_dir(tiny_gpt2, tmp_path, monkeypatch):
     def denied(*a, **k):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(collector_mod.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(folder_mod.tempfile, "mkstemp", denied)
     with pytest.raises(PermissionError, match=str(tmp_path / "ro")):
         collect(
             tiny_gpt2,
-            None,
-            "blocks.0.attn.hook_q",
-            out_dir=tmp_path / "ro",
-            progress=False,
-            verbose=False,
+            CollectConfig(hooks="blocks.0.attn.hook_q", out_dir=tmp_path / "ro", progress=False),
         )
     monkeypatch.undo()
     afile = tmp_path / "file"
@@ -380,11 +418,7 @@ def test_unwritable_out_dir(tiny_gpt2, tmp_path, monkeypatch):
     with pytest.raises((FileExistsError, PermissionError)):
         collect(
             tiny_gpt2,
-            None,
-            "blocks.0.attn.hook_q",
-            out_dir=afile / "sub",
-            progress=False,
-            verbose=False,
+            CollectConfig(hooks="blocks.0.attn.hook_q", out_dir=afile / "sub", progress=False),
         )
 
 
@@ -392,18 +426,16 @@ def test_no_disk_space(tiny_gpt2, tmp_path, monkeypatch):
     import collections
 
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(collector_mod.shutil, "disk_usage", lambda p: usage(10**9, 10**9, 1000))
+    monkeypatch.setattr(folder_mod.shutil, "disk_usage", lambda p: usage(10**9, 10**9, 1000))
+    config = CollectConfig(
+        hooks="blocks.0.attn.hook_q",
+        context_size=16,
+        max_tokens=64,
+        out_dir=tmp_path / "a",
+        progress=False,
+    )
     with pytest.raises(RuntimeError, match="not enough disk space"):
-        collect(
-            tiny_gpt2,
-            None,
-            "blocks.0.attn.hook_q",
-            context_size=16,
-            max_tokens=64,
-            out_dir=tmp_path / "a",
-            progress=False,
-            verbose=False,
-        )
+        collect(tiny_gpt2, config)
     assert not list((tmp_path / "a").glob("shard_*"))
     monkeypatch.undo()
 
@@ -414,16 +446,7 @@ def test_no_disk_space(tiny_gpt2, tmp_path, monkeypatch):
 
     monkeypatch.setattr(collector_mod, "save_file", full_disk)
     with pytest.raises(RuntimeError, match="disk full"):
-        collect(
-            tiny_gpt2,
-            None,
-            "blocks.0.attn.hook_q",
-            context_size=16,
-            max_tokens=64,
-            out_dir=tmp_path / "b",
-            progress=False,
-            verbose=False,
-        )
+        collect(tiny_gpt2, replace(config, out_dir=tmp_path / "b"))
     names = [p.name for p in (tmp_path / "b").iterdir()]
     assert not [n for n in names if n.startswith("shard_") or n.endswith(".tmp")]
 
@@ -446,30 +469,77 @@ def test_pack_contexts_has_bos_and_no_padding():
 def test_pretokenised_and_default_sources(tiny_llama, tmp_path):
     g = torch.Generator().manual_seed(0)
     toks = torch.randint(0, 1000, (5, 16), generator=g)
-    collect(
-        tiny_llama,
-        toks,
-        "blocks.0.hook_resid_pre",
-        context_size=16,
-        out_dir=tmp_path / "t",
-        progress=False,
-        verbose=False,
+    config = CollectConfig(
+        hooks="blocks.0.hook_resid_pre", context_size=16, out_dir=tmp_path / "t", progress=False
     )
+    collect(tiny_llama, config, toks)
     store = ActivationStore(tmp_path / "t")
     assert torch.equal(store.get_contexts(range(5))["tokens"], toks)
     # the built-in offline corpus is the default source
     s = collect(
-        tiny_llama,
-        None,
-        "blocks.0.hook_resid_pre",
-        context_size=64,
-        max_tokens=640,
-        out_dir=tmp_path / "p",
-        progress=False,
-        verbose=False,
+        tiny_llama, replace(config, context_size=64, max_tokens=640, out_dir=tmp_path / "p")
     )
     assert s.n_tokens == 640
     assert ActivationStore(tmp_path / "p").manifest["settings"]["source"]["kind"] == "pydoc"
+
+
+def test_dataset_object_missing_column(tiny_gpt2, tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"content": ["hello world " * 20] * 3})
+    config = CollectConfig(out_dir=tmp_path / "a", hooks="blocks.0.hook_resid_pre", progress=False)
+    with pytest.raises(ValueError, match=r"no column 'text'.*'content'"):
+        collect(tiny_gpt2, config, ds)
+    summary = collect(tiny_gpt2, replace(config, column="content", context_size=16), ds)
+    assert summary.n_contexts > 0 and summary.source["kind"] == "datasets_object"
+
+
+def test_auto_source_offline_is_pydoc(tiny_llama, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(sources_mod, "hub_reachable", lambda **kw: False)
+    config = CollectConfig(
+        out_dir=tmp_path / "auto",
+        hooks="blocks.0.hook_resid_pre",
+        context_size=32,
+        max_tokens=32 * 4,
+        progress=False,
+    )
+    with caplog.at_level(logging.INFO, logger="tl_superposition"):
+        summary = collect(tiny_llama, config, "auto")
+    assert "using the pydoc corpus" in caplog.text and summary.line() in caplog.text
+    assert "pydoc (auto)" in summary.line()
+    source = ActivationStore(tmp_path / "auto").manifest["settings"]["source"]
+    assert source["kind"] == "pydoc" and source["requested"] == "auto"
+    collect(tiny_llama, replace(config, out_dir=tmp_path / "pydoc"), "pydoc")
+    assert _files(tmp_path / "auto") == _files(tmp_path / "pydoc")
+
+
+def test_auto_source_online_is_wikitext2_from_the_hub(gpt2_tokenizer, monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(*args, **kwargs):
+        calls.append((args, kwargs))
+        return iter([{"text": " = Valkyria Chronicles = \n"}, {"text": "Senjō no Valkyria"}])
+
+    monkeypatch.setattr(sources_mod, "hub_reachable", lambda **kw: True)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    source = resolve_source("auto", gpt2_tokenizer, context_size=8, split="validation")
+    assert source.description == {
+        "kind": "hub",
+        "name": "Salesforce/wikitext",
+        "config": "wikitext-2-raw-v1",
+        "split": "validation",
+        "column": "text",
+        "requested": "auto",
+    }
+    assert calls == []  # nothing is read before the first document is asked for
+    assert source.documents is not None
+    docs = list(source.documents())
+    assert calls == [
+        (("Salesforce/wikitext", "wikitext-2-raw-v1"), {"split": "validation", "streaming": True})
+    ]
+    assert gpt2_tokenizer.decode(docs[1]) == "Senjō no Valkyria"
 
 
 # ------------------------------------------------------------------ reader
@@ -479,17 +549,18 @@ def test_reader_minibatches(tiny_gpt2, tmp_path):
     name = "blocks.0.ln1.hook_normalized"
     collect(
         tiny_gpt2,
+        CollectConfig(
+            hooks=[name, "blocks.0.attn.hook_pattern"],
+            split="valid",
+            context_size=16,
+            max_tokens=16 * 23,
+            shard_tokens=16 * 5,
+            seed=3,
+            out_dir=tmp_path / "a",
+            prepend_bos=True,
+            progress=False,
+        ),
         corpus(),
-        [name, "blocks.0.attn.hook_pattern"],
-        split="valid",
-        context_size=16,
-        max_tokens=16 * 23,
-        shard_tokens=16 * 5,
-        seed=3,
-        out_dir=tmp_path / "a",
-        prepend_bos=True,
-        progress=False,
-        verbose=False,
     )
     store = ActivationStore(tmp_path / "a")
     all_ctx = store.get_contexts(range(23))
@@ -573,6 +644,22 @@ def test_cli_subcommand(tiny_gpt2, tmp_path, monkeypatch, capsys):
     )
     with pytest.raises(ValueError, match="layer 9 out of range"):
         cli.run(bad)
+
+
+def test_cli_defaults_are_the_config_defaults(tmp_path):
+    import argparse
+
+    from tl_superposition.activations import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--out", str(tmp_path)])
+    assert cli.config_from_args(args) == CollectConfig(out_dir=tmp_path)
+    assert args.source == "auto"
+    args = parser.parse_args(["--out", str(tmp_path), "--layers", "3,5", "--prepend-bos", "no"])
+    assert cli.config_from_args(args) == CollectConfig(
+        out_dir=tmp_path, layers=[3, 5], prepend_bos=False
+    )
 
 
 def test_cli_top_level_error_exit(tiny_gpt2, tmp_path, monkeypatch, capsys):

@@ -7,7 +7,8 @@ Main entry points:
 - :mod:`tl_superposition.ioi` -- IOI prompt generation and the logit-difference metric.
 - :mod:`tl_superposition.tracing` -- SVD-sparse attention decomposition and signal tracing
   (Franco & Crovella, arXiv 2410.00340).
-- :func:`collect` / :class:`ActivationStore` -- activation collection to safetensors shards.
+- :func:`collect` / :class:`CollectConfig` / :class:`ActivationStore` -- activation collection to
+  safetensors shards.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ __version__ = "0.1.0"
 from tl_superposition.models import load_model  # noqa: E402
 
 if TYPE_CHECKING:  # collection pulls in `datasets`: imported on first use (see __getattr__)
-    from tl_superposition.activations import ActivationStore, collect
+    from tl_superposition.activations import ActivationStore, CollectConfig, collect
 
-__all__ = ["load_model", "collect", "ActivationStore", "__version__"]
+__all__ = ["load_model", "collect", "CollectConfig", "ActivationStore", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
     # Collection pulls in `datasets`; import it only when asked for.
-    if name in ("collect", "ActivationStore"):
+    if name in ("collect", "CollectConfig", "ActivationStore"):
         from tl_superposition import activations
 
         return getattr(activations, name)

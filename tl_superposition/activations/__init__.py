@@ -1,37 +1,40 @@
 """Activation collection to safetensors shards, and a memory-mapped reader.
 
-- :func:`collect` -- run a ``HookedTransformer`` over a text source and stream the requested
-  hooks (residual stream, normalised input, queries, keys, z, patterns, attention output) to
-  ``shard_*.safetensors`` files with a JSON manifest; resumable, atomic, refuses to mix runs.
-- :class:`ActivationStore` -- shuffled minibatches of whole contexts or single tokens from those
-  shards, memory-mapped; recomputes attention patterns from stored queries and keys.
-- :func:`pattern_from_qk` -- the recomputation itself.
+The data flow, one module each:
+
+- :mod:`.config` -- :class:`CollectConfig`, every setting of a collection, checked up front;
+- :mod:`.sources` -- a source (the built-in ``pydoc`` corpus, ``"auto"``, a text file or
+  folder, a hub dataset, strings, token ids) -> documents -> packed contexts;
+- :mod:`.collector` -- :func:`collect`: run a ``HookedTransformer`` over the contexts and stream
+  the requested hooks (residual stream, normalised input, queries, keys, z, patterns, attention
+  output) to ``shard_*.safetensors`` files; resumable, atomic, refuses to mix runs;
+- :mod:`.folder` -- the layout of a collection folder and its manifest;
+- :mod:`.store` -- :class:`ActivationStore`: shuffled minibatches of whole contexts or single
+  tokens from those shards, memory-mapped; recomputes attention patterns from stored q and k;
+- :mod:`.patterns` -- :func:`pattern_from_qk`, the recomputation itself.
 
 Example::
 
     import tl_superposition as tls
     model = tls.load_model("smollm2-135m")
-    tls.collect(model, "../shared/data/wikitext-2", split="valid",
-                hooks=["ln1.hook_normalized", "attn.hook_q", "attn.hook_k"], layers=15,
-                context_size=128, max_tokens=100_000, out_dir="acts/wt2_l15")
+    config = tls.CollectConfig(
+        out_dir="acts/wt2_l15", hooks=["ln1.hook_normalized", "attn.hook_q", "attn.hook_k"],
+        layers=15, context_size=128, max_tokens=100_000, split="valid")
+    tls.collect(model, config, "path/to/wikitext-2")
     store = tls.ActivationStore("acts/wt2_l15")
     batch = next(store.iter_contexts(16))          # {hook: [16, 128, ...], "tokens": [16, 128]}
     pattern = store.attention_pattern(batch, 15)   # [16, 9, 128, 128]
 """
 
-from tl_superposition.activations.collector import (
-    SHORT_HOOKS,
-    STORAGE_DTYPES,
-    CollectSummary,
-    collect,
-    resolve_hooks,
-)
+from tl_superposition.activations.collector import CollectSummary, collect, resolve_hooks
+from tl_superposition.activations.config import SHORT_HOOKS, STORAGE_DTYPES, CollectConfig
 from tl_superposition.activations.patterns import attention_params, pattern_from_qk
 from tl_superposition.activations.sources import pack_contexts, resolve_source
-from tl_superposition.activations.store import ActivationStore, mmap_safetensors
+from tl_superposition.activations.store import ActivationStore
 
 __all__ = [
     "collect",
+    "CollectConfig",
     "CollectSummary",
     "ActivationStore",
     "pattern_from_qk",
@@ -39,7 +42,6 @@ __all__ = [
     "resolve_hooks",
     "resolve_source",
     "pack_contexts",
-    "mmap_safetensors",
     "SHORT_HOOKS",
     "STORAGE_DTYPES",
 ]

@@ -1,8 +1,12 @@
 """``tl-superposition collect``: activation collection from the command line.
 
+Every option's default is the :class:`~.config.CollectConfig` default, except ``--source``,
+whose default is ``auto`` (WikiText-2 from the Hugging Face hub where it can be reached, else
+the built-in ``pydoc`` corpus; the library's default is ``pydoc``, the same on every machine).
+
 Example::
 
-    tl-superposition collect --model smollm2-135m --source ../shared/data/wikitext-2 \\
+    tl-superposition collect --model smollm2-135m --source path/to/wikitext-2 \\
         --split valid --layers 15 --hooks ln1.hook_normalized,attn.hook_q,attn.hook_k \\
         --context-size 128 --max-tokens 100000 --out acts/wt2_l15
 """
@@ -10,12 +14,25 @@ Example::
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from typing import Any
+
+from tl_superposition.activations.config import (
+    SEPARATORS,
+    SHORT_HOOKS,
+    STORAGE_DTYPES,
+    CollectConfig,
+)
+
+_DEFAULTS: dict[str, Any] = {
+    f.name: f.default for f in dataclasses.fields(CollectConfig) if f.name != "out_dir"
+}
+_PREPEND_BOS = {"auto": None, "yes": True, "no": False}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the ``collect`` options on ``parser``."""
-    from tl_superposition.activations.collector import SHORT_HOOKS
-
+    d = _DEFAULTS
     parser.add_argument(
         "--model",
         default="smollm2-135m",
@@ -23,66 +40,57 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--source",
-        default="pydoc",
-        help="'pydoc' (built-in offline corpus, default), a text file or folder, "
-        "or a Hugging Face dataset name (optionally name:config)",
+        default="auto",
+        help="'auto' (default: WikiText-2 from the Hugging Face hub if reachable, else "
+        "'pydoc'), 'pydoc' (built-in offline corpus), a text file or folder, or a Hugging "
+        "Face dataset name (optionally name:config)",
     )
     parser.add_argument(
         "--split",
-        default=None,
+        default=d["split"],
         help="dataset split; for a folder, files whose name starts with it "
         "(e.g. 'valid' for wikitext-2/valid.txt)",
     )
-    parser.add_argument("--column", default="text", help="text column (default: text)")
+    parser.add_argument("--column", default=d["column"], help="text column (default: %(default)s)")
     parser.add_argument(
         "--hooks",
-        default="ln1.hook_normalized,attn.hook_q,attn.hook_k",
+        default=",".join(d["hooks"]),
         help="comma-separated hook names: full (blocks.15.attn.hook_q) or short "
-        f"with --layers; short names: {','.join(SHORT_HOOKS)}",
+        f"with --layers; short names: {','.join(SHORT_HOOKS)} (default: %(default)s)",
     )
     parser.add_argument(
         "--layers",
-        default=None,
+        type=_int_list,
+        default=d["layers"],
         help="comma-separated layers for short hook names (e.g. 15 or 10,15)",
     )
     parser.add_argument(
         "--heads",
-        default=None,
+        type=_int_list,
+        default=d["heads"],
         help="comma-separated heads to keep for attn.hook_pattern (default all)",
     )
-    parser.add_argument(
-        "--context-size",
-        type=int,
-        default=128,
-        help="tokens per context including BOS (default 128)",
-    )
-    parser.add_argument("--batch-size", type=int, default=8, help="contexts per forward pass")
-    parser.add_argument(
-        "--max-tokens",
-        type=int,
-        default=None,
-        help="stop after this many tokens (default: the whole source)",
-    )
-    parser.add_argument(
-        "--shard-tokens", type=int, default=32768, help="tokens per shard file (default 32768)"
-    )
+    _int_option(parser, "--context-size", "tokens per context including BOS")
+    _int_option(parser, "--batch-size", "contexts per forward pass")
+    _int_option(parser, "--max-tokens", "stop after this many tokens (default: the whole source)")
+    _int_option(parser, "--shard-tokens", "tokens per shard file")
     parser.add_argument(
         "--dtype",
-        default="float32",
-        choices=["float32", "float16", "bfloat16"],
-        help="storage dtype (default float32)",
+        default=d["dtype"],
+        choices=STORAGE_DTYPES,
+        help="storage dtype (default %(default)s)",
     )
     parser.add_argument(
         "--prepend-bos",
         default="auto",
-        choices=["auto", "yes", "no"],
+        choices=list(_PREPEND_BOS),
         help="start every context with BOS (auto: as the model expects)",
     )
     parser.add_argument(
         "--separator",
-        default="bos",
-        choices=["bos", "eos", "none"],
-        help="token placed between documents (default bos)",
+        default=d["separator"],
+        choices=SEPARATORS,
+        help="token placed between documents (default %(default)s)",
     )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(
@@ -90,55 +98,58 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="replace an existing collection in --out instead of refusing",
     )
-    parser.add_argument("--device", default=None, help="torch device (default: the model's)")
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="seed recorded in the manifest (the reader's default shuffle seed)",
-    )
+    parser.add_argument("--device", default=d["device"], help="torch device (default: the model's)")
+    _int_option(parser, "--seed", "seed recorded in the manifest (the reader's shuffle seed)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def _int_list(text: str | None, what: str) -> list[int] | None:
-    if text is None:
-        return None
+def _int_option(parser: argparse.ArgumentParser, flag: str, help_text: str) -> None:
+    default = _DEFAULTS[flag.removeprefix("--").replace("-", "_")]
+    if default is not None:
+        help_text += " (default %(default)s)"
+    parser.add_argument(flag, type=int, default=default, help=help_text)
+
+
+def _int_list(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--{what} must be comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def config_from_args(args: argparse.Namespace) -> CollectConfig:
+    """The :class:`CollectConfig` of parsed ``collect`` arguments (checked, nothing run).
+
+    Every field comes from the option of the same name, except ``out_dir`` (``--out``),
+    ``prepend_bos`` (``--prepend-bos auto|yes|no``) and ``progress`` (``--no-progress``).
+
+    Raises:
+        ValueError: a field out of range (see :class:`CollectConfig`).
+    """
+    renamed = {
+        "out_dir": args.out,
+        "prepend_bos": _PREPEND_BOS[args.prepend_bos],
+        "progress": not args.no_progress,
+    }
+    values = {
+        f.name: renamed[f.name] if f.name in renamed else getattr(args, f.name)
+        for f in dataclasses.fields(CollectConfig)
+    }
+    return CollectConfig(**values)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the collection described by ``args``; returns 0 on success."""
-    from tl_superposition import load_model
+    """Check the settings, load the model, collect, print the summary line; returns 0."""
+    import tl_superposition
     from tl_superposition.activations.collector import collect
 
-    layers = _int_list(args.layers, "layers")
-    heads = _int_list(args.heads, "heads")
-    prepend = {"auto": None, "yes": True, "no": False}[args.prepend_bos]
-    model = load_model(args.model, device=args.device) if args.device else load_model(args.model)
-    summary = collect(
-        model,
-        args.source,
-        args.hooks,
-        out_dir=args.out,
-        layers=layers,
-        context_size=args.context_size,
-        batch_size=args.batch_size,
-        max_tokens=args.max_tokens,
-        shard_tokens=args.shard_tokens,
-        dtype=args.dtype,
-        heads=heads,
-        split=args.split,
-        column=args.column,
-        prepend_bos=prepend,
-        separator=args.separator,
-        seed=args.seed,
-        device=args.device,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-        verbose=False,
-    )
+    config = config_from_args(args)  # bad settings fail before the model loads
+    if args.device:
+        model = tl_superposition.load_model(args.model, device=args.device)
+    else:
+        model = tl_superposition.load_model(args.model)
+    summary = collect(model, config, args.source)
     print(summary.line())
     return 0

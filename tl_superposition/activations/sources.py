@@ -4,6 +4,11 @@ A *source* is anything :func:`resolve_source` understands:
 
 - ``None`` or ``"pydoc"``: the built-in offline corpus, the English help topics shipped with
   every Python installation (``pydoc_data.topics``; about 465k characters, ~110k GPT-2 tokens).
+- ``"auto"``: a source every user has. WikiText-2 (Merity et al. 2016, CC BY-SA 3.0) from the
+  Hugging Face hub (dataset ``Salesforce/wikitext``, config ``wikitext-2-raw-v1``, ``split``
+  default ``"train"``) when the hub can be reached, else the ``pydoc`` corpus. The choice is
+  logged and recorded in the source's description (``"requested": "auto"``), so it is in the
+  collection's manifest.
 - a list/tuple of strings: each string is one document.
 - already tokenised data: a 2-D integer tensor/array or a list of lists of token ids. Rows
   whose length equals ``context_size`` are taken as finished contexts (no BOS added); any
@@ -26,9 +31,10 @@ is deterministic: the same source and settings always give the same contexts in 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +43,13 @@ import torch
 
 from tl_superposition.models import hub_reachable
 
+log = logging.getLogger(__name__)
+
 PYDOC = "pydoc"
+AUTO = "auto"
+#: The hub dataset (name, config) that ``"auto"`` takes when the hub can be reached.
+AUTO_HUB_DATASET = ("Salesforce/wikitext", "wikitext-2-raw-v1")
+_HUB_OFFLINE_VARS = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
 _FILE_BUILDERS = {
     ".txt": "text",
     ".text": "text",
@@ -49,7 +61,7 @@ _FILE_BUILDERS = {
     ".parquet": "parquet",
 }
 LOCAL_OPTIONS = (
-    "a local text file or folder path (e.g. ../shared/data/wikitext-2 with split 'valid'), "
+    "a local text file or folder path (e.g. path/to/wikitext-2 with split 'valid'), "
     "'pydoc' (the built-in offline corpus), a list of strings, or already tokenised data"
 )
 
@@ -65,7 +77,6 @@ class TokenSource:
     description: dict[str, Any]
     documents: Callable[[], Iterator[list[int]]] | None = None
     contexts: Callable[[], Iterator[np.ndarray]] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------
@@ -103,16 +114,18 @@ def _tokenize_texts(tokenizer: Any, texts: Iterable[str], chunk: int = 256) -> I
 
 
 def _column_texts(rows: Iterable[dict[str, Any]], column: str, where: str) -> Iterator[str]:
-    """The ``column`` field of each row; a clear error on the first row if it is missing."""
-    first = True
-    for row in rows:
-        if first:
-            if column not in row:
-                raise ValueError(
-                    f"{where} has no column {column!r}; available columns: "
-                    f"{sorted(row.keys())}. Pass one of them as column= (--column)."
-                )
-            first = False
+    """The ``column`` field of each row; a clear error on the first row if none or no column."""
+    it = iter(rows)
+    first = next(it, None)
+    if first is None:
+        raise ValueError(f"{where} is empty (no rows)")
+    if column not in first:
+        raise ValueError(
+            f"{where} has no column {column!r}; available columns: {sorted(first)}. "
+            "Pass one of them as column= (--column)."
+        )
+    yield first[column]
+    for row in it:
         yield row[column]
 
 
@@ -147,11 +160,7 @@ def _local_files(path: Path, split: str | None) -> list[Path]:
     return files
 
 
-def _dataset_rows(ds: Any) -> Iterator[dict[str, Any]]:
-    yield from ds
-
-
-def _fingerprint_tokens(rows: Sequence[Sequence[int]] | np.ndarray) -> str:
+def _fingerprint_tokens(rows: Sequence[np.ndarray]) -> str:
     h = hashlib.sha256()
     for r in rows:
         h.update(np.asarray(r, dtype=np.int64).tobytes())
@@ -169,163 +178,172 @@ def resolve_source(
 ) -> TokenSource:
     """Turn ``source`` into a :class:`TokenSource` (see the module docstring for the kinds).
 
+    Nothing is read yet: errors that need the data (an empty dataset, a missing column) come
+    with the first document.
+
     Raises:
         FileNotFoundError: a path that does not exist.
-        ValueError: an empty source, a missing column or split, non-integer token data.
+        ValueError: an empty source, a missing split, non-integer token data.
         RuntimeError: a hub dataset name while the Hugging Face hub is unreachable.
     """
-    # -- built-in corpus
     if source is None or (isinstance(source, str) and source == PYDOC):
-        docs = pydoc_documents()
-        return TokenSource(
-            description={"kind": "pydoc", "name": "pydoc_data.topics", "n_documents": len(docs)},
-            documents=lambda: _tokenize_texts(tokenizer, docs),
-        )
-
-    # -- tensors / arrays of token ids
+        return _pydoc_source(tokenizer)
+    if isinstance(source, str) and source == AUTO:
+        return _auto_source(tokenizer, split, column)
     if isinstance(source, (torch.Tensor, np.ndarray)):
-        arr = source.detach().cpu().numpy() if isinstance(source, torch.Tensor) else source
-        if arr.size == 0:
-            raise ValueError("the token source is empty")
-        if not np.issubdtype(arr.dtype, np.integer):
-            raise ValueError(f"token data must be integers, got dtype {arr.dtype}")
-        if arr.ndim == 1:
-            arr = arr[None]
-        if arr.ndim != 2:
-            raise ValueError(
-                f"token data must be 1-D or 2-D [n, seq], got shape {tuple(arr.shape)}"
-            )
-        return _token_rows_source([row for row in arr.astype(np.int64)], context_size)
-
-    # -- in-memory strings, or lists of token ids
+        return _array_source(source, context_size)
     if isinstance(source, (list, tuple)):
-        if len(source) == 0:
-            raise ValueError("the source list is empty: give at least one document")
-        if all(isinstance(s, str) for s in source):
-            texts = list(source)
-            if not any(t.strip() for t in texts):
-                raise ValueError("every string in the source list is blank")
-            h = hashlib.sha256("\x00".join(texts).encode("utf-8")).hexdigest()[:16]
-            return TokenSource(
-                description={"kind": "strings", "n_documents": len(texts), "sha256_16": h},
-                documents=lambda: _tokenize_texts(tokenizer, texts),
-            )
-        if all(isinstance(s, (list, tuple, np.ndarray, torch.Tensor)) for s in source):
-            rows = [
-                np.asarray(torch.as_tensor(r).cpu(), dtype=np.int64).reshape(-1) for r in source
-            ]
-            return _token_rows_source(rows, context_size)
-        raise ValueError(
-            "a list source must hold only strings (documents) or only token-id sequences"
-        )
+        return _list_source(source, tokenizer, context_size)
+    import datasets
 
-    # -- datasets objects
-    try:
-        import datasets
-    except ImportError:  # pragma: no cover - datasets is a dependency
-        datasets = None  # type: ignore[assignment]
-    if datasets is not None and isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
-        names = getattr(source, "column_names", None)
-        if names is not None and column not in names:
-            raise ValueError(
-                f"dataset has no column {column!r}; available columns: {list(names)}. "
-                "Pass one of them as column= (--column)."
-            )
+    if isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
         desc = {
             "kind": "datasets_object",
             "column": column,
             "fingerprint": getattr(source, "_fingerprint", None),
         }
-        return _rows_source(lambda: _dataset_rows(source), desc, tokenizer, column, "the dataset")
-
+        return _rows_source(lambda: iter(source), desc, tokenizer, column, "the dataset")
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
     if not isinstance(source, str):
         raise ValueError(f"unsupported source type {type(source).__name__}; use {LOCAL_OPTIONS}")
-
-    # -- local files / folders
     path = Path(source).expanduser()
-    # "org/name" is a hub dataset; "./x", "/x", "~/x" or "x.txt" can only be paths.
-    looks_like_path = source.startswith((".", "/", "~")) or path.suffix.lower() in _FILE_BUILDERS
     if path.exists():
-        files = _local_files(path, split)
-        builder = _FILE_BUILDERS[files[0].suffix.lower()]
-        if all(f.stat().st_size == 0 for f in files):
-            raise ValueError(f"source {path} is empty")
-        desc = {
-            "kind": "local",
-            "path": str(path.resolve()),
-            "files": [str(f.resolve()) for f in files],
-            "bytes": [f.stat().st_size for f in files],
-            "split": split,
-            "column": column,
-        }
-
-        def rows() -> Iterator[dict[str, Any]]:
-            ds = datasets.load_dataset(
-                builder, data_files=[str(f) for f in files], split="train", streaming=True
-            )
-            yield from ds
-
-        return _rows_source(rows, desc, tokenizer, column, f"source {path}")
-    if looks_like_path:
+        return _local_source(path, tokenizer, split, column)
+    # "org/name" is a hub dataset; "./x", "/x", "~/x" or "x.txt" can only be paths.
+    if source.startswith((".", "/", "~")) or path.suffix.lower() in _FILE_BUILDERS:
         raise FileNotFoundError(f"source path {source!r} does not exist")
-
-    # -- Hugging Face hub dataset by name
-    if not hub_reachable(offline_vars=("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")):
+    if not hub_reachable(offline_vars=_HUB_OFFLINE_VARS):
         raise RuntimeError(
             f"source {source!r} is neither a local path nor reachable: the Hugging Face hub "
             f"cannot be reached from this machine (or HF_DATASETS_OFFLINE is set). "
             f"Use {LOCAL_OPTIONS}."
         )
     name, _, config = source.partition(":")
-    hub_split = split or "train"
+    return _hub_source(name, config or None, split, column, tokenizer)
+
+
+def source_label(description: dict[str, Any]) -> str:
+    """A short name for a source description, e.g. ``"pydoc (auto)"`` or ``"wikitext-2 valid"``."""
+    kind = description.get("kind")
+    if kind == "local":
+        label = Path(description["path"]).name
+        label += f" {description['split']}" if description.get("split") else ""
+    elif kind == "hub":
+        config = f":{description['config']}" if description.get("config") else ""
+        label = f"{description['name']}{config} {description['split']}"
+    else:
+        label = str(kind)
+    return label + (" (auto)" if description.get("requested") == "auto" else "")
+
+
+def _pydoc_source(tokenizer: Any) -> TokenSource:
+    docs = pydoc_documents()
+    return TokenSource(
+        description={"kind": "pydoc", "name": "pydoc_data.topics", "n_documents": len(docs)},
+        documents=lambda: _tokenize_texts(tokenizer, docs),
+    )
+
+
+def _auto_source(tokenizer: Any, split: str | None, column: str) -> TokenSource:
+    """WikiText-2 from the Hugging Face hub where it can be reached, else the pydoc corpus."""
+    if hub_reachable(offline_vars=_HUB_OFFLINE_VARS):
+        name, config = AUTO_HUB_DATASET
+        log.info("source 'auto': the Hugging Face hub is reachable, using %s:%s", name, config)
+        source = _hub_source(name, config, split, column, tokenizer)
+    else:
+        log.info("source 'auto': the Hugging Face hub is unreachable, using the pydoc corpus")
+        source = _pydoc_source(tokenizer)
+    source.description["requested"] = AUTO
+    return source
+
+
+def _array_source(source: torch.Tensor | np.ndarray, context_size: int) -> TokenSource:
+    arr = source.detach().cpu().numpy() if isinstance(source, torch.Tensor) else source
+    if arr.size == 0:
+        raise ValueError("the token source is empty")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"token data must be integers, got dtype {arr.dtype}")
+    if arr.ndim == 1:
+        arr = arr[None]
+    if arr.ndim != 2:
+        raise ValueError(f"token data must be 1-D or 2-D [n, seq], got shape {tuple(arr.shape)}")
+    return _token_rows_source(list(arr.astype(np.int64)), context_size)
+
+
+def _list_source(
+    source: list[Any] | tuple[Any, ...], tokenizer: Any, context_size: int
+) -> TokenSource:
+    """Strings (one document each) or token-id sequences."""
+    if len(source) == 0:
+        raise ValueError("the source list is empty: give at least one document")
+    if all(isinstance(s, str) for s in source):
+        texts = list(source)
+        if not any(t.strip() for t in texts):
+            raise ValueError("every string in the source list is blank")
+        h = hashlib.sha256("\x00".join(texts).encode("utf-8")).hexdigest()[:16]
+        return TokenSource(
+            description={"kind": "strings", "n_documents": len(texts), "sha256_16": h},
+            documents=lambda: _tokenize_texts(tokenizer, texts),
+        )
+    if all(isinstance(s, (list, tuple, np.ndarray, torch.Tensor)) for s in source):
+        rows = [np.asarray(torch.as_tensor(r).cpu(), dtype=np.int64).reshape(-1) for r in source]
+        return _token_rows_source(rows, context_size)
+    raise ValueError("a list source must hold only strings (documents) or only token-id sequences")
+
+
+def _local_source(path: Path, tokenizer: Any, split: str | None, column: str) -> TokenSource:
+    """A text file or folder, read through ``datasets`` in streaming mode (no cache written)."""
+    import datasets
+
+    files = _local_files(path, split)
+    builder = _FILE_BUILDERS[files[0].suffix.lower()]
+    if all(f.stat().st_size == 0 for f in files):
+        raise ValueError(f"source {path} is empty")
     desc = {
-        "kind": "hub",
-        "name": name,
-        "config": config or None,
-        "split": hub_split,
+        "kind": "local",
+        "path": str(path.resolve()),
+        "files": [str(f.resolve()) for f in files],
+        "bytes": [f.stat().st_size for f in files],
+        "split": split,
         "column": column,
     }
 
-    def hub_rows() -> Iterator[dict[str, Any]]:
-        ds = datasets.load_dataset(name, config or None, split=hub_split, streaming=True)
-        names = getattr(ds, "column_names", None)
-        if names is not None and column not in names:
-            raise ValueError(
-                f"dataset {name!r} has no column {column!r}; available columns: {list(names)}. "
-                "Pass one of them as column= (--column)."
-            )
-        yield from ds
+    def rows() -> Iterator[dict[str, Any]]:
+        data_files = [str(f) for f in files]
+        yield from datasets.load_dataset(
+            builder, data_files=data_files, split="train", streaming=True
+        )
 
-    return _rows_source(hub_rows, desc, tokenizer, column, f"dataset {name!r}")
+    return _rows_source(rows, desc, tokenizer, column, f"source {path}")
+
+
+def _hub_source(
+    name: str, config: str | None, split: str | None, column: str, tokenizer: Any
+) -> TokenSource:
+    """A Hugging Face hub dataset, streamed (``split`` default ``"train"``)."""
+    import datasets
+
+    hub_split = split or "train"
+    desc = {"kind": "hub", "name": name, "config": config, "split": hub_split, "column": column}
+
+    def rows() -> Iterator[dict[str, Any]]:
+        yield from datasets.load_dataset(name, config, split=hub_split, streaming=True)
+
+    return _rows_source(rows, desc, tokenizer, column, f"dataset {name!r}")
 
 
 def _rows_source(
-    rows: Callable[[], Iterator[dict[str, Any]]],
+    rows: Callable[[], Iterable[dict[str, Any]]],
     desc: dict[str, Any],
     tokenizer: Any,
     column: str,
     where: str,
 ) -> TokenSource:
-    def documents() -> Iterator[list[int]]:
-        it = rows()
-        first = next(it, None)
-        if first is None:
-            raise ValueError(f"{where} is empty (no rows)")
-        if column not in first:
-            raise ValueError(
-                f"{where} has no column {column!r}; available columns: {sorted(first)}. "
-                "Pass one of them as column= (--column)."
-            )
-
-        def all_rows() -> Iterator[dict[str, Any]]:
-            yield first
-            yield from it
-
-        yield from _tokenize_texts(tokenizer, _column_texts(all_rows(), column, where))
-
-    return TokenSource(description=desc, documents=documents)
+    return TokenSource(
+        description=desc,
+        documents=lambda: _tokenize_texts(tokenizer, _column_texts(rows(), column, where)),
+    )
 
 
 def _token_rows_source(rows: list[np.ndarray], context_size: int) -> TokenSource:

@@ -1,7 +1,13 @@
 """``ActivationStore``: memory-mapped, shuffled minibatches from a :func:`collect` folder.
 
-Shards are opened with ``mmap`` and viewed as tensors without reading them: a minibatch reads
-only the pages of the contexts it gathers. Two granularities:
+Shards are opened with ``safetensors.safe_open``, whose torch tensors are copy-on-write memory
+maps of the file: opening reads only the header, and a minibatch reads only the pages of the
+contexts it gathers. It replaced a hand-written ``mmap`` reader after a measurement
+(safetensors 0.8.0, a 168 MiB shard of 256 SmolLM2-sized contexts, batches of 16 random
+contexts, CPU time per batch, medians of 20 alternating rounds on 2 loaded cores):
+``safe_open`` 11.5 ms and the own reader 13.0 ms with the file in the page cache, 26.2 ms and
+30.9 ms after dropping it from the cache; opening every tensor of the shard with ``safe_open``
+raised the resident memory by 3 MiB. Two granularities:
 
 - :meth:`ActivationStore.iter_contexts`: whole contexts ``[batch, context_size, ...]`` (what
   attention losses need, e.g. KL over every query row of a pattern);
@@ -14,67 +20,30 @@ Both are deterministic for a given ``seed`` and ``epoch``.
 from __future__ import annotations
 
 import json
-import mmap
 import os
-import struct
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from jaxtyping import Float
+from safetensors import safe_open
 from torch import Tensor
 
-from tl_superposition.activations.collector import ATTENTION_FILE, MANIFEST
+from tl_superposition.activations.folder import ATTENTION_FILE, MANIFEST
 from tl_superposition.activations.patterns import pattern_from_qk
 
-_ST_DTYPES = {
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F64": torch.float64,
-    "I32": torch.int32,
-    "I64": torch.int64,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 
+def open_tensors(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """All tensors of a safetensors file as copy-on-write memory maps (nothing read yet).
 
-def mmap_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Memory-map a safetensors file: ``({name: tensor view}, metadata)`` without reading data.
-
-    The tensors are copy-on-write views of the file (writing to them never changes it).
+    Writing to a returned tensor never changes the file.
 
     Raises:
-        ValueError: the file is not a valid safetensors file.
+        safetensors.SafetensorError: the file is not a valid safetensors file.
     """
-    path = Path(path)
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{path} is not a safetensors file (too short)")
-        (n,) = struct.unpack("<Q", head)
-        try:
-            header = json.loads(fh.read(n))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not a safetensors file (bad header)") from exc
-        size = os.fstat(fh.fileno()).st_size
-        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
-    meta = header.pop("__metadata__", {}) or {}
-    base = 8 + n
-    out: dict[str, Tensor] = {}
-    for name, info in header.items():
-        dt = _ST_DTYPES[info["dtype"]]
-        start, end = info["data_offsets"]
-        shape = info["shape"]
-        count = (end - start) // dt.itemsize
-        if count == 0:
-            out[name] = torch.empty(shape, dtype=dt)
-            continue
-        out[name] = torch.frombuffer(mm, dtype=dt, count=count, offset=base + start).view(shape)
-    return out, meta
+    with safe_open(str(path), framework="pt") as f:
+        return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (no __iter__)
 
 
 class ActivationStore:
@@ -123,8 +92,7 @@ class ActivationStore:
         self._shards: list[dict[str, Tensor]] = []
         starts = []
         for s in self.manifest["shards"]:
-            tensors, _ = mmap_safetensors(self.path / s["file"])
-            self._shards.append(tensors)
+            self._shards.append(open_tensors(self.path / s["file"]))
             starts.append(int(s["first_context"]))
         self._starts = torch.tensor(starts + [int(self.manifest["n_contexts"])], dtype=torch.long)
         self.n_contexts: int = int(self.manifest["n_contexts"])
@@ -330,7 +298,7 @@ class ActivationStore:
         rot = None
         if params.get("rotary") and not rotated:
             if self._rotary is None:
-                self._rotary, _ = mmap_safetensors(self.path / ATTENTION_FILE)
+                self._rotary = open_tensors(self.path / ATTENTION_FILE)
             rot = (
                 self._rotary[f"blocks.{layer}.rotary_cos"],
                 self._rotary[f"blocks.{layer}.rotary_sin"],
