@@ -1,0 +1,1 @@
+"""QK transcoders (Wynroe & Sharkey 2024)."""
