@@ -21,10 +21,10 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from jaxtyping import Float
@@ -34,9 +34,9 @@ from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookedRootModule, HookPoint
 
 from tl_superposition._atomic import write_json_atomic
-from tl_superposition.qk.attention import attention_scores, layer_attention
 from tl_superposition.qk.config import AttentionShape, QKTranscoderConfig
 from tl_superposition.qk.dictionaries import dictionary_equal, load_dictionary, make_dictionary
+from tl_superposition.qk.splice import qk_hooks
 
 FORMAT = "tl_superposition.qk/1"
 CONFIG_FILE = "qk_transcoder.json"
@@ -236,78 +236,25 @@ class QKTranscoder(HookedRootModule):
         self.check_model(model)
         if which not in ("both", "q", "k"):
             raise ValueError(f"which must be 'both', 'q' or 'k', got {which!r}")
-        s = self.shape
-        if heads is not None:
-            heads = [int(h) for h in heads]
-            bad = [h for h in heads if not 0 <= h < s.n_heads]
-            if bad or not heads:
-                raise ValueError(f"heads must be a non-empty subset of 0..{s.n_heads - 1}")
-        hooks = self._splice_hooks(model, which, heads)
+        hooks = qk_hooks(
+            model,
+            self.shape,
+            self.reconstruct_q if which in ("both", "q") else None,
+            self.reconstruct_k if which in ("both", "k") else None,
+            heads,
+        )
         with model.hooks(fwd_hooks=hooks):
             yield model
 
-    def _splice_hooks(self, model: HookedTransformer, which: Which, heads: list[int] | None):
-        s = self.shape
-        state: dict[str, Tensor] = {}
-        use_q, use_k = which in ("both", "q"), which in ("both", "k")
+    def reconstruct_q(self, x: Tensor, q: Tensor | None = None) -> Tensor:
+        """Reconstructed queries of ``x`` (``q``, the true value, is not used)."""
+        del q
+        return self.decode_q(self.encode_q(x))
 
-        def grab_x(x: Tensor, hook: HookPoint) -> Tensor:
-            del hook
-            state["x"] = x
-            return x
-
-        def q_hat(q: Tensor) -> Tensor:
-            return self.decode_q(self.encode_q(state["x"])).to(q.dtype)
-
-        def k_hat(k: Tensor) -> Tensor:
-            return self.decode_k(self.encode_k(state["x"])).to(k.dtype)
-
-        def replace_q(q: Tensor, hook: HookPoint) -> Tensor:
-            del hook
-            return q_hat(q)
-
-        def replace_k(k: Tensor, hook: HookPoint) -> Tensor:
-            del hook
-            return k_hat(k)
-
-        hooks: list[tuple[str | Callable[..., Any], Callable[..., Any]]] = [
-            (s.hook("ln1.hook_normalized"), grab_x)
-        ]
-        if heads is None:
-            if use_q:
-                hooks.append((s.hook("attn.hook_q"), replace_q))
-            if use_k:
-                hooks.append((s.hook("attn.hook_k"), replace_k))
-            return hooks
-        attn = layer_attention(model, s.layer)
-        idx = torch.tensor(heads, dtype=torch.long)
-
-        def grab_q(q: Tensor, hook: HookPoint) -> Tensor:
-            del hook
-            state["q"] = q_hat(q) if use_q else q
-            return q
-
-        def grab_k(k: Tensor, hook: HookPoint) -> Tensor:
-            del hook
-            state["k"] = k_hat(k) if use_k else k
-            return k
-
-        def replace_scores(scores: Tensor, hook: HookPoint) -> Tensor:
-            del hook
-            if state["q"].shape[1] != scores.shape[-1]:
-                raise ValueError("head-restricted splicing does not support a key/value cache")
-            new = attention_scores(attn, state["q"], state["k"]).to(scores.dtype)
-            out = scores.clone()
-            h = idx.to(scores.device)
-            out[:, h] = new[:, h]
-            return out
-
-        hooks += [
-            (s.hook("attn.hook_q"), grab_q),
-            (s.hook("attn.hook_k"), grab_k),
-            (s.hook("attn.hook_attn_scores"), replace_scores),
-        ]
-        return hooks
+    def reconstruct_k(self, x: Tensor, k: Tensor | None = None) -> Tensor:
+        """Reconstructed keys of ``x`` (``k``, the true value, is not used)."""
+        del k
+        return self.decode_k(self.encode_k(x))
 
     # ------------------------------------------------------------------ save / load
 

@@ -1,0 +1,313 @@
+"""Where QK-transcoder training and evaluation get their activations: whole contexts.
+
+The loss compares full attention rows, so a batch is a set of whole contexts, each with its
+normalised residual ``x`` (``blocks.L.ln1.hook_normalized``), true queries ``q``
+(``attn.hook_q``) and keys ``k`` (``attn.hook_k``). Two sources give the same batches:
+
+- :class:`StoreSource`: contexts stored by :func:`tl_superposition.collect`, read through an
+  :class:`~tl_superposition.activations.ActivationStore` (memory-mapped; fast, reusable across
+  epochs and runs);
+- :class:`ModelSource`: contexts streamed from a text source and run through the model up to
+  layer ``L`` on the fly (no disk; pays a forward pass per batch).
+
+Both are deterministic: batch ``b`` of epoch ``e`` is always the same contexts, so a resumed
+training run sees exactly the batches the interrupted one would have seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from itertools import islice
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from tl_superposition.activations import ActivationStore, resolve_source
+from tl_superposition.activations.sources import TokenSource, iter_contexts
+from tl_superposition.qk.config import AttentionShape
+
+
+class QKBatch(NamedTuple):
+    """A batch of whole contexts (float32 on the source's device).
+
+    Attributes:
+        x: ``ln1.hook_normalized``, ``[batch, pos, d_model]``.
+        q: ``attn.hook_q``, ``[batch, pos, n_heads, d_head]``.
+        k: ``attn.hook_k``, ``[batch, pos, n_key_value_heads, d_head]``.
+        tokens: int64 ``[batch, pos]``.
+    """
+
+    x: Tensor
+    q: Tensor
+    k: Tensor
+    tokens: Tensor
+
+
+class ContextSource(Protocol):
+    """What the trainer and the evaluation read from."""
+
+    shape: AttentionShape
+    context_size: int
+
+    def batches(self, batch_contexts: int, epoch: int, start: int = 0) -> Iterator[QKBatch]:
+        """Batches ``start, start+1, ...`` of epoch ``epoch`` (every batch full)."""
+        ...
+
+    def description(self) -> dict[str, Any]:
+        """JSON-able description (recorded with checkpoints; a resume must match it)."""
+        ...
+
+
+def _hooks(shape: AttentionShape) -> tuple[str, str, str]:
+    return (
+        shape.hook("ln1.hook_normalized"),
+        shape.hook("attn.hook_q"),
+        shape.hook("attn.hook_k"),
+    )
+
+
+class StoreSource:
+    """Contexts from a collection folder, shuffled per epoch.
+
+    Args:
+        store: an :class:`ActivationStore` (or the path of a collection folder) holding
+            ``ln1.hook_normalized``, ``attn.hook_q`` and ``attn.hook_k`` of ``shape.layer``.
+        shape: the attention shape of the transcoder that will be trained.
+        seed: shuffle seed; epoch ``e`` visits the contexts in the order
+            ``randperm(n_contexts)`` drawn from a generator seeded with ``(seed, e)``.
+        device: where batches are put.
+
+    Raises:
+        FileNotFoundError / RuntimeError: from the store (no collection, incomplete).
+        ValueError: a needed hook is missing, or its stored shape disagrees with ``shape``.
+    """
+
+    def __init__(
+        self,
+        store: ActivationStore | str,
+        shape: AttentionShape,
+        *,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.store = store if isinstance(store, ActivationStore) else ActivationStore(store)
+        self.shape = shape
+        self.seed = int(seed)
+        self.device = torch.device(device)
+        self.hooks = _hooks(shape)
+        missing = [h for h in self.hooks if h not in self.store.hooks]
+        if missing:
+            raise ValueError(
+                f"the collection in {self.store.path} lacks {missing} (it holds "
+                f"{self.store.hooks}); collect ln1.hook_normalized, attn.hook_q and attn.hook_k "
+                f"at layer {shape.layer}"
+            )
+        want = {
+            self.hooks[0]: [shape.d_model],
+            self.hooks[1]: [shape.n_heads, shape.d_head],
+            self.hooks[2]: [shape.n_key_value_heads, shape.d_head],
+        }
+        for hook, dims in want.items():
+            got = self.store.shape(hook)[1:]
+            if got != dims:
+                raise ValueError(
+                    f"{hook} is stored with shape {got} per position, the transcoder needs "
+                    f"{dims}: the collection is from another model"
+                )
+        self.context_size = self.store.context_size
+        self.n_contexts = self.store.n_contexts
+
+    def n_batches(self, batch_contexts: int) -> int:
+        """Full batches per epoch."""
+        return self.n_contexts // batch_contexts
+
+    def _order(self, epoch: int) -> Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(epoch))
+        return torch.randperm(self.n_contexts, generator=g)
+
+    def batches(self, batch_contexts: int, epoch: int, start: int = 0) -> Iterator[QKBatch]:
+        """Batches ``start..`` of epoch ``epoch``; the last partial batch is dropped.
+
+        Raises:
+            ValueError: the collection holds fewer than ``batch_contexts`` contexts.
+        """
+        n = self.n_batches(batch_contexts)
+        if n == 0:
+            raise ValueError(
+                f"the collection holds {self.n_contexts} contexts, fewer than one batch of "
+                f"{batch_contexts}: collect more or lower the batch size"
+            )
+        order = self._order(epoch)
+        for b in range(start, n):
+            idx = order[b * batch_contexts : (b + 1) * batch_contexts]
+            got = self.store.get_contexts(idx, list(self.hooks))
+            yield QKBatch(
+                x=got[self.hooks[0]].float().to(self.device),
+                q=got[self.hooks[1]].float().to(self.device),
+                k=got[self.hooks[2]].float().to(self.device),
+                tokens=got["tokens"].to(self.device),
+            )
+
+    def description(self) -> dict[str, Any]:
+        """Collection path, size, source and the shuffle seed."""
+        return {
+            "kind": "store",
+            "path": str(self.store.path.resolve()),
+            "n_contexts": self.n_contexts,
+            "context_size": self.context_size,
+            "source": self.store.manifest.get("source"),
+            "seed": self.seed,
+        }
+
+
+def _packing(
+    model: HookedTransformer, source: Any, context_size: int, split: str | None
+) -> tuple[TokenSource, int | None, int | None]:
+    """The resolved source, BOS and separator ids, as :func:`tl_superposition.collect` packs."""
+    token_source = resolve_source(source, model.tokenizer, context_size=context_size, split=split)
+    tok = model.tokenizer
+    bos = None
+    if tok is not None:
+        bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    bos = None if bos is None else int(bos)  # type: ignore[arg-type]
+    prepend = bool(model.cfg.default_prepend_bos) and token_source.contexts is None
+    return token_source, (bos if prepend else None), bos
+
+
+def pack_text(
+    model: HookedTransformer,
+    source: Any,
+    *,
+    context_size: int = 128,
+    split: str | None = None,
+    max_contexts: int | None = None,
+) -> Tensor:
+    """Token contexts of a text source, packed as :func:`tl_superposition.collect` packs them.
+
+    Args:
+        source: anything :func:`tl_superposition.activations.resolve_source` accepts.
+        split: file-name prefix selecting files of a folder (e.g. ``"test"``).
+        max_contexts: keep only the first this many contexts.
+
+    Returns:
+        int64 ``[n_contexts, context_size]``.
+
+    Raises:
+        ValueError: the source gives no full context.
+    """
+    token_source, bos, sep = _packing(model, source, context_size, split)
+    it = iter_contexts(token_source, context_size, bos, sep)
+    rows = list(islice(it, max_contexts) if max_contexts is not None else it)
+    if not rows:
+        raise ValueError(f"the source gives no full context of {context_size} tokens")
+    return torch.as_tensor(np.stack(rows), dtype=torch.long)
+
+
+class ModelSource:
+    """Contexts packed from a text source and run through ``model`` on the fly.
+
+    Every epoch reads the source in the same (packing) order; with ``max_contexts`` only its
+    first contexts are used. Packing follows :func:`tl_superposition.collect` (BOS at the start
+    of every context when the model expects one, BOS between documents).
+
+    Args:
+        model: the model (its layers up to ``shape.layer`` are run).
+        source: anything :func:`tl_superposition.activations.resolve_source` accepts (a text
+            file or folder, ``"pydoc"``, a list of strings, token tensors, a dataset name).
+        shape: the transcoder's attention shape (checked against ``model``).
+        context_size: tokens per context.
+        split: file-name prefix selecting files of a folder (e.g. ``"test"``).
+        max_contexts: use only the first this many contexts.
+        forward_batch: contexts per forward pass.
+
+    Raises:
+        ValueError: the model does not have ``shape``, or the source is empty or too short.
+    """
+
+    def __init__(
+        self,
+        model: HookedTransformer,
+        source: Any,
+        shape: AttentionShape,
+        *,
+        context_size: int = 128,
+        split: str | None = None,
+        max_contexts: int | None = None,
+        forward_batch: int = 16,
+    ) -> None:
+        shape.check_model(model)
+        if context_size < 2 or context_size > model.cfg.n_ctx:
+            raise ValueError(f"context_size must be in 2..{model.cfg.n_ctx}, got {context_size}")
+        self.model = model
+        self.shape = shape
+        self.context_size = int(context_size)
+        self.max_contexts = max_contexts
+        self.forward_batch = int(forward_batch)
+        self.split = split
+        self.hooks = _hooks(shape)
+        self._source, self._bos, self._sep = _packing(model, source, context_size, split)
+
+    def contexts(self) -> Iterator[np.ndarray]:
+        """The token contexts of one pass, in order (int64 ``[context_size]``)."""
+        it = iter_contexts(self._source, self.context_size, self._bos, self._sep)
+        return islice(it, self.max_contexts) if self.max_contexts is not None else it
+
+    @torch.no_grad()
+    def run(self, tokens: Tensor) -> QKBatch:
+        """``x``, ``q``, ``k`` of ``tokens`` (``[batch, pos]``) from a forward pass up to ``L``."""
+        names = set(self.hooks)
+        _, cache = self.model.run_with_cache(
+            tokens,
+            names_filter=lambda n: n in names,
+            stop_at_layer=self.shape.layer + 1,
+        )
+        return QKBatch(
+            x=cache[self.hooks[0]].float(),
+            q=cache[self.hooks[1]].float(),
+            k=cache[self.hooks[2]].float(),
+            tokens=tokens,
+        )
+
+    def batches(self, batch_contexts: int, epoch: int, start: int = 0) -> Iterator[QKBatch]:
+        """Batches ``start..`` of a pass (the same for every ``epoch``).
+
+        Raises:
+            ValueError: the source has fewer than ``batch_contexts`` contexts.
+        """
+        del epoch  # a stream is read in the same order every time
+        it = self.contexts()
+        skipped = list(islice(it, start * batch_contexts))
+        if len(skipped) < start * batch_contexts:
+            return
+        produced = start
+        device = self.model.cfg.device
+        while True:
+            rows = list(islice(it, batch_contexts))
+            if len(rows) < batch_contexts:
+                if produced == 0:
+                    raise ValueError(
+                        f"the source gives {len(rows)} contexts of {self.context_size} tokens, "
+                        f"fewer than one batch of {batch_contexts}"
+                    )
+                return
+            tokens = torch.as_tensor(np.stack(rows), dtype=torch.long, device=device)
+            parts = [
+                self.run(tokens[i : i + self.forward_batch])
+                for i in range(0, batch_contexts, self.forward_batch)
+            ]
+            produced += 1
+            yield QKBatch(*(torch.cat([getattr(p, f) for p in parts]) for f in QKBatch._fields))
+
+    def description(self) -> dict[str, Any]:
+        """The text source, split, context size and model name."""
+        return {
+            "kind": "model",
+            "model": str(self.model.cfg.model_name),
+            "source": self._source.description,
+            "split": self.split,
+            "context_size": self.context_size,
+            "max_contexts": self.max_contexts,
+        }

@@ -1,0 +1,432 @@
+"""Training of QK transcoders: :func:`train_qk`.
+
+One optimisation step takes a batch of whole contexts from a :mod:`.source`, runs both
+dictionaries on ``ln1.hook_normalized``, and minimises :func:`.loss.qk_loss` with Adam
+(linear warm-up, constant, linear decay), global gradient-norm clipping and a linear warm-up
+of the sparsity coefficient. Dead features are tracked over a window of tokens and resampled
+on a schedule (:mod:`.resample`).
+
+Output folder::
+
+    out_dir/
+      checkpoint.pt         everything needed to resume (weights, Adam, data position, RNG)
+      history.csv           one row per logged step (loss terms, L0, dead fractions, lr)
+      train_config.json     the QKTrainConfig and the source description
+      qk_transcoder.json, q/, k/   the trained pair (QKTranscoder.load(out_dir)), at the end
+
+Checkpoints are written atomically every ``checkpoint_every_steps`` steps, at the end and on
+``KeyboardInterrupt``. A run restarted on the same folder resumes from the checkpoint and
+reaches exactly the weights an uninterrupted run reaches: the data order depends only on
+(seed, epoch, batch index), the learning rates only on the step, and the optimiser, the
+firing counters and the resampling generator are restored.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from tl_superposition._atomic import atomic_path, write_json_atomic
+from tl_superposition.qk.attention import layer_attention
+from tl_superposition.qk.config import QKTrainConfig
+from tl_superposition.qk.dictionaries import init_from_data
+from tl_superposition.qk.loss import QKLoss, qk_loss
+from tl_superposition.qk.resample import FiringTracker, resample_dead
+from tl_superposition.qk.source import ContextSource, QKBatch
+from tl_superposition.qk.transcoder import QKOutput, QKTranscoder
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+HISTORY = "history.csv"
+TRAIN_CONFIG = "train_config.json"
+CHECKPOINT_FORMAT = "tl_superposition.qk.checkpoint/1"
+#: Contexts read to estimate the data means that initialise the biases.
+MEAN_CONTEXTS = 64
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_qk` did.
+
+    Attributes:
+        transcoder: the (trained or partly trained) QK transcoder.
+        history: one row per logged step: step, tokens, lr, sparsity_coeff, the loss terms
+            (:class:`.loss.QKLoss`), l0_q, l0_k (mean active features per token in the
+            batch), dead_q, dead_k (fractions dead over the window), resampled_q/_k.
+        steps: optimisation steps done in total (this call and earlier ones).
+        tokens: training tokens seen in total.
+        seconds: wall time of this call's training loop.
+        tokens_per_s: training tokens per second in this call.
+        finished: whether ``max_tokens`` were reached.
+        out_dir: the output folder, if any.
+    """
+
+    transcoder: QKTranscoder
+    history: pd.DataFrame
+    steps: int
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+    finished: bool
+    out_dir: Path | None = None
+
+
+def lr_factor(step: int, total: int, cfg: QKTrainConfig) -> float:
+    """Learning-rate multiplier at ``step`` (0-based) of ``total``: warm-up, flat, decay."""
+    warm = int(cfg.warmup_frac * total)
+    decay = int(cfg.decay_frac * total)
+    if warm and step < warm:
+        return (step + 1) / warm
+    if decay and step >= total - decay:
+        frac = (total - step) / decay
+        return cfg.lr_end_frac + (1 - cfg.lr_end_frac) * frac
+    return 1.0
+
+
+def sparsity_factor(step: int, total: int, cfg: QKTrainConfig) -> float:
+    """Multiplier of lambda at ``step``: a linear warm-up over ``sparsity_warmup_frac``."""
+    warm = int(cfg.sparsity_warmup_frac * total)
+    return min(1.0, (step + 1) / warm) if warm else 1.0
+
+
+def _batch_stream(
+    source: ContextSource, batch_contexts: int, epoch: int, start: int
+) -> Iterator[tuple[int, int, QKBatch]]:
+    """``(epoch, batch index, batch)`` from ``(epoch, start)`` on, across epochs forever."""
+    while True:
+        n = 0
+        for batch in source.batches(batch_contexts, epoch, start):
+            yield epoch, start + n, batch
+            n += 1
+        if n == 0 and start == 0:
+            raise ValueError("the source yields no batch: it holds too few contexts")
+        epoch, start = epoch + 1, 0
+
+
+@torch.no_grad()
+def data_means(
+    source: ContextSource, batch_contexts: int, n_contexts: int = MEAN_CONTEXTS
+) -> dict[str, torch.Tensor]:
+    """Mean ``x``, flattened ``q`` and flattened ``k`` over the first contexts of epoch 0.
+
+    Returns:
+        ``{"x": [d_model], "q": [n_heads * d_head], "k": [n_key_value_heads * d_head]}``.
+    """
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    for _, _, batch in _batch_stream(source, batch_contexts, 0, 0):
+        for name in ("x", "q", "k"):
+            t = getattr(batch, name).flatten(2) if name != "x" else batch.x
+            s = t.double().sum((0, 1))
+            sums[name] = sums[name] + s if name in sums else s
+        count += batch.x.shape[0] * batch.x.shape[1]
+        if count >= n_contexts * batch.x.shape[1]:
+            break
+    return {k: (v / count).float() for k, v in sums.items()}
+
+
+def _check_setup(qkt: QKTranscoder, model: HookedTransformer, source: ContextSource) -> None:
+    qkt.check_model(model)
+    if source.shape != qkt.shape:
+        raise ValueError(
+            f"the source reads layer {source.shape.layer} with shape {source.shape}, the "
+            f"transcoder is for {qkt.shape}"
+        )
+
+
+def _checkpoint_state(
+    qkt: QKTranscoder,
+    opt: torch.optim.Optimizer,
+    cfg: QKTrainConfig,
+    source: ContextSource,
+    loop: dict[str, Any],
+) -> dict[str, Any]:
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "qk_config": qkt.cfg.to_dict(),
+        "train_config": cfg.to_dict(),
+        "source": source.description(),
+        "weights": {k: v.detach().clone() for k, v in qkt.state_dict().items()},
+        "optimizer": opt.state_dict(),
+        **loop,
+    }
+
+
+def _save_checkpoint(out_dir: Path, state: dict[str, Any], history: list[dict]) -> None:
+    with atomic_path(out_dir / CHECKPOINT) as tmp:
+        torch.save(state, tmp)
+    with atomic_path(out_dir / HISTORY) as tmp:
+        pd.DataFrame(history).to_csv(tmp, index=False)
+
+
+def _load_checkpoint(
+    path: Path, qkt: QKTranscoder, cfg: QKTrainConfig, source: ContextSource
+) -> dict[str, Any]:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a QK-transcoder checkpoint")
+    mismatches = [
+        what
+        for what, old, new in (
+            ("transcoder config", state["qk_config"], qkt.cfg.to_dict()),
+            ("training config", state["train_config"], cfg.to_dict()),
+            ("data source", state["source"], source.description()),
+        )
+        if old != new
+    ]
+    if mismatches:
+        raise ValueError(
+            f"{path} holds a run with another {', '.join(mismatches)}: resume it with the same "
+            "settings, or train into a new folder (or pass overwrite=True / --overwrite)"
+        )
+    return state
+
+
+def _l0(f: torch.Tensor) -> float:
+    return float((f > 0).float().sum(-1).mean())
+
+
+def train_qk(
+    qkt: QKTranscoder,
+    model: HookedTransformer,
+    source: ContextSource,
+    cfg: QKTrainConfig | None = None,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    overwrite: bool = False,
+    stop_after_steps: int | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``qkt`` in place on ``source`` (Wynroe & Sharkey 2024; see :mod:`.loss`).
+
+    Args:
+        qkt: the transcoder to train (new: its biases are initialised from the data means).
+        model: the model whose layer ``qkt`` belongs to (its attention module computes the
+            patterns; its weights are not changed).
+        source: whole-context batches (:class:`.source.StoreSource` or
+            :class:`.source.ModelSource`) of the same layer.
+        cfg: hyperparameters (default :class:`QKTrainConfig()`).
+        out_dir: folder for checkpoints, history and the final transcoder; a folder holding
+            a checkpoint of the same run is resumed from it. ``None``: nothing is written and
+            nothing can be resumed.
+        overwrite: start afresh even if ``out_dir`` holds a checkpoint (of any run).
+        stop_after_steps: return (after writing a checkpoint) once this call has done this
+            many steps; a later call resumes. ``None``: run to ``max_tokens``.
+        progress: show a tqdm bar with the loss terms, L0 and dead fractions.
+
+    Returns:
+        A :class:`TrainResult`.
+
+    Raises:
+        ValueError: ``qkt``, ``model`` and ``source`` disagree on the layer's shape, the
+            source holds less than one batch, or ``out_dir`` holds a checkpoint of another
+            run (and not ``overwrite``).
+    """
+    cfg = cfg or QKTrainConfig()
+    _check_setup(qkt, model, source)
+    device = torch.device(cfg.device)
+    qkt.to(device)
+    attn = layer_attention(model, qkt.shape.layer)
+    ctx = source.context_size
+    tokens_per_step = cfg.batch_contexts * ctx
+    total = max(1, math.ceil(cfg.max_tokens / tokens_per_step))
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / CHECKPOINT if out is not None else None
+
+    opt = torch.optim.Adam(qkt.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
+    trackers = {"q": FiringTracker(qkt.cfg.d_hidden_q), "k": FiringTracker(qkt.cfg.d_hidden_k)}
+    gen = torch.Generator().manual_seed(cfg.seed + 17)
+    history: list[dict[str, Any]] = []
+    loop: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0}
+
+    if ckpt is not None and ckpt.is_file() and not overwrite:
+        state = _load_checkpoint(ckpt, qkt, cfg, source)
+        qkt.load_state_dict(state["weights"])
+        opt.load_state_dict(state["optimizer"])
+        for name, tr in trackers.items():
+            tr.load_state_dict(state["trackers"][name])
+        gen.set_state(state["generator"])
+        means = state["means"]
+        history = list(state["history"])
+        loop = {k: state[k] for k in loop}
+        log.info("resuming %s at step %d (%d tokens)", ckpt, loop["step"], loop["tokens"])
+    else:
+        means = data_means(source, cfg.batch_contexts)
+        with torch.no_grad():
+            init_from_data(qkt.q_dict, means["x"], means["q"], decoder_norm=cfg.decoder_init_norm)
+            init_from_data(qkt.k_dict, means["x"], means["k"], decoder_norm=cfg.decoder_init_norm)
+        if out is not None:
+            write_json_atomic(
+                out / TRAIN_CONFIG, {"train": cfg.to_dict(), "source": source.description()}
+            )
+
+    def save() -> None:
+        if out is None:
+            return
+        extra = {
+            "trackers": {k: t.state_dict() for k, t in trackers.items()},
+            "generator": gen.get_state(),
+            "means": means,
+            "history": history,
+        }
+        _save_checkpoint(out, _checkpoint_state(qkt, opt, cfg, source, {**loop, **extra}), history)
+
+    done_here = 0
+    t0 = time.perf_counter()
+    bar = tqdm(
+        total=total, initial=loop["step"], unit="step", disable=not progress, desc="train-qk"
+    )
+    stream = _batch_stream(source, cfg.batch_contexts, loop["epoch"], loop["batch"])
+    qkt.train()
+    try:
+        while loop["step"] < total and (stop_after_steps is None or done_here < stop_after_steps):
+            epoch, index, batch = next(stream)
+            batch = QKBatch(*(t.to(device) for t in batch))
+            row = _train_step(qkt, attn, opt, batch, loop["step"], total, cfg)
+            loop.update(step=loop["step"] + 1, epoch=epoch, batch=index + 1)
+            loop["tokens"] += tokens_per_step
+            row.update(
+                _dead_and_resample(
+                    qkt, trackers, batch, row.pop("_out"), loop, opt, means, gen, cfg
+                )
+            )
+            done_here += 1
+            bar.update(1)
+            if loop["step"] % cfg.log_every_steps == 0 or loop["step"] == total:
+                history.append({"step": loop["step"], "tokens": loop["tokens"], **row})
+                bar.set_postfix(
+                    kl=f"{row['kl_full']:.3f}",
+                    l0q=f"{row['l0_q']:.0f}",
+                    l0k=f"{row['l0_k']:.0f}",
+                    dead=f"{row['dead_q']:.2f}/{row['dead_k']:.2f}",
+                )
+                log.info("step %d: %s", loop["step"], row)
+            if loop["step"] % cfg.checkpoint_every_steps == 0:
+                save()
+    except KeyboardInterrupt:
+        save()
+        raise
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    finished = loop["step"] >= total
+    save()
+    qkt.eval()
+    if finished and out is not None:
+        qkt.save(out)
+    return TrainResult(
+        transcoder=qkt,
+        history=pd.DataFrame(history),
+        steps=loop["step"],
+        tokens=loop["tokens"],
+        seconds=seconds,
+        tokens_per_s=done_here * tokens_per_step / seconds if seconds > 0 else 0.0,
+        finished=finished,
+        out_dir=out,
+    )
+
+
+def _train_step(
+    qkt: QKTranscoder,
+    attn: Any,
+    opt: torch.optim.Optimizer,
+    batch: QKBatch,
+    step: int,
+    total: int,
+    cfg: QKTrainConfig,
+) -> dict[str, Any]:
+    """One Adam step; returns the logged values (and the output under ``"_out"``)."""
+    lr = cfg.lr * lr_factor(step, total, cfg)
+    lam = cfg.sparsity_coeff * sparsity_factor(step, total, cfg)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    out: QKOutput = qkt(batch.x)
+    loss: QKLoss = qk_loss(
+        attn,
+        batch.q,
+        batch.k,
+        out,
+        qkt.q_dict.W_dec,
+        qkt.k_dict.W_dec,
+        sparsity=qkt.cfg.sparsity,
+        sparsity_coeff=lam,
+        kl_full_weight=cfg.kl_full_weight,
+        kl_mixed_weight=cfg.kl_mixed_weight,
+        sqrt_eps=cfg.sqrt_eps,
+    )
+    opt.zero_grad(set_to_none=True)
+    loss.total.backward()
+    if cfg.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(qkt.parameters(), cfg.grad_clip)
+    opt.step()
+    return {
+        "lr": lr,
+        "sparsity_coeff": lam,
+        **loss.items(),
+        "l0_q": _l0(out.q_features),
+        "l0_k": _l0(out.k_features),
+        "_out": out,
+    }
+
+
+def _dead_and_resample(
+    qkt: QKTranscoder,
+    trackers: dict[str, FiringTracker],
+    batch: QKBatch,
+    out: QKOutput,
+    loop: dict[str, Any],
+    opt: torch.optim.Optimizer,
+    means: dict[str, torch.Tensor],
+    gen: torch.Generator,
+    cfg: QKTrainConfig,
+) -> dict[str, Any]:
+    """Update the firing counters; resample dead features when the schedule says so."""
+    tokens = loop["tokens"]
+    trackers["q"].update(out.q_features, tokens)
+    trackers["k"].update(out.k_features, tokens)
+    every = cfg.resample_every_tokens
+    tokens_per_step = batch.x.shape[0] * batch.x.shape[1]
+    due = (
+        every > 0
+        and tokens // every > (tokens - tokens_per_step) // every
+        and tokens <= cfg.resample_until_frac * cfg.max_tokens
+    )
+    row: dict[str, Any] = {}
+    for name, sae, y, y_hat in (
+        ("q", qkt.q_dict, batch.q, out.q),
+        ("k", qkt.k_dict, batch.k, out.k),
+    ):
+        dead = trackers[name].dead(tokens, cfg.dead_window_tokens)
+        row[f"dead_{name}"] = float(dead.float().mean())
+        n = 0
+        if due and dead.any():
+            x = batch.x.reshape(-1, batch.x.shape[-1])
+            err = (y - y_hat.detach()).reshape(x.shape[0], -1)
+            n = resample_dead(
+                sae,
+                dead,
+                x,
+                err,
+                means["x"].to(x.device),
+                enc_norm=cfg.resample_enc_norm,
+                generator=gen,
+                optimizer=opt,
+            )
+            trackers[name].reset(dead, tokens)
+            log.info("resampled %d dead %s features at %d tokens", n, name, tokens)
+        row[f"resampled_{name}"] = n
+    return row
