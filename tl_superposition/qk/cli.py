@@ -61,6 +61,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dead-window-tokens", type=int, default=65_536)
     p.add_argument("--resample-every-tokens", type=int, default=131_072, help="0: never")
     p.add_argument("--resample-until-frac", type=float, default=0.6)
+    p.add_argument(
+        "--resample-enc-norm",
+        type=float,
+        default=0.2,
+        help="resampled encoder column norm / mean living norm (default: %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
     p.add_argument(
@@ -120,7 +126,7 @@ def run_train(args: argparse.Namespace) -> int:
     """Build (or resume) a QK transcoder for ``--layer`` and train it; print a summary."""
     import torch
 
-    from tl_superposition.models import load_model
+    from tl_superposition import load_model
     from tl_superposition.qk.config import QKTrainConfig
     from tl_superposition.qk.trainer import train_qk
     from tl_superposition.qk.transcoder import QKTranscoder
@@ -137,6 +143,7 @@ def run_train(args: argparse.Namespace) -> int:
         dead_window_tokens=args.dead_window_tokens,
         resample_every_tokens=args.resample_every_tokens,
         resample_until_frac=args.resample_until_frac,
+        resample_enc_norm=args.resample_enc_norm,
         seed=args.seed,
         checkpoint_every_steps=args.checkpoint_every,
         device=args.device,
@@ -189,8 +196,8 @@ def run_eval(args: argparse.Namespace) -> int:
     """Evaluate a trained QK transcoder on held-out text; print the metrics table."""
     import pandas as pd
 
+    from tl_superposition import load_model
     from tl_superposition._atomic import atomic_path, write_json_atomic
-    from tl_superposition.models import load_model
     from tl_superposition.qk.evaluate import evaluate_qk
     from tl_superposition.qk.source import pack_text
     from tl_superposition.qk.transcoder import QKTranscoder

@@ -2,7 +2,7 @@
 
 The loss compares full attention rows, so a batch is a set of whole contexts, each with its
 normalised residual ``x`` (``blocks.L.ln1.hook_normalized``), true queries ``q``
-(``attn.hook_q``) and keys ``k`` (``attn.hook_k``). Two sources give the same batches:
+(``attn.hook_q``) and keys ``k`` (``attn.hook_k``). Three sources give the same batches:
 
 - :class:`StoreSource`: contexts stored by :func:`tl_superposition.collect`, read through an
   :class:`~tl_superposition.activations.ActivationStore` (memory-mapped; fast, reusable across
@@ -10,12 +10,16 @@ normalised residual ``x`` (``blocks.L.ln1.hook_normalized``), true queries ``q``
 - :class:`ModelSource`: contexts streamed from a text source and run through the model up to
   layer ``L`` on the fly (no disk; pays a forward pass per batch).
 
-Both are deterministic: batch ``b`` of epoch ``e`` is always the same contexts, so a resumed
+- :class:`MemorySource`: a few contexts run through the model once and kept in memory (small
+  experiments, notebooks, tests).
+
+All are deterministic: batch ``b`` of epoch ``e`` is always the same contexts, so a resumed
 training run sees exactly the batches the interrupted one would have seen.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from itertools import islice
 from typing import Any, NamedTuple, Protocol
@@ -163,6 +167,24 @@ class StoreSource:
         }
 
 
+@torch.no_grad()
+def run_to_layer(
+    model: HookedTransformer, shape: AttentionShape, tokens: Tensor, forward_batch: int = 16
+) -> QKBatch:
+    """``x``, ``q``, ``k`` of ``tokens`` (``[batch, pos]``), running layers ``0..L`` only."""
+    names = set(_hooks(shape))
+    parts = []
+    for i in range(0, tokens.shape[0], forward_batch):
+        _, cache = model.run_with_cache(
+            tokens[i : i + forward_batch],
+            names_filter=lambda n: n in names,
+            stop_at_layer=shape.layer + 1,
+        )
+        x, q, k = (cache[h].float() for h in _hooks(shape))
+        parts.append((x, q, k))
+    return QKBatch(*(torch.cat([p[j] for p in parts]) for j in range(3)), tokens=tokens)
+
+
 def _packing(
     model: HookedTransformer, source: Any, context_size: int, split: str | None
 ) -> tuple[TokenSource, int | None, int | None]:
@@ -255,22 +277,6 @@ class ModelSource:
         it = iter_contexts(self._source, self.context_size, self._bos, self._sep)
         return islice(it, self.max_contexts) if self.max_contexts is not None else it
 
-    @torch.no_grad()
-    def run(self, tokens: Tensor) -> QKBatch:
-        """``x``, ``q``, ``k`` of ``tokens`` (``[batch, pos]``) from a forward pass up to ``L``."""
-        names = set(self.hooks)
-        _, cache = self.model.run_with_cache(
-            tokens,
-            names_filter=lambda n: n in names,
-            stop_at_layer=self.shape.layer + 1,
-        )
-        return QKBatch(
-            x=cache[self.hooks[0]].float(),
-            q=cache[self.hooks[1]].float(),
-            k=cache[self.hooks[2]].float(),
-            tokens=tokens,
-        )
-
     def batches(self, batch_contexts: int, epoch: int, start: int = 0) -> Iterator[QKBatch]:
         """Batches ``start..`` of a pass (the same for every ``epoch``).
 
@@ -294,12 +300,8 @@ class ModelSource:
                     )
                 return
             tokens = torch.as_tensor(np.stack(rows), dtype=torch.long, device=device)
-            parts = [
-                self.run(tokens[i : i + self.forward_batch])
-                for i in range(0, batch_contexts, self.forward_batch)
-            ]
             produced += 1
-            yield QKBatch(*(torch.cat([getattr(p, f) for p in parts]) for f in QKBatch._fields))
+            yield run_to_layer(self.model, self.shape, tokens, self.forward_batch)
 
     def description(self) -> dict[str, Any]:
         """The text source, split, context size and model name."""
@@ -311,3 +313,57 @@ class ModelSource:
             "context_size": self.context_size,
             "max_contexts": self.max_contexts,
         }
+
+
+class MemorySource:
+    """Contexts run through ``model`` once and kept in memory, shuffled per epoch.
+
+    Args:
+        model: the model (layers ``0..shape.layer`` are run once, in ``forward_batch`` chunks).
+        tokens: int64 ``[n_contexts, ctx]`` (e.g. :func:`pack_text`).
+        shape: the transcoder's attention shape (checked against ``model``).
+        seed: shuffle seed (epoch ``e`` uses a generator seeded with ``(seed, e)``).
+
+    Raises:
+        ValueError: ``model`` does not have ``shape``, or ``tokens`` is not 2-D.
+    """
+
+    def __init__(
+        self,
+        model: HookedTransformer,
+        tokens: Tensor,
+        shape: AttentionShape,
+        *,
+        seed: int = 0,
+        forward_batch: int = 16,
+    ) -> None:
+        shape.check_model(model)
+        if tokens.ndim != 2 or tokens.shape[1] < 2:
+            raise ValueError(f"tokens must be [n_contexts, ctx >= 2], got {tuple(tokens.shape)}")
+        self.shape = shape
+        self.context_size = int(tokens.shape[1])
+        self.n_contexts = int(tokens.shape[0])
+        self.seed = int(seed)
+        tokens = tokens.to(model.cfg.device)
+        self.data = run_to_layer(model, shape, tokens, forward_batch)
+        digest = hashlib.sha256(tokens.cpu().numpy().tobytes()).hexdigest()[:16]
+        self._description = {
+            "kind": "memory",
+            "model": str(model.cfg.model_name),
+            "n_contexts": self.n_contexts,
+            "context_size": self.context_size,
+            "tokens_sha256_16": digest,
+            "seed": self.seed,
+        }
+
+    def batches(self, batch_contexts: int, epoch: int, start: int = 0) -> Iterator[QKBatch]:
+        """Batches ``start..`` of epoch ``epoch``; the last partial batch is dropped."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(epoch))
+        order = torch.randperm(self.n_contexts, generator=g)
+        for b in range(start, self.n_contexts // batch_contexts):
+            idx = order[b * batch_contexts : (b + 1) * batch_contexts].to(self.data.x.device)
+            yield QKBatch(*(t[idx] for t in self.data))
+
+    def description(self) -> dict[str, Any]:
+        """Model, size and a digest of the tokens."""
+        return dict(self._description)

@@ -64,7 +64,8 @@ class TrainResult:
         transcoder: the (trained or partly trained) QK transcoder.
         history: one row per logged step: step, tokens, lr, sparsity_coeff, the loss terms
             (:class:`.loss.QKLoss`), l0_q, l0_k (mean active features per token in the
-            batch), dead_q, dead_k (fractions dead over the window), resampled_q/_k.
+            batch), dead_q, dead_k (fractions dead over the window), resampled_q/_k (features
+            resampled so far).
         steps: optimisation steps done in total (this call and earlier ones).
         tokens: training tokens seen in total.
         seconds: wall time of this call's training loop.
@@ -251,7 +252,14 @@ def train_qk(
     trackers = {"q": FiringTracker(qkt.cfg.d_hidden_q), "k": FiringTracker(qkt.cfg.d_hidden_k)}
     gen = torch.Generator().manual_seed(cfg.seed + 17)
     history: list[dict[str, Any]] = []
-    loop: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0}
+    loop: dict[str, Any] = {
+        "step": 0,
+        "epoch": 0,
+        "batch": 0,
+        "tokens": 0,
+        "resampled_q": 0,
+        "resampled_k": 0,
+    }
 
     if ckpt is not None and ckpt.is_file() and not overwrite:
         state = _load_checkpoint(ckpt, qkt, cfg, source)
@@ -304,6 +312,9 @@ def train_qk(
                     qkt, trackers, batch, row.pop("_out"), loop, opt, means, gen, cfg
                 )
             )
+            for side in ("q", "k"):
+                loop[f"resampled_{side}"] += row[f"resampled_{side}"]
+                row[f"resampled_{side}"] = loop[f"resampled_{side}"]
             done_here += 1
             bar.update(1)
             if loop["step"] % cfg.log_every_steps == 0 or loop["step"] == total:

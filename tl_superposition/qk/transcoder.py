@@ -259,10 +259,12 @@ class QKTranscoder(HookedRootModule):
     # ------------------------------------------------------------------ save / load
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the pair into folder ``path`` (see the module docstring), atomically.
+        """Write the pair into folder ``path`` (see the module docstring).
 
-        The folder is first written beside ``path`` under a temporary name and then renamed
-        onto it, so an interrupted save leaves any previous folder intact.
+        Everything is first written to a temporary folder beside ``path``. A new ``path``
+        is then created by one rename. An existing folder (e.g. a training run's, holding
+        its checkpoint) keeps its other files; its ``q/``, ``k/`` and
+        ``qk_transcoder.json`` are replaced one by one, each by a rename, the config last.
 
         Returns:
             ``path`` as a :class:`Path`.
@@ -275,10 +277,14 @@ class QKTranscoder(HookedRootModule):
             self.k_dict.save_model(tmp / "k")
             write_json_atomic(tmp / CONFIG_FILE, {"format": FORMAT, "config": self.cfg.to_dict()})
             os.chmod(tmp, 0o755)
-            _replace_dir(tmp, path)
-        except BaseException:
+            if not path.exists():
+                os.replace(tmp, path)
+                return path
+            for name in ("q", "k"):
+                _replace_dir(tmp / name, path / name)
+            os.replace(tmp / CONFIG_FILE, path / CONFIG_FILE)
+        finally:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
     @classmethod
