@@ -351,37 +351,44 @@ def test_short_training_beats_both_baselines(model, tmp_path):
     assert (tmp_path / "run" / "history.csv").is_file()
 
 
+def with_dead_features(qkt: QKTranscoder, n: int = 8) -> QKTranscoder:
+    """Zero the encoder columns of the first ``n`` features: they can never fire."""
+    with torch.no_grad():
+        qkt.q_dict.W_enc[:, :n] = 0
+        qkt.k_dict.W_enc[:, :n] = 0
+    return qkt
+
+
+def test_dead_features_are_resampled(tiny_llama):
+    src = MemorySource(tiny_llama, tokens_of(tiny_llama, 40), qkt_shape(tiny_llama))
+    cfg = short_config(max_tokens=32 * 8 * 12, dead_window_tokens=256, resample_every_tokens=512)
+    res = train_qk(with_dead_features(new_qkt(tiny_llama)), tiny_llama, src, cfg, progress=False)
+    first = res.history.iloc[0]
+    assert first.resampled_q >= 8 and first.resampled_k >= 8
+    out = res.transcoder(src.data.x)
+    assert (out.q_features[..., :8] > 0).any() and (out.k_features[..., :8] > 0).any()
+
+
 def test_resume_gives_identical_weights(tiny_llama, tmp_path):
-    src = ModelSource(
-        tiny_llama,
-        corpus(),
-        AttentionShape.from_model(tiny_llama, LAYER),
-        context_size=32,
-        split="valid",
-        max_contexts=40,
-    )
-    cfg = short_config(max_tokens=32 * 8 * 24)
-    whole = train_qk(new_qkt(tiny_llama), tiny_llama, src, cfg, tmp_path / "a", progress=False)
+    src = MemorySource(tiny_llama, tokens_of(tiny_llama, 40), qkt_shape(tiny_llama))
+    cfg = short_config(max_tokens=32 * 8 * 24, dead_window_tokens=256)
+
+    def fresh(seed=0):
+        return with_dead_features(new_qkt(tiny_llama, seed=seed))
+
+    whole = train_qk(fresh(), tiny_llama, src, cfg, tmp_path / "a", progress=False)
     assert whole.history[["resampled_q", "resampled_k"]].to_numpy().sum() > 0
     part = train_qk(
-        new_qkt(tiny_llama),
-        tiny_llama,
-        src,
-        cfg,
-        tmp_path / "b",
-        stop_after_steps=10,
-        progress=False,
+        fresh(), tiny_llama, src, cfg, tmp_path / "b", stop_after_steps=10, progress=False
     )
     assert not part.finished and part.steps == 10
-    # a fresh process would build a new, differently initialised transcoder: the checkpoint wins
-    rest = train_qk(
-        new_qkt(tiny_llama, seed=9), tiny_llama, src, cfg, tmp_path / "b", progress=False
-    )
+    # a new process builds a differently initialised transcoder: the checkpoint wins
+    rest = train_qk(fresh(seed=9), tiny_llama, src, cfg, tmp_path / "b", progress=False)
     assert rest.finished and rest.steps == 24
     assert rest.transcoder.equal(whole.transcoder)
     assert rest.history.equals(whole.history)
     with pytest.raises(ValueError, match="another training config"):
-        train_qk(new_qkt(tiny_llama), tiny_llama, src, short_config(lr=1e-2), tmp_path / "b")
+        train_qk(fresh(), tiny_llama, src, short_config(lr=1e-2), tmp_path / "b")
 
 
 def test_cli_train_and_eval(tiny_gpt2, tmp_path, monkeypatch, capsys):
