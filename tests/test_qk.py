@@ -59,11 +59,11 @@ def new_qkt(model, d_hidden=48, sparsity="sqrt", seed=0, **kw) -> QKTranscoder:
     )
 
 
-def exact_qkt(model) -> QKTranscoder:
+def exact_qkt_at(model, layer: int) -> QKTranscoder:
     """Dictionaries that are exact maps: f = ReLU([x, -x]), decoder [W; -W], b_dec = b."""
-    qkt = new_qkt(model, d_hidden=2 * model.cfg.d_model)
-    attn = layer_attention(model, LAYER)
     d = model.cfg.d_model
+    qkt = QKTranscoder.for_model(model, layer, d_hidden=2 * d)
+    attn = layer_attention(model, layer)
     eye = torch.eye(d)
     with torch.no_grad():
         for sae, w, b in (
@@ -76,6 +76,10 @@ def exact_qkt(model) -> QKTranscoder:
             sae.W_dec.copy_(torch.cat([w_flat, -w_flat], dim=0))
             sae.b_dec.copy_(b.reshape(-1))
     return qkt
+
+
+def exact_qkt(model) -> QKTranscoder:
+    return exact_qkt_at(model, LAYER)
 
 
 def qkt_shape(model) -> AttentionShape:

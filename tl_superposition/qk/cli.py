@@ -48,23 +48,30 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "streamed through the model when --acts is not given",
     )
     p.add_argument("--max-contexts", type=int, default=None, help="streamed: use the first N")
-    p.add_argument("--d-hidden", type=int, default=2400, help="features per dictionary")
+    p.add_argument(
+        "--d-hidden", type=int, default=1200, help="features per dictionary (default: %(default)s)"
+    )
     p.add_argument("--sparsity", choices=["sqrt", "l1", "topk"], default="sqrt")
     p.add_argument("--top-k", type=int, default=32, help="active features per token (topk)")
-    p.add_argument("--max-tokens", type=int, default=1_048_576, help="training tokens in total")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=1_536_000,
+        help="training tokens in total (default: %(default)s)",
+    )
     p.add_argument("--batch-contexts", type=int, default=16, help="contexts per step")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak Adam learning rate")
-    p.add_argument("--sparsity-coeff", type=float, default=1e-3, help="lambda")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak Adam learning rate")
+    p.add_argument("--sparsity-coeff", type=float, default=4e-3, help="lambda")
     p.add_argument("--warmup-frac", type=float, default=0.02)
     p.add_argument("--decay-frac", type=float, default=0.2)
     p.add_argument("--sparsity-warmup-frac", type=float, default=0.05)
     p.add_argument("--dead-window-tokens", type=int, default=65_536)
     p.add_argument("--resample-every-tokens", type=int, default=131_072, help="0: never")
-    p.add_argument("--resample-until-frac", type=float, default=0.6)
+    p.add_argument("--resample-until-frac", type=float, default=0.7)
     p.add_argument(
         "--resample-enc-norm",
         type=float,
-        default=0.2,
+        default=1.0,
         help="resampled encoder column norm / mean living norm (default: %(default)s)",
     )
     p.add_argument("--seed", type=int, default=0)

@@ -132,7 +132,7 @@ class QKTranscoder(HookedRootModule):
         model: HookedTransformer,
         layer: int,
         *,
-        d_hidden: int | tuple[int, int] = 2400,
+        d_hidden: int | tuple[int, int] = 1200,
         sparsity: str = "sqrt",
         top_k: int = 32,
         generator: torch.Generator | None = None,
