@@ -147,24 +147,6 @@ def _check_setup(qkt: QKTranscoder, model: HookedTransformer, source: ContextSou
         )
 
 
-def _checkpoint_state(
-    qkt: QKTranscoder,
-    opt: torch.optim.Optimizer,
-    cfg: QKTrainConfig,
-    source: ContextSource,
-    loop: dict[str, Any],
-) -> dict[str, Any]:
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "qk_config": qkt.cfg.to_dict(),
-        "train_config": cfg.to_dict(),
-        "source": source.description(),
-        "weights": {k: v.detach().clone() for k, v in qkt.state_dict().items()},
-        "optimizer": opt.state_dict(),
-        **loop,
-    }
-
-
 def _save_checkpoint(out_dir: Path, state: dict[str, Any], history: list[dict]) -> None:
     with atomic_path(out_dir / CHECKPOINT) as tmp:
         torch.save(state, tmp)
@@ -172,27 +154,112 @@ def _save_checkpoint(out_dir: Path, state: dict[str, Any], history: list[dict]) 
         pd.DataFrame(history).to_csv(tmp, index=False)
 
 
-def _load_checkpoint(
-    path: Path, qkt: QKTranscoder, cfg: QKTrainConfig, source: ContextSource
-) -> dict[str, Any]:
+def _load_checkpoint(path: Path, expected: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint at ``path``, refused if it holds another run than ``expected`` says."""
     state = torch.load(path, map_location="cpu", weights_only=False)
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a QK-transcoder checkpoint")
-    mismatches = [
-        what
-        for what, old, new in (
-            ("transcoder config", state["qk_config"], qkt.cfg.to_dict()),
-            ("training config", state["train_config"], cfg.to_dict()),
-            ("data source", state["source"], source.description()),
-        )
-        if old != new
-    ]
+    names = {"qk_config": "transcoder config", "train_config": "training config"}
+    names["source"] = "data source"
+    mismatches = [what for key, what in names.items() if state[key] != expected[key]]
     if mismatches:
         raise ValueError(
             f"{path} holds a run with another {', '.join(mismatches)}: resume it with the same "
             "settings, or train into a new folder (or pass overwrite=True / --overwrite)"
         )
     return state
+
+
+class _Run:
+    """The mutable state of one training run, which is what a checkpoint holds."""
+
+    def __init__(
+        self,
+        qkt: QKTranscoder,
+        model: HookedTransformer,
+        source: ContextSource,
+        cfg: QKTrainConfig,
+    ) -> None:
+        self.qkt, self.source, self.cfg = qkt, source, cfg
+        self.attn = layer_attention(model, qkt.shape.layer)
+        self.tokens_per_step = cfg.batch_contexts * source.context_size
+        self.total = max(1, math.ceil(cfg.max_tokens / self.tokens_per_step))
+        self.opt = torch.optim.Adam(qkt.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
+        self.trackers = {
+            "q": FiringTracker(qkt.cfg.d_hidden_q),
+            "k": FiringTracker(qkt.cfg.d_hidden_k),
+        }
+        self.gen = torch.Generator().manual_seed(cfg.seed + 17)
+        self.means: dict[str, torch.Tensor] = {}
+        self.history: list[dict[str, Any]] = []
+        self.loop: dict[str, int] = dict.fromkeys(
+            ("step", "epoch", "batch", "tokens", "resampled_q", "resampled_k"), 0
+        )
+
+    @property
+    def finished(self) -> bool:
+        return self.loop["step"] >= self.total
+
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint must match to be resumed by this run."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "qk_config": self.qkt.cfg.to_dict(),
+            "train_config": self.cfg.to_dict(),
+            "source": self.source.description(),
+        }
+
+    def start(self) -> None:
+        """Initialise the biases from the data means (a new run)."""
+        self.means = data_means(self.source, self.cfg.batch_contexts)
+        norm = self.cfg.decoder_init_norm
+        with torch.no_grad():
+            init_from_data(self.qkt.q_dict, self.means["x"], self.means["q"], decoder_norm=norm)
+            init_from_data(self.qkt.k_dict, self.means["x"], self.means["k"], decoder_norm=norm)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **self.identity(),
+            **self.loop,
+            "weights": {k: v.detach().clone() for k, v in self.qkt.state_dict().items()},
+            "optimizer": self.opt.state_dict(),
+            "trackers": {k: t.state_dict() for k, t in self.trackers.items()},
+            "generator": self.gen.get_state(),
+            "means": self.means,
+            "history": self.history,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.qkt.load_state_dict(state["weights"])
+        self.opt.load_state_dict(state["optimizer"])
+        for name, tracker in self.trackers.items():
+            tracker.load_state_dict(state["trackers"][name])
+        self.gen.set_state(state["generator"])
+        self.means = state["means"]
+        self.history = list(state["history"])
+        self.loop = {k: int(state[k]) for k in self.loop}
+
+    def step(self, epoch: int, index: int, batch: QKBatch) -> dict[str, Any] | None:
+        """One optimisation step on ``batch``; the logged row on logging steps, else None."""
+        loop, cfg = self.loop, self.cfg
+        row = _train_step(self.qkt, self.attn, self.opt, batch, loop["step"], self.total, cfg)
+        loop.update(step=loop["step"] + 1, epoch=epoch, batch=index + 1)
+        loop["tokens"] += self.tokens_per_step
+        out = row.pop("_out")
+        row.update(
+            _dead_and_resample(
+                self.qkt, self.trackers, batch, out, loop, self.opt, self.means, self.gen, cfg
+            )
+        )
+        for side in ("q", "k"):
+            loop[f"resampled_{side}"] += row[f"resampled_{side}"]
+            row[f"resampled_{side}"] = loop[f"resampled_{side}"]
+        if loop["step"] % cfg.log_every_steps and not self.finished:
+            return None
+        row = {"step": loop["step"], "tokens": loop["tokens"], **row}
+        self.history.append(row)
+        log.info("step %d: %s", loop["step"], row)
+        return row
 
 
 def _l0(f: torch.Tensor) -> float:
@@ -239,94 +306,49 @@ def train_qk(
     _check_setup(qkt, model, source)
     device = torch.device(cfg.device)
     qkt.to(device)
-    attn = layer_attention(model, qkt.shape.layer)
-    ctx = source.context_size
-    tokens_per_step = cfg.batch_contexts * ctx
-    total = max(1, math.ceil(cfg.max_tokens / tokens_per_step))
+    run = _Run(qkt, model, source, cfg)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    ckpt = out / CHECKPOINT if out is not None else None
-
-    opt = torch.optim.Adam(qkt.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
-    trackers = {"q": FiringTracker(qkt.cfg.d_hidden_q), "k": FiringTracker(qkt.cfg.d_hidden_k)}
-    gen = torch.Generator().manual_seed(cfg.seed + 17)
-    history: list[dict[str, Any]] = []
-    loop: dict[str, Any] = {
-        "step": 0,
-        "epoch": 0,
-        "batch": 0,
-        "tokens": 0,
-        "resampled_q": 0,
-        "resampled_k": 0,
-    }
-
-    if ckpt is not None and ckpt.is_file() and not overwrite:
-        state = _load_checkpoint(ckpt, qkt, cfg, source)
-        qkt.load_state_dict(state["weights"])
-        opt.load_state_dict(state["optimizer"])
-        for name, tr in trackers.items():
-            tr.load_state_dict(state["trackers"][name])
-        gen.set_state(state["generator"])
-        means = state["means"]
-        history = list(state["history"])
-        loop = {k: state[k] for k in loop}
-        log.info("resuming %s at step %d (%d tokens)", ckpt, loop["step"], loop["tokens"])
+    if out is not None and (out / CHECKPOINT).is_file() and not overwrite:
+        run.load_state_dict(_load_checkpoint(out / CHECKPOINT, run.identity()))
+        log.info("resuming %s at step %d", out, run.loop["step"])
     else:
-        means = data_means(source, cfg.batch_contexts)
-        with torch.no_grad():
-            init_from_data(qkt.q_dict, means["x"], means["q"], decoder_norm=cfg.decoder_init_norm)
-            init_from_data(qkt.k_dict, means["x"], means["k"], decoder_norm=cfg.decoder_init_norm)
+        run.start()
         if out is not None:
             write_json_atomic(
                 out / TRAIN_CONFIG, {"train": cfg.to_dict(), "source": source.description()}
             )
 
     def save() -> None:
-        if out is None:
-            return
-        extra = {
-            "trackers": {k: t.state_dict() for k, t in trackers.items()},
-            "generator": gen.get_state(),
-            "means": means,
-            "history": history,
-        }
-        _save_checkpoint(out, _checkpoint_state(qkt, opt, cfg, source, {**loop, **extra}), history)
+        if out is not None:
+            _save_checkpoint(out, run.state_dict(), run.history)
 
     done_here = 0
     t0 = time.perf_counter()
     bar = tqdm(
-        total=total, initial=loop["step"], unit="step", disable=not progress, desc="train-qk"
+        total=run.total,
+        initial=run.loop["step"],
+        unit="step",
+        disable=not progress,
+        desc="train-qk",
     )
-    stream = _batch_stream(source, cfg.batch_contexts, loop["epoch"], loop["batch"])
+    stream = _batch_stream(source, cfg.batch_contexts, run.loop["epoch"], run.loop["batch"])
     qkt.train()
     try:
-        while loop["step"] < total and (stop_after_steps is None or done_here < stop_after_steps):
+        while not run.finished and (stop_after_steps is None or done_here < stop_after_steps):
             epoch, index, batch = next(stream)
-            batch = QKBatch(*(t.to(device) for t in batch))
-            row = _train_step(qkt, attn, opt, batch, loop["step"], total, cfg)
-            loop.update(step=loop["step"] + 1, epoch=epoch, batch=index + 1)
-            loop["tokens"] += tokens_per_step
-            row.update(
-                _dead_and_resample(
-                    qkt, trackers, batch, row.pop("_out"), loop, opt, means, gen, cfg
-                )
-            )
-            for side in ("q", "k"):
-                loop[f"resampled_{side}"] += row[f"resampled_{side}"]
-                row[f"resampled_{side}"] = loop[f"resampled_{side}"]
+            row = run.step(epoch, index, QKBatch(*(t.to(device) for t in batch)))
             done_here += 1
             bar.update(1)
-            if loop["step"] % cfg.log_every_steps == 0 or loop["step"] == total:
-                history.append({"step": loop["step"], "tokens": loop["tokens"], **row})
+            if row is not None:
                 bar.set_postfix(
                     kl=f"{row['kl_full']:.3f}",
                     l0q=f"{row['l0_q']:.0f}",
                     l0k=f"{row['l0_k']:.0f}",
                     dead=f"{row['dead_q']:.2f}/{row['dead_k']:.2f}",
                 )
-                log.info("step %d: %s", loop["step"], row)
-            if loop["step"] % cfg.checkpoint_every_steps == 0:
+            if run.loop["step"] % cfg.checkpoint_every_steps == 0:
                 save()
     except KeyboardInterrupt:
         save()
@@ -334,19 +356,18 @@ def train_qk(
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
-    finished = loop["step"] >= total
     save()
     qkt.eval()
-    if finished and out is not None:
+    if run.finished and out is not None:
         qkt.save(out)
     return TrainResult(
         transcoder=qkt,
-        history=pd.DataFrame(history),
-        steps=loop["step"],
-        tokens=loop["tokens"],
+        history=pd.DataFrame(run.history),
+        steps=run.loop["step"],
+        tokens=run.loop["tokens"],
         seconds=seconds,
-        tokens_per_s=done_here * tokens_per_step / seconds if seconds > 0 else 0.0,
-        finished=finished,
+        tokens_per_s=done_here * run.tokens_per_step / seconds if seconds > 0 else 0.0,
+        finished=run.finished,
         out_dir=out,
     )
 
