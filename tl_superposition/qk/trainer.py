@@ -343,7 +343,10 @@ def train_qk(
             bar.update(1)
             if row is not None:
                 bar.set_postfix(
+                    loss=f"{row['total']:.3f}",
                     kl=f"{row['kl_full']:.3f}",
+                    klq=f"{row['kl_q']:.3f}",
+                    klk=f"{row['kl_k']:.3f}",
                     l0q=f"{row['l0_q']:.0f}",
                     l0k=f"{row['l0_k']:.0f}",
                     dead=f"{row['dead_q']:.2f}/{row['dead_k']:.2f}",
