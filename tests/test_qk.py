@@ -282,20 +282,19 @@ def test_pair_terms_rebuild_the_reconstructed_scores(model):
     qkt = new_qkt(model, d_hidden=24, sparsity="topk", top_k=6)
     src = ModelSource(model, corpus(), qkt.shape, context_size=16, split="valid")
     batch = next(src.batches(2, 0))
-    out = qkt(batch.x)
-    pt = head_pair_terms(qkt, model, batch, out, head=1, max_active=6)
+    with torch.no_grad():
+        out = qkt(batch.x)
+        pt = head_pair_terms(qkt, model, batch, out, head=1, max_active=6)
     attn = layer_attention(model, LAYER)
     recon = scores_from_rotated(attn, rotate(attn, out.q), rotate(attn, out.k))[:, 1]
     torch.testing.assert_close(pt.terms.sum((2, 4)) + pt.rest, recon)
-    # with TopK and max_active = k, the rest is the bias terms only: it does not depend on
-    # the features, and the unrotated bilinear map gives the diagonal (same-position) terms
+    # the bilinear map at offset t gives the pair terms of a destination and a source t earlier
     m0 = bilinear_map(qkt, model, 1, offset=0)
     p = 7
     fq, fk = out.q_features[0, p], out.k_features[0, p]
-    fq, fk = fq.detach(), fk.detach()
     assert float(fq @ m0 @ fk) == pytest.approx(float(pt.terms[0, p, :, p, :].sum()), abs=1e-4)
     m3 = bilinear_map(qkt, model, 1, offset=3)
-    fk3 = out.k_features[0, p - 3].detach()
+    fk3 = out.k_features[0, p - 3]
     assert float(fq @ m3 @ fk3) == pytest.approx(float(pt.terms[0, p, :, p - 3].sum()), abs=1e-4)
 
 

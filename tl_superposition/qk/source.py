@@ -156,13 +156,15 @@ class StoreSource:
             )
 
     def description(self) -> dict[str, Any]:
-        """Collection path, size, source and the shuffle seed."""
+        """Collection path, size, source, model fingerprint and the shuffle seed."""
+        settings = self.store.manifest.get("settings", {})
         return {
             "kind": "store",
             "path": str(self.store.path.resolve()),
             "n_contexts": self.n_contexts,
             "context_size": self.context_size,
-            "source": self.store.manifest.get("source"),
+            "source": settings.get("source"),
+            "model_fingerprint": settings.get("model_fingerprint"),
             "seed": self.seed,
         }
 
