@@ -7,7 +7,7 @@ and saved as JSON beside the safetensors weights (:meth:`to_dict` / :meth:`from_
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 from transformer_lens import HookedTransformer
@@ -261,7 +261,6 @@ class QKTrainConfig:
     checkpoint_every_steps: int = 200
     log_every_steps: int = 10
     device: str = "cpu"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.adam_betas = (float(self.adam_betas[0]), float(self.adam_betas[1]))
