@@ -105,8 +105,8 @@ def make_dictionary(
     """A new dictionary: SAELens's ``Transcoder`` (ReLU) or, with ``top_k``, a TopK one.
 
     Weights are initialised as SAELens initialises transcoders (Kaiming-uniform encoder and
-    decoder, zero biases), drawn from ``generator`` when one is given so that no global
-    random state is used or changed.
+    decoder, zero biases). With ``generator`` they are redrawn from it, so the result depends
+    only on its seed (SAELens's constructor still draws once from torch's global generator).
 
     Args:
         d_in: input width (``d_model``).

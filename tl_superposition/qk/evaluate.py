@@ -70,7 +70,7 @@ class QKEvalResult:
     l0_k: Tensor = field(repr=False)
 
     def table(self) -> pd.DataFrame:
-        """The metrics with readable column names, rounded for display."""
+        """The metrics rounded to 4 decimals, for display."""
         return self.metrics.round(4)
 
 
@@ -130,6 +130,10 @@ def evaluate_qk(
         tokens: int64 ``[n_contexts, ctx]`` (e.g. :func:`.source.pack_text` of a test split).
         heads: the heads of interest (default all heads of the layer).
         batch_contexts: contexts per forward pass.
+
+    Memory: the first pass keeps ``x``, ``q``, ``k`` and the residual stream of every context
+    (the means of ``q`` and ``k`` over all of them are needed before the second pass); for
+    SmolLM2 that is about 7.7 KB per token, 0.5 GB for 65,536 tokens.
 
     Returns:
         A :class:`QKEvalResult`.
