@@ -11,7 +11,8 @@ import argparse
 import importlib
 import sys
 
-# subcommand name -> (module, one-line help)
+# subcommand name -> (module, one-line help); "module:name" takes the object `name` of the
+# module (for a cli.py serving several subcommands)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "trace-ioi": (
         "tl_superposition.tracing.cli",
@@ -20,6 +21,14 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "collect": (
         "tl_superposition.activations.cli",
         "collect activations from a dataset into safetensors shards",
+    ),
+    "train-qk": (
+        "tl_superposition.qk.cli:train",
+        "train query/key transcoders of one layer (Wynroe & Sharkey 2024)",
+    ),
+    "eval-qk": (
+        "tl_superposition.qk.cli:evaluate",
+        "evaluate QK transcoders on held-out text against mean-q/k and uniform baselines",
     ),
 }
 
@@ -32,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
+        module_name, _, attr = module_name.partition(":")
         module = importlib.import_module(module_name)
+        module = getattr(module, attr) if attr else module
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p)
         p.set_defaults(_module=module)

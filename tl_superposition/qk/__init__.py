@@ -1,0 +1,74 @@
+"""QK transcoders: sparse query/key dictionaries of one attention layer and their feature pairs.
+
+Wynroe & Sharkey (2024), "Decomposing the QK circuit with bilinear sparse dictionary learning".
+The data flow, one module per step:
+
+- :mod:`.config` -- :class:`AttentionShape`, :class:`QKTranscoderConfig`, :class:`QKTrainConfig`;
+- :mod:`.dictionaries` -- the SAELens ``Transcoder`` dictionaries (ReLU, or TopK);
+- :mod:`.transcoder` -- :class:`QKTranscoder` (a ``HookedRootModule``): features,
+  reconstructions, ``splice(model)``, save/load;
+- :mod:`.attention` -- patterns and KL through the model's own attention code;
+- :mod:`.source` -- whole-context batches from a collection or streamed from a model;
+- :mod:`.loss`, :mod:`.resample`, :mod:`.trainer` -- :func:`train_qk`;
+- :mod:`.evaluate` -- :func:`evaluate_qk` against mean-q/k and uniform baselines;
+- :mod:`.attribution` -- :func:`attribute_score`: one score split into feature pairs;
+- :mod:`.pairs` -- bilinear map, feature-pair mask (step 2), pair statistics;
+- :mod:`.tables` -- pandas tables of pairs and feature contexts; :mod:`.plots` -- figures.
+
+Example::
+
+    import tl_superposition as tls
+    from tl_superposition.qk import QKTranscoder, StoreSource, train_qk, evaluate_qk
+
+    model = tls.load_model("smollm2-135m")
+    qkt = QKTranscoder.for_model(model, 23, d_hidden=2400)
+    train_qk(qkt, model, StoreSource("acts/wt2_l23", qkt.shape), out_dir="runs/qk-l23")
+    with qkt.splice(model):
+        loss = model(tokens, return_type="loss")
+"""
+
+from tl_superposition.qk.attribution import ScoreAttribution, attribute_score
+from tl_superposition.qk.config import AttentionShape, QKTrainConfig, QKTranscoderConfig
+from tl_superposition.qk.evaluate import QKEvalResult, evaluate_qk
+from tl_superposition.qk.pairs import (
+    FeaturePairMask,
+    PairMaskConfig,
+    bilinear_map,
+    condensed_pairs,
+    pair_statistics,
+    train_pair_mask,
+)
+from tl_superposition.qk.source import (
+    MemorySource,
+    ModelSource,
+    QKBatch,
+    StoreSource,
+    pack_text,
+)
+from tl_superposition.qk.trainer import TrainResult, train_qk
+from tl_superposition.qk.transcoder import QKOutput, QKTranscoder
+
+__all__ = [
+    "AttentionShape",
+    "QKTranscoderConfig",
+    "QKTrainConfig",
+    "QKTranscoder",
+    "QKOutput",
+    "StoreSource",
+    "ModelSource",
+    "MemorySource",
+    "QKBatch",
+    "pack_text",
+    "train_qk",
+    "TrainResult",
+    "evaluate_qk",
+    "QKEvalResult",
+    "attribute_score",
+    "ScoreAttribution",
+    "bilinear_map",
+    "train_pair_mask",
+    "PairMaskConfig",
+    "FeaturePairMask",
+    "condensed_pairs",
+    "pair_statistics",
+]

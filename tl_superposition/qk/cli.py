@@ -1,0 +1,256 @@
+"""``tl-superposition train-qk`` and ``tl-superposition eval-qk``.
+
+Two subcommands, each an object with ``add_arguments(parser)`` and ``run(args) -> int``:
+:data:`train` and :data:`evaluate` (registered in ``tl_superposition/cli.py`` as
+``tl_superposition.qk.cli:train`` and ``tl_superposition.qk.cli:evaluate``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+HOOKS = "ln1.hook_normalized,attn.hook_q,attn.hook_k"
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="'smollm2-135m' (offline), a local Hugging Face folder, or a hub name "
+        "(default: %(default)s)",
+    )
+    p.add_argument("--context-size", type=int, default=128, help="tokens per context (with BOS)")
+    p.add_argument("--split", default=None, help="file-name prefix in a source folder")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Register the ``train-qk`` options on ``p``."""
+    _common(p)
+    p.add_argument("--layer", type=int, required=True, help="the attention layer L")
+    p.add_argument("--out", required=True, help="output folder (resumed if it holds a checkpoint)")
+    p.add_argument(
+        "--acts",
+        default=None,
+        help="collection folder of ln1.hook_normalized, attn.hook_q, attn.hook_k at --layer "
+        "(from tl-superposition collect); with --source it is collected first if incomplete",
+    )
+    p.add_argument(
+        "--source",
+        default=None,
+        help="text source (file, folder, 'pydoc', dataset name): collected into --acts, or "
+        "streamed through the model when --acts is not given",
+    )
+    p.add_argument("--max-contexts", type=int, default=None, help="streamed: use the first N")
+    p.add_argument(
+        "--d-hidden", type=int, default=1200, help="features per dictionary (default: %(default)s)"
+    )
+    p.add_argument("--sparsity", choices=["sqrt", "l1", "topk"], default="sqrt")
+    p.add_argument("--top-k", type=int, default=32, help="active features per token (topk)")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=1_536_000,
+        help="training tokens in total (default: %(default)s)",
+    )
+    p.add_argument("--batch-contexts", type=int, default=16, help="contexts per step")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak Adam learning rate")
+    p.add_argument("--sparsity-coeff", type=float, default=4e-3, help="lambda")
+    p.add_argument("--warmup-frac", type=float, default=0.02)
+    p.add_argument("--decay-frac", type=float, default=0.2)
+    p.add_argument("--sparsity-warmup-frac", type=float, default=0.05)
+    p.add_argument("--dead-window-tokens", type=int, default=65_536)
+    p.add_argument("--resample-every-tokens", type=int, default=131_072, help="0: never")
+    p.add_argument("--resample-until-frac", type=float, default=0.7)
+    p.add_argument(
+        "--resample-enc-norm",
+        type=float,
+        default=1.0,
+        help="resampled encoder column norm / mean living norm (default: %(default)s)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
+    p.add_argument(
+        "--stop-after-steps", type=int, default=None, help="pause after N steps (resume later)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="start afresh in --out")
+
+
+def _set_threads(n: int | None) -> None:
+    import torch
+
+    if n is not None:
+        if n < 1:
+            raise ValueError(f"--threads must be >= 1, got {n}")
+        torch.set_num_threads(n)
+
+
+def _train_source(args: argparse.Namespace, model: Any, shape: Any) -> Any:
+    from tl_superposition.qk.source import ModelSource, StoreSource
+
+    if args.acts is None and args.source is None:
+        raise ValueError("give --acts (a collection folder) and/or --source (a text source)")
+    if args.acts is None:
+        return ModelSource(
+            model,
+            args.source,
+            shape,
+            context_size=args.context_size,
+            split=args.split,
+            max_contexts=args.max_contexts,
+        )
+    manifest = Path(args.acts) / "manifest.json"
+    complete = manifest.is_file() and json.loads(manifest.read_text()).get("complete")
+    if not complete:
+        if args.source is None:
+            raise FileNotFoundError(
+                f"{args.acts} holds no complete collection: collect one, or add --source to "
+                "collect it first"
+            )
+        from tl_superposition.activations import CollectConfig, collect
+
+        config = CollectConfig(
+            out_dir=args.acts,
+            hooks=HOOKS,
+            layers=[args.layer],
+            context_size=args.context_size,
+            split=args.split,
+            progress=not args.no_progress,
+        )
+        summary = collect(model, config, args.source)
+        print(summary.line())
+    return StoreSource(args.acts, shape, seed=args.seed, device=args.device)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Build (or resume) a QK transcoder for ``--layer`` and train it; print a summary."""
+    import torch
+
+    from tl_superposition import load_model
+    from tl_superposition.qk.config import QKTrainConfig
+    from tl_superposition.qk.trainer import train_qk
+    from tl_superposition.qk.transcoder import QKTranscoder
+
+    _set_threads(args.threads)
+    cfg = QKTrainConfig(
+        max_tokens=args.max_tokens,
+        batch_contexts=args.batch_contexts,
+        lr=args.lr,
+        sparsity_coeff=args.sparsity_coeff,
+        warmup_frac=args.warmup_frac,
+        decay_frac=args.decay_frac,
+        sparsity_warmup_frac=args.sparsity_warmup_frac,
+        dead_window_tokens=args.dead_window_tokens,
+        resample_every_tokens=args.resample_every_tokens,
+        resample_until_frac=args.resample_until_frac,
+        resample_enc_norm=args.resample_enc_norm,
+        seed=args.seed,
+        checkpoint_every_steps=args.checkpoint_every,
+        device=args.device,
+    )
+    model = load_model(args.model, device=args.device)
+    qkt = QKTranscoder.for_model(
+        model,
+        args.layer,
+        d_hidden=args.d_hidden,
+        sparsity=args.sparsity,
+        top_k=args.top_k,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    source = _train_source(args, model, qkt.shape)
+    res = train_qk(
+        qkt,
+        model,
+        source,
+        cfg,
+        args.out,
+        overwrite=args.overwrite,
+        stop_after_steps=args.stop_after_steps,
+        progress=not args.no_progress,
+    )
+    last = res.history.iloc[-1].to_dict() if len(res.history) else {}
+    print(
+        f"{'finished' if res.finished else 'paused'}: {res.steps} steps, {res.tokens:,} tokens "
+        f"({res.tokens_per_s:,.0f} tokens/s in this run, {res.seconds:.0f} s); last logged: "
+        + ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float))
+    )
+    print(f"wrote {args.out}")
+    return 0
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    """Register the ``eval-qk`` options on ``p``."""
+    _common(p)
+    p.add_argument("--transcoder", required=True, help="folder written by train-qk")
+    p.add_argument("--source", required=True, help="held-out text (file, folder, 'pydoc', ...)")
+    p.add_argument("--max-contexts", type=int, default=256, help="contexts evaluated")
+    p.add_argument("--skip-contexts", type=int, default=0, help="skip the first N contexts")
+    p.add_argument(
+        "--heads", default=None, help="heads of interest, e.g. '0,3' (default: all heads)"
+    )
+    p.add_argument("--batch-contexts", type=int, default=16)
+    p.add_argument("--out", default=None, help="folder for metrics.csv and summary.json")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Evaluate a trained QK transcoder on held-out text; print the metrics table."""
+    import pandas as pd
+
+    from tl_superposition import load_model
+    from tl_superposition._atomic import atomic_path, write_json_atomic
+    from tl_superposition.qk.evaluate import evaluate_qk
+    from tl_superposition.qk.source import pack_text
+    from tl_superposition.qk.transcoder import QKTranscoder
+
+    _set_threads(args.threads)
+    heads = None
+    if args.heads:
+        try:
+            heads = [int(h) for h in args.heads.split(",") if h.strip()]
+        except ValueError:
+            raise ValueError(
+                f"--heads must be comma-separated integers, got {args.heads!r}"
+            ) from None
+    if args.max_contexts < 1 or args.skip_contexts < 0:
+        raise ValueError("--max-contexts must be >= 1 and --skip-contexts >= 0")
+    qkt = QKTranscoder.load(args.transcoder, device=args.device)
+    model = load_model(args.model, device=args.device)
+    qkt.check_model(model)
+    tokens = pack_text(
+        model,
+        args.source,
+        context_size=args.context_size,
+        split=args.split,
+        max_contexts=args.skip_contexts + args.max_contexts,
+    )[args.skip_contexts :]
+    res = evaluate_qk(
+        qkt,
+        model,
+        tokens,
+        heads=heads,
+        batch_contexts=args.batch_contexts,
+        progress=not args.no_progress,
+    )
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(res.table().T.to_string())
+    print(json.dumps(res.summary))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / "metrics.csv") as tmp:
+            res.metrics.to_csv(tmp)
+        write_json_atomic(out / "summary.json", {**res.summary, "transcoder": args.transcoder})
+        print(f"wrote {out / 'metrics.csv'}, {out / 'summary.json'}")
+    return 0
+
+
+#: ``tl-superposition train-qk``
+train = SimpleNamespace(add_arguments=add_train_arguments, run=run_train)
+#: ``tl-superposition eval-qk``
+evaluate = SimpleNamespace(add_arguments=add_eval_arguments, run=run_eval)

@@ -1,0 +1,371 @@
+"""Where QK-transcoder training and evaluation get their activations: whole contexts.
+
+The loss compares full attention rows, so a batch is a set of whole contexts, each with its
+normalised residual ``x`` (``blocks.L.ln1.hook_normalized``), true queries ``q``
+(``attn.hook_q``) and keys ``k`` (``attn.hook_k``). Three sources give the same batches:
+
+- :class:`StoreSource`: contexts stored by :func:`tl_superposition.collect`, read through an
+  :class:`~tl_superposition.activations.ActivationStore` (memory-mapped; fast, reusable across
+  epochs and runs);
+- :class:`ModelSource`: contexts streamed from a text source and run through the model up to
+  layer ``L`` on the fly (no disk; pays a forward pass per batch).
+
+- :class:`MemorySource`: a few contexts run through the model once and kept in memory (small
+  experiments, notebooks, tests).
+
+All are deterministic: batch ``b`` of epoch ``e`` is always the same contexts, so a resumed
+training run sees exactly the batches the interrupted one would have seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from itertools import islice
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from tl_superposition.activations import ActivationStore, resolve_source
+from tl_superposition.activations.sources import TokenSource, iter_contexts
+from tl_superposition.qk.config import AttentionShape
+
+
+class QKBatch(NamedTuple):
+    """A batch of whole contexts (float32 on the source's device).
+
+    Attributes:
+        x: ``ln1.hook_normalized``, ``[batch, pos, d_model]``.
+        q: ``attn.hook_q``, ``[batch, pos, n_heads, d_head]``.
+        k: ``attn.hook_k``, ``[batch, pos, n_key_value_heads, d_head]``.
+        tokens: int64 ``[batch, pos]``.
+    """
+
+    x: Tensor
+    q: Tensor
+    k: Tensor
+    tokens: Tensor
+
+
+class ContextSource(Protocol):
+    """What the trainer and the evaluation read from."""
+
+    shape: AttentionShape
+    context_size: int
+
+    def batches(self, batch_contexts: int, epoch: int, start: int = 0) -> Iterator[QKBatch]:
+        """Batches ``start, start+1, ...`` of epoch ``epoch`` (every batch full)."""
+        ...
+
+    def description(self) -> dict[str, Any]:
+        """JSON-able description (recorded with checkpoints; a resume must match it)."""
+        ...
+
+
+def _hooks(shape: AttentionShape) -> tuple[str, str, str]:
+    return (
+        shape.hook("ln1.hook_normalized"),
+        shape.hook("attn.hook_q"),
+        shape.hook("attn.hook_k"),
+    )
+
+
+class StoreSource:
+    """Contexts from a collection folder, shuffled per epoch.
+
+    Args:
+        store: an :class:`ActivationStore` (or the path of a collection folder) holding
+            ``ln1.hook_normalized``, ``attn.hook_q`` and ``attn.hook_k`` of ``shape.layer``.
+        shape: the attention shape of the transcoder that will be trained.
+        seed: shuffle seed; epoch ``e`` visits the contexts in the order
+            ``randperm(n_contexts)`` drawn from a generator seeded with ``(seed, e)``.
+        device: where batches are put.
+
+    Raises:
+        FileNotFoundError / RuntimeError: from the store (no collection, incomplete).
+        ValueError: a needed hook is missing, or its stored shape disagrees with ``shape``.
+    """
+
+    def __init__(
+        self,
+        store: ActivationStore | str,
+        shape: AttentionShape,
+        *,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.store = store if isinstance(store, ActivationStore) else ActivationStore(store)
+        self.shape = shape
+        self.seed = int(seed)
+        self.device = torch.device(device)
+        self.hooks = _hooks(shape)
+        missing = [h for h in self.hooks if h not in self.store.hooks]
+        if missing:
+            raise ValueError(
+                f"the collection in {self.store.path} lacks {missing} (it holds "
+                f"{self.store.hooks}); collect ln1.hook_normalized, attn.hook_q and attn.hook_k "
+                f"at layer {shape.layer}"
+            )
+        want = {
+            self.hooks[0]: [shape.d_model],
+            self.hooks[1]: [shape.n_heads, shape.d_head],
+            self.hooks[2]: [shape.n_key_value_heads, shape.d_head],
+        }
+        for hook, dims in want.items():
+            got = self.store.shape(hook)[1:]
+            if got != dims:
+                raise ValueError(
+                    f"{hook} is stored with shape {got} per position, the transcoder needs "
+                    f"{dims}: the collection is from another model"
+                )
+        self.context_size = self.store.context_size
+        self.n_contexts = self.store.n_contexts
+
+    def n_batches(self, batch_contexts: int) -> int:
+        """Full batches per epoch."""
+        return self.n_contexts // batch_contexts
+
+    def _order(self, epoch: int) -> Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(epoch))
+        return torch.randperm(self.n_contexts, generator=g)
+
+    def batches(self, batch_contexts: int, epoch: int, start: int = 0) -> Iterator[QKBatch]:
+        """Batches ``start..`` of epoch ``epoch``; the last partial batch is dropped.
+
+        Raises:
+            ValueError: the collection holds fewer than ``batch_contexts`` contexts.
+        """
+        n = self.n_batches(batch_contexts)
+        if n == 0:
+            raise ValueError(
+                f"the collection holds {self.n_contexts} contexts, fewer than one batch of "
+                f"{batch_contexts}: collect more or lower the batch size"
+            )
+        order = self._order(epoch)
+        for b in range(start, n):
+            idx = order[b * batch_contexts : (b + 1) * batch_contexts]
+            got = self.store.get_contexts(idx, list(self.hooks))
+            yield QKBatch(
+                x=got[self.hooks[0]].float().to(self.device),
+                q=got[self.hooks[1]].float().to(self.device),
+                k=got[self.hooks[2]].float().to(self.device),
+                tokens=got["tokens"].to(self.device),
+            )
+
+    def description(self) -> dict[str, Any]:
+        """Collection path, size, source, model fingerprint and the shuffle seed."""
+        settings = self.store.manifest.get("settings", {})
+        return {
+            "kind": "store",
+            "path": str(self.store.path.resolve()),
+            "n_contexts": self.n_contexts,
+            "context_size": self.context_size,
+            "source": settings.get("source"),
+            "model_fingerprint": settings.get("model_fingerprint"),
+            "seed": self.seed,
+        }
+
+
+@torch.no_grad()
+def run_to_layer(
+    model: HookedTransformer, shape: AttentionShape, tokens: Tensor, forward_batch: int = 16
+) -> QKBatch:
+    """``x``, ``q``, ``k`` of ``tokens`` (``[batch, pos]``), running layers ``0..L`` only."""
+    names = set(_hooks(shape))
+    parts = []
+    for i in range(0, tokens.shape[0], forward_batch):
+        _, cache = model.run_with_cache(
+            tokens[i : i + forward_batch],
+            names_filter=lambda n: n in names,
+            stop_at_layer=shape.layer + 1,
+        )
+        x, q, k = (cache[h].float() for h in _hooks(shape))
+        parts.append((x, q, k))
+    return QKBatch(*(torch.cat([p[j] for p in parts]) for j in range(3)), tokens=tokens)
+
+
+def _packing(
+    model: HookedTransformer, source: Any, context_size: int, split: str | None
+) -> tuple[TokenSource, int | None, int | None]:
+    """The resolved source, BOS and separator ids, as :func:`tl_superposition.collect` packs."""
+    token_source = resolve_source(source, model.tokenizer, context_size=context_size, split=split)
+    tok = model.tokenizer
+    bos = None
+    if tok is not None:
+        bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    bos = None if bos is None else int(bos)  # type: ignore[arg-type]
+    prepend = bool(model.cfg.default_prepend_bos) and token_source.contexts is None
+    return token_source, (bos if prepend else None), bos
+
+
+def pack_text(
+    model: HookedTransformer,
+    source: Any,
+    *,
+    context_size: int = 128,
+    split: str | None = None,
+    max_contexts: int | None = None,
+) -> Tensor:
+    """Token contexts of a text source, packed as :func:`tl_superposition.collect` packs them.
+
+    Args:
+        source: anything :func:`tl_superposition.activations.resolve_source` accepts.
+        split: file-name prefix selecting files of a folder (e.g. ``"test"``).
+        max_contexts: keep only the first this many contexts.
+
+    Returns:
+        int64 ``[n_contexts, context_size]``.
+
+    Raises:
+        ValueError: the source gives no full context.
+    """
+    token_source, bos, sep = _packing(model, source, context_size, split)
+    it = iter_contexts(token_source, context_size, bos, sep)
+    rows = list(islice(it, max_contexts) if max_contexts is not None else it)
+    if not rows:
+        raise ValueError(f"the source gives no full context of {context_size} tokens")
+    return torch.as_tensor(np.stack(rows), dtype=torch.long)
+
+
+class ModelSource:
+    """Contexts packed from a text source and run through ``model`` on the fly.
+
+    Every epoch reads the source in the same (packing) order; with ``max_contexts`` only its
+    first contexts are used. Packing follows :func:`tl_superposition.collect` (BOS at the start
+    of every context when the model expects one, BOS between documents).
+
+    Args:
+        model: the model (its layers up to ``shape.layer`` are run).
+        source: anything :func:`tl_superposition.activations.resolve_source` accepts (a text
+            file or folder, ``"pydoc"``, a list of strings, token tensors, a dataset name).
+        shape: the transcoder's attention shape (checked against ``model``).
+        context_size: tokens per context.
+        split: file-name prefix selecting files of a folder (e.g. ``"test"``).
+        max_contexts: use only the first this many contexts.
+        forward_batch: contexts per forward pass.
+
+    Raises:
+        ValueError: the model does not have ``shape``, or the source is empty or too short.
+    """
+
+    def __init__(
+        self,
+        model: HookedTransformer,
+        source: Any,
+        shape: AttentionShape,
+        *,
+        context_size: int = 128,
+        split: str | None = None,
+        max_contexts: int | None = None,
+        forward_batch: int = 16,
+    ) -> None:
+        shape.check_model(model)
+        if context_size < 2 or context_size > model.cfg.n_ctx:
+            raise ValueError(f"context_size must be in 2..{model.cfg.n_ctx}, got {context_size}")
+        self.model = model
+        self.shape = shape
+        self.context_size = int(context_size)
+        self.max_contexts = max_contexts
+        self.forward_batch = int(forward_batch)
+        self.split = split
+        self.hooks = _hooks(shape)
+        self._source, self._bos, self._sep = _packing(model, source, context_size, split)
+
+    def contexts(self) -> Iterator[np.ndarray]:
+        """The token contexts of one pass, in order (int64 ``[context_size]``)."""
+        it = iter_contexts(self._source, self.context_size, self._bos, self._sep)
+        return islice(it, self.max_contexts) if self.max_contexts is not None else it
+
+    def batches(self, batch_contexts: int, epoch: int, start: int = 0) -> Iterator[QKBatch]:
+        """Batches ``start..`` of a pass (the same for every ``epoch``).
+
+        Raises:
+            ValueError: the source has fewer than ``batch_contexts`` contexts.
+        """
+        del epoch  # a stream is read in the same order every time
+        it = self.contexts()
+        skipped = list(islice(it, start * batch_contexts))
+        if len(skipped) < start * batch_contexts:
+            return
+        produced = start
+        device = self.model.cfg.device
+        while True:
+            rows = list(islice(it, batch_contexts))
+            if len(rows) < batch_contexts:
+                if produced == 0:
+                    raise ValueError(
+                        f"the source gives {len(rows)} contexts of {self.context_size} tokens, "
+                        f"fewer than one batch of {batch_contexts}"
+                    )
+                return
+            tokens = torch.as_tensor(np.stack(rows), dtype=torch.long, device=device)
+            produced += 1
+            yield run_to_layer(self.model, self.shape, tokens, self.forward_batch)
+
+    def description(self) -> dict[str, Any]:
+        """The text source, split, context size and model name."""
+        return {
+            "kind": "model",
+            "model": str(self.model.cfg.model_name),
+            "source": self._source.description,
+            "split": self.split,
+            "context_size": self.context_size,
+            "max_contexts": self.max_contexts,
+        }
+
+
+class MemorySource:
+    """Contexts run through ``model`` once and kept in memory, shuffled per epoch.
+
+    Args:
+        model: the model (layers ``0..shape.layer`` are run once, in ``forward_batch`` chunks).
+        tokens: int64 ``[n_contexts, ctx]`` (e.g. :func:`pack_text`).
+        shape: the transcoder's attention shape (checked against ``model``).
+        seed: shuffle seed (epoch ``e`` uses a generator seeded with ``(seed, e)``).
+
+    Raises:
+        ValueError: ``model`` does not have ``shape``, or ``tokens`` is not 2-D.
+    """
+
+    def __init__(
+        self,
+        model: HookedTransformer,
+        tokens: Tensor,
+        shape: AttentionShape,
+        *,
+        seed: int = 0,
+        forward_batch: int = 16,
+    ) -> None:
+        shape.check_model(model)
+        if tokens.ndim != 2 or tokens.shape[1] < 2:
+            raise ValueError(f"tokens must be [n_contexts, ctx >= 2], got {tuple(tokens.shape)}")
+        self.shape = shape
+        self.context_size = int(tokens.shape[1])
+        self.n_contexts = int(tokens.shape[0])
+        self.seed = int(seed)
+        tokens = tokens.to(model.cfg.device)
+        self.data = run_to_layer(model, shape, tokens, forward_batch)
+        digest = hashlib.sha256(tokens.cpu().numpy().tobytes()).hexdigest()[:16]
+        self._description = {
+            "kind": "memory",
+            "model": str(model.cfg.model_name),
+            "n_contexts": self.n_contexts,
+            "context_size": self.context_size,
+            "tokens_sha256_16": digest,
+            "seed": self.seed,
+        }
+
+    def batches(self, batch_contexts: int, epoch: int, start: int = 0) -> Iterator[QKBatch]:
+        """Batches ``start..`` of epoch ``epoch``; the last partial batch is dropped."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(epoch))
+        order = torch.randperm(self.n_contexts, generator=g)
+        for b in range(start, self.n_contexts // batch_contexts):
+            idx = order[b * batch_contexts : (b + 1) * batch_contexts].to(self.data.x.device)
+            yield QKBatch(*(t[idx] for t in self.data))
+
+    def description(self) -> dict[str, Any]:
+        """Model, size and a digest of the tokens."""
+        return dict(self._description)

@@ -1,0 +1,467 @@
+"""Training of QK transcoders: :func:`train_qk`.
+
+One optimisation step takes a batch of whole contexts from a :mod:`.source`, runs both
+dictionaries on ``ln1.hook_normalized``, and minimises :func:`.loss.qk_loss` with Adam
+(linear warm-up, constant, linear decay), global gradient-norm clipping and a linear warm-up
+of the sparsity coefficient. Dead features are tracked over a window of tokens and resampled
+on a schedule (:mod:`.resample`).
+
+Output folder::
+
+    out_dir/
+      checkpoint.pt         everything needed to resume (weights, Adam, data position, RNG)
+      history.csv           one row per logged step (loss terms, L0, dead fractions, lr)
+      train_config.json     the QKTrainConfig and the source description
+      qk_transcoder.json, q/, k/   the trained pair (QKTranscoder.load(out_dir)), at the end
+
+Checkpoints are written atomically every ``checkpoint_every_steps`` steps, at the end and on
+``KeyboardInterrupt``. A run restarted on the same folder resumes from the checkpoint and
+reaches exactly the weights an uninterrupted run reaches: the data order depends only on
+(seed, epoch, batch index), the learning rates only on the step, and the optimiser, the
+firing counters and the resampling generator are restored.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from tl_superposition._atomic import atomic_path, write_json_atomic
+from tl_superposition.qk.attention import layer_attention
+from tl_superposition.qk.config import QKTrainConfig
+from tl_superposition.qk.dictionaries import init_from_data
+from tl_superposition.qk.loss import QKLoss, qk_loss
+from tl_superposition.qk.resample import FiringTracker, resample_dead
+from tl_superposition.qk.source import ContextSource, QKBatch
+from tl_superposition.qk.transcoder import QKOutput, QKTranscoder
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+HISTORY = "history.csv"
+TRAIN_CONFIG = "train_config.json"
+CHECKPOINT_FORMAT = "tl_superposition.qk.checkpoint/1"
+#: Contexts read to estimate the data means that initialise the biases.
+MEAN_CONTEXTS = 64
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_qk` did.
+
+    Attributes:
+        transcoder: the (trained or partly trained) QK transcoder.
+        history: one row per logged step: step, tokens, lr, sparsity_coeff, the loss terms
+            (:class:`.loss.QKLoss`), l0_q, l0_k (mean active features per token in the
+            batch), dead_q, dead_k (fractions dead over the window), resampled_q/_k (features
+            resampled so far).
+        steps: optimisation steps done in total (this call and earlier ones).
+        tokens: training tokens seen in total.
+        seconds: wall time of this call's training loop.
+        tokens_per_s: training tokens per second in this call.
+        finished: whether ``max_tokens`` were reached.
+        out_dir: the output folder, if any.
+    """
+
+    transcoder: QKTranscoder
+    history: pd.DataFrame
+    steps: int
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+    finished: bool
+    out_dir: Path | None = None
+
+
+def lr_factor(step: int, total: int, cfg: QKTrainConfig) -> float:
+    """Learning-rate multiplier at ``step`` (0-based) of ``total``: warm-up, flat, decay."""
+    warm = int(cfg.warmup_frac * total)
+    decay = int(cfg.decay_frac * total)
+    if warm and step < warm:
+        return (step + 1) / warm
+    if decay and step >= total - decay:
+        frac = (total - step) / decay
+        return cfg.lr_end_frac + (1 - cfg.lr_end_frac) * frac
+    return 1.0
+
+
+def sparsity_factor(step: int, total: int, cfg: QKTrainConfig) -> float:
+    """Multiplier of lambda at ``step``: a linear warm-up over ``sparsity_warmup_frac``."""
+    warm = int(cfg.sparsity_warmup_frac * total)
+    return min(1.0, (step + 1) / warm) if warm else 1.0
+
+
+def _batch_stream(
+    source: ContextSource, batch_contexts: int, epoch: int, start: int
+) -> Iterator[tuple[int, int, QKBatch]]:
+    """``(epoch, batch index, batch)`` from ``(epoch, start)`` on, across epochs forever."""
+    while True:
+        n = 0
+        for batch in source.batches(batch_contexts, epoch, start):
+            yield epoch, start + n, batch
+            n += 1
+        if n == 0 and start == 0:
+            raise ValueError("the source yields no batch: it holds too few contexts")
+        epoch, start = epoch + 1, 0
+
+
+@torch.no_grad()
+def data_means(
+    source: ContextSource, batch_contexts: int, n_contexts: int = MEAN_CONTEXTS
+) -> dict[str, torch.Tensor]:
+    """Mean ``x``, flattened ``q`` and flattened ``k`` over the first contexts of epoch 0.
+
+    Returns:
+        ``{"x": [d_model], "q": [n_heads * d_head], "k": [n_key_value_heads * d_head]}``.
+    """
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    for _, _, batch in _batch_stream(source, batch_contexts, 0, 0):
+        for name in ("x", "q", "k"):
+            t = getattr(batch, name).flatten(2) if name != "x" else batch.x
+            s = t.double().sum((0, 1))
+            sums[name] = sums[name] + s if name in sums else s
+        count += batch.x.shape[0] * batch.x.shape[1]
+        if count >= n_contexts * batch.x.shape[1]:
+            break
+    return {k: (v / count).float() for k, v in sums.items()}
+
+
+def _check_setup(qkt: QKTranscoder, model: HookedTransformer, source: ContextSource) -> None:
+    qkt.check_model(model)
+    if source.shape != qkt.shape:
+        raise ValueError(
+            f"the source reads layer {source.shape.layer} with shape {source.shape}, the "
+            f"transcoder is for {qkt.shape}"
+        )
+
+
+def _save_checkpoint(out_dir: Path, state: dict[str, Any], history: list[dict]) -> None:
+    with atomic_path(out_dir / CHECKPOINT) as tmp:
+        torch.save(state, tmp)
+    with atomic_path(out_dir / HISTORY) as tmp:
+        pd.DataFrame(history).to_csv(tmp, index=False)
+
+
+def _load_checkpoint(path: Path, expected: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint at ``path``, refused if it holds another run than ``expected`` says."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a QK-transcoder checkpoint")
+    names = {"qk_config": "transcoder config", "train_config": "training config"}
+    names["source"] = "data source"
+    mismatches = [what for key, what in names.items() if state[key] != expected[key]]
+    if mismatches:
+        raise ValueError(
+            f"{path} holds a run with another {', '.join(mismatches)}: resume it with the same "
+            "settings, or train into a new folder (or pass overwrite=True / --overwrite)"
+        )
+    return state
+
+
+class _Run:
+    """The mutable state of one training run, which is what a checkpoint holds."""
+
+    def __init__(
+        self,
+        qkt: QKTranscoder,
+        model: HookedTransformer,
+        source: ContextSource,
+        cfg: QKTrainConfig,
+    ) -> None:
+        self.qkt, self.source, self.cfg = qkt, source, cfg
+        self.attn = layer_attention(model, qkt.shape.layer)
+        self.tokens_per_step = cfg.batch_contexts * source.context_size
+        self.total = max(1, math.ceil(cfg.max_tokens / self.tokens_per_step))
+        self.opt = torch.optim.Adam(qkt.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
+        self.trackers = {
+            "q": FiringTracker(qkt.cfg.d_hidden_q),
+            "k": FiringTracker(qkt.cfg.d_hidden_k),
+        }
+        self.gen = torch.Generator().manual_seed(cfg.seed + 17)
+        self.means: dict[str, torch.Tensor] = {}
+        self.history: list[dict[str, Any]] = []
+        self.loop: dict[str, int] = dict.fromkeys(
+            ("step", "epoch", "batch", "tokens", "resampled_q", "resampled_k"), 0
+        )
+
+    @property
+    def finished(self) -> bool:
+        return self.loop["step"] >= self.total
+
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint must match to be resumed by this run."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "qk_config": self.qkt.cfg.to_dict(),
+            "train_config": self.cfg.to_dict(),
+            "source": self.source.description(),
+        }
+
+    def start(self) -> None:
+        """Initialise the biases from the data means (a new run)."""
+        self.means = data_means(self.source, self.cfg.batch_contexts)
+        norm = self.cfg.decoder_init_norm
+        with torch.no_grad():
+            init_from_data(self.qkt.q_dict, self.means["x"], self.means["q"], decoder_norm=norm)
+            init_from_data(self.qkt.k_dict, self.means["x"], self.means["k"], decoder_norm=norm)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **self.identity(),
+            **self.loop,
+            "weights": {k: v.detach().clone() for k, v in self.qkt.state_dict().items()},
+            "optimizer": self.opt.state_dict(),
+            "trackers": {k: t.state_dict() for k, t in self.trackers.items()},
+            "generator": self.gen.get_state(),
+            "means": self.means,
+            "history": self.history,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.qkt.load_state_dict(state["weights"])
+        self.opt.load_state_dict(state["optimizer"])
+        for name, tracker in self.trackers.items():
+            tracker.load_state_dict(state["trackers"][name])
+        self.gen.set_state(state["generator"])
+        self.means = state["means"]
+        self.history = list(state["history"])
+        self.loop = {k: int(state[k]) for k in self.loop}
+
+    def step(self, epoch: int, index: int, batch: QKBatch) -> dict[str, Any] | None:
+        """One optimisation step on ``batch``; the logged row on logging steps, else None."""
+        loop, cfg = self.loop, self.cfg
+        row = _train_step(self.qkt, self.attn, self.opt, batch, loop["step"], self.total, cfg)
+        loop.update(step=loop["step"] + 1, epoch=epoch, batch=index + 1)
+        loop["tokens"] += self.tokens_per_step
+        out = row.pop("_out")
+        row.update(
+            _dead_and_resample(
+                self.qkt, self.trackers, batch, out, loop, self.opt, self.means, self.gen, cfg
+            )
+        )
+        for side in ("q", "k"):
+            loop[f"resampled_{side}"] += row[f"resampled_{side}"]
+            row[f"resampled_{side}"] = loop[f"resampled_{side}"]
+        if loop["step"] % cfg.log_every_steps and not self.finished:
+            return None
+        row = {"step": loop["step"], "tokens": loop["tokens"], **row}
+        self.history.append(row)
+        log.info("step %d: %s", loop["step"], row)
+        return row
+
+
+def _l0(f: torch.Tensor) -> float:
+    return float((f > 0).float().sum(-1).mean())
+
+
+def train_qk(
+    qkt: QKTranscoder,
+    model: HookedTransformer,
+    source: ContextSource,
+    cfg: QKTrainConfig | None = None,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    overwrite: bool = False,
+    stop_after_steps: int | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``qkt`` in place on ``source`` (Wynroe & Sharkey 2024; see :mod:`.loss`).
+
+    Args:
+        qkt: the transcoder to train (new: its biases are initialised from the data means).
+        model: the model whose layer ``qkt`` belongs to (its attention module computes the
+            patterns; its weights are not changed).
+        source: whole-context batches (:class:`.source.StoreSource` or
+            :class:`.source.ModelSource`) of the same layer.
+        cfg: hyperparameters (default :class:`QKTrainConfig()`).
+        out_dir: folder for checkpoints, history and the final transcoder; a folder holding
+            a checkpoint of the same run is resumed from it. ``None``: nothing is written and
+            nothing can be resumed.
+        overwrite: start afresh even if ``out_dir`` holds a checkpoint (of any run).
+        stop_after_steps: return (after writing a checkpoint) once this call has done this
+            many steps; a later call resumes. ``None``: run to ``max_tokens``.
+        progress: show a tqdm bar with the loss terms, L0 and dead fractions.
+
+    Returns:
+        A :class:`TrainResult`.
+
+    Raises:
+        ValueError: ``qkt``, ``model`` and ``source`` disagree on the layer's shape, the
+            source holds less than one batch, or ``out_dir`` holds a checkpoint of another
+            run (and not ``overwrite``).
+    """
+    cfg = cfg or QKTrainConfig()
+    _check_setup(qkt, model, source)
+    device = torch.device(cfg.device)
+    qkt.to(device)
+    run = _Run(qkt, model, source, cfg)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    if out is not None and (out / CHECKPOINT).is_file() and not overwrite:
+        run.load_state_dict(_load_checkpoint(out / CHECKPOINT, run.identity()))
+        log.info("resuming %s at step %d", out, run.loop["step"])
+    else:
+        run.start()
+        if out is not None:
+            write_json_atomic(
+                out / TRAIN_CONFIG, {"train": cfg.to_dict(), "source": source.description()}
+            )
+
+    def save() -> None:
+        if out is not None:
+            _save_checkpoint(out, run.state_dict(), run.history)
+
+    done_here = 0
+    t0 = time.perf_counter()
+    bar = tqdm(
+        total=run.total,
+        initial=run.loop["step"],
+        unit="step",
+        disable=not progress,
+        desc="train-qk",
+    )
+    stream = _batch_stream(source, cfg.batch_contexts, run.loop["epoch"], run.loop["batch"])
+    qkt.train()
+    try:
+        while not run.finished and (stop_after_steps is None or done_here < stop_after_steps):
+            epoch, index, batch = next(stream)
+            row = run.step(epoch, index, QKBatch(*(t.to(device) for t in batch)))
+            done_here += 1
+            bar.update(1)
+            if row is not None:
+                bar.set_postfix(
+                    loss=f"{row['total']:.3f}",
+                    kl=f"{row['kl_full']:.3f}",
+                    klq=f"{row['kl_q']:.3f}",
+                    klk=f"{row['kl_k']:.3f}",
+                    l0q=f"{row['l0_q']:.0f}",
+                    l0k=f"{row['l0_k']:.0f}",
+                    dead=f"{row['dead_q']:.2f}/{row['dead_k']:.2f}",
+                )
+            if run.loop["step"] % cfg.checkpoint_every_steps == 0:
+                save()
+    except KeyboardInterrupt:
+        save()
+        raise
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    save()
+    qkt.eval()
+    if run.finished and out is not None:
+        qkt.save(out)
+    return TrainResult(
+        transcoder=qkt,
+        history=pd.DataFrame(run.history),
+        steps=run.loop["step"],
+        tokens=run.loop["tokens"],
+        seconds=seconds,
+        tokens_per_s=done_here * run.tokens_per_step / seconds if seconds > 0 else 0.0,
+        finished=run.finished,
+        out_dir=out,
+    )
+
+
+def _train_step(
+    qkt: QKTranscoder,
+    attn: Any,
+    opt: torch.optim.Optimizer,
+    batch: QKBatch,
+    step: int,
+    total: int,
+    cfg: QKTrainConfig,
+) -> dict[str, Any]:
+    """One Adam step; returns the logged values (and the output under ``"_out"``)."""
+    lr = cfg.lr * lr_factor(step, total, cfg)
+    lam = cfg.sparsity_coeff * sparsity_factor(step, total, cfg)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    out: QKOutput = qkt(batch.x)
+    loss: QKLoss = qk_loss(
+        attn,
+        batch.q,
+        batch.k,
+        out,
+        qkt.q_dict.W_dec,
+        qkt.k_dict.W_dec,
+        sparsity=qkt.cfg.sparsity,
+        sparsity_coeff=lam,
+        kl_full_weight=cfg.kl_full_weight,
+        kl_mixed_weight=cfg.kl_mixed_weight,
+        sqrt_eps=cfg.sqrt_eps,
+    )
+    opt.zero_grad(set_to_none=True)
+    loss.total.backward()
+    if cfg.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(qkt.parameters(), cfg.grad_clip)
+    opt.step()
+    return {
+        "lr": lr,
+        "sparsity_coeff": lam,
+        **loss.items(),
+        "l0_q": _l0(out.q_features),
+        "l0_k": _l0(out.k_features),
+        "_out": out,
+    }
+
+
+def _dead_and_resample(
+    qkt: QKTranscoder,
+    trackers: dict[str, FiringTracker],
+    batch: QKBatch,
+    out: QKOutput,
+    loop: dict[str, Any],
+    opt: torch.optim.Optimizer,
+    means: dict[str, torch.Tensor],
+    gen: torch.Generator,
+    cfg: QKTrainConfig,
+) -> dict[str, Any]:
+    """Update the firing counters; resample dead features when the schedule says so."""
+    tokens = loop["tokens"]
+    trackers["q"].update(out.q_features, tokens)
+    trackers["k"].update(out.k_features, tokens)
+    every = cfg.resample_every_tokens
+    tokens_per_step = batch.x.shape[0] * batch.x.shape[1]
+    due = (
+        every > 0
+        and tokens // every > (tokens - tokens_per_step) // every
+        and tokens <= cfg.resample_until_frac * cfg.max_tokens
+    )
+    row: dict[str, Any] = {}
+    for name, sae, y, y_hat in (
+        ("q", qkt.q_dict, batch.q, out.q),
+        ("k", qkt.k_dict, batch.k, out.k),
+    ):
+        dead = trackers[name].dead(tokens, cfg.dead_window_tokens)
+        row[f"dead_{name}"] = float(dead.float().mean())
+        n = 0
+        if due and dead.any():
+            x = batch.x.reshape(-1, batch.x.shape[-1])
+            err = (y - y_hat.detach()).reshape(x.shape[0], -1)
+            n = resample_dead(
+                sae,
+                dead,
+                x,
+                err,
+                means["x"].to(x.device),
+                enc_norm=cfg.resample_enc_norm,
+                generator=gen,
+                optimizer=opt,
+            )
+            trackers[name].reset(dead, tokens)
+            log.info("resampled %d dead %s features at %d tokens", n, name, tokens)
+        row[f"resampled_{name}"] = n
+    return row
