@@ -120,7 +120,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from tl_superposition import load_model
-    from tl_superposition.qk import QKTranscoder, evaluate_qk, pack_text
+    from tl_superposition.activations import pack_text
+    from tl_superposition.qk import QKTranscoder, evaluate_qk
 
     model = load_model(args.model)
     if args.transcoder:  # benchmark the documented run's architecture

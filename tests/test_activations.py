@@ -20,9 +20,11 @@ from tl_superposition.activations import (
     CollectConfig,
     collect,
     pack_contexts,
+    pack_text,
     pattern_from_qk,
     resolve_hooks,
     resolve_source,
+    special_tokens,
 )
 from tl_superposition.activations import collector as collector_mod
 from tl_superposition.activations import folder as folder_mod
@@ -464,6 +466,42 @@ def test_pack_contexts_has_bos_and_no_padding():
     assert 99 not in [c[1] for c in ctxs]
     no_bos = list(pack_contexts(docs, 4, bos_token_id=None, separator_token_id=None))
     assert np.concatenate(no_bos).tolist() == list(range(1, 17))
+
+
+@pytest.mark.parametrize(("prepend_bos", "separator"), [(None, "bos"), (False, "eos")])
+def test_pack_text_gives_the_collected_tokens(model, tmp_path, prepend_bos, separator):
+    config = CollectConfig(
+        hooks="blocks.0.hook_resid_pre",
+        context_size=24,
+        max_tokens=24 * 10,
+        split="valid",
+        prepend_bos=prepend_bos,
+        separator=separator,
+        out_dir=tmp_path / "a",
+        progress=False,
+    )
+    collect(model, config, corpus())
+    store = ActivationStore(tmp_path / "a")
+    stored = store.get_contexts(range(len(store)))["tokens"]
+    packed = pack_text(
+        model,
+        corpus(),
+        context_size=24,
+        split="valid",
+        max_contexts=len(store),
+        prepend_bos=prepend_bos,
+        separator=separator,
+    )
+    assert torch.equal(packed, torch.as_tensor(stored).long())
+    starts_with_bos = bool((packed[:, 0] == model.tokenizer.bos_token_id).all())
+    wants_bos = model.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
+    assert starts_with_bos == wants_bos
+
+
+def test_special_tokens_refuse_bad_settings(tiny_gpt2):
+    with pytest.raises(ValueError, match="separator must be one of"):
+        special_tokens(tiny_gpt2, separator="newline")
+    assert special_tokens(tiny_gpt2, prepend_bos=False, separator="none") == (None, None)
 
 
 def test_pretokenised_and_default_sources(tiny_llama, tmp_path):

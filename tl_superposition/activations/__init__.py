@@ -5,6 +5,8 @@ The data flow, one module each:
 - :mod:`.config` -- :class:`CollectConfig`, every setting of a collection, checked up front;
 - :mod:`.sources` -- a source (the built-in ``pydoc`` corpus, ``"auto"``, a text file or
   folder, a hub dataset, strings, token ids) -> documents -> packed contexts;
+- :mod:`.packing` -- :func:`open_packing` / :func:`pack_text`: which BOS and separator a model's
+  contexts carry (every method packs text through it);
 - :mod:`.collector` -- :func:`collect`: run a ``HookedTransformer`` over the contexts and stream
   the requested hooks (residual stream, normalised input, queries, keys, z, patterns, attention
   output) to ``shard_*.safetensors`` files; resumable, atomic, refuses to mix runs;
@@ -28,6 +30,7 @@ Example::
 
 from tl_superposition.activations.collector import CollectSummary, collect, resolve_hooks
 from tl_superposition.activations.config import SHORT_HOOKS, STORAGE_DTYPES, CollectConfig
+from tl_superposition.activations.packing import Packing, open_packing, pack_text, special_tokens
 from tl_superposition.activations.patterns import attention_params, pattern_from_qk
 from tl_superposition.activations.sources import pack_contexts, resolve_source
 from tl_superposition.activations.store import ActivationStore
@@ -42,6 +45,10 @@ __all__ = [
     "resolve_hooks",
     "resolve_source",
     "pack_contexts",
+    "pack_text",
+    "open_packing",
+    "Packing",
+    "special_tokens",
     "SHORT_HOOKS",
     "STORAGE_DTYPES",
 ]

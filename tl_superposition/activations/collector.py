@@ -43,13 +43,9 @@ from tl_superposition.activations.folder import (
     check_disk,
     open_out_dir,
 )
+from tl_superposition.activations.packing import Packing, open_packing
 from tl_superposition.activations.patterns import attention_params, rotary_tables
-from tl_superposition.activations.sources import (
-    TokenSource,
-    iter_contexts,
-    resolve_source,
-    source_label,
-)
+from tl_superposition.activations.sources import source_label
 
 log = logging.getLogger(__name__)
 
@@ -241,56 +237,25 @@ def _stop_layer(hooks: Iterable[str]) -> int | None:
 # the source
 
 
-@dataclass
-class _Packing:
-    """A resolved source and the special tokens its contexts are packed with."""
-
-    source: TokenSource
-    bos_token_id: int | None  # prepended to every context; None: no BOS
-    separator_token_id: int | None  # between documents; None for pre-packed contexts
-
-
-def _special_tokens(
-    model: HookedTransformer, config: CollectConfig
-) -> tuple[int | None, int | None]:
-    """``(bos, separator)`` token ids the config asks for; BOS falls back to EOS."""
-    tokenizer = getattr(model, "tokenizer", None)
-    bos_id = eos_id = None
-    if tokenizer is not None:
-        eos_id = tokenizer.eos_token_id
-        bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos_id
-    prepend = config.prepend_bos
-    if prepend is None:
-        prepend = bool(model.cfg.default_prepend_bos)
-    if prepend and bos_id is None:
-        raise ValueError("prepend_bos=True but the model's tokenizer has no BOS or EOS token")
-    separator = {"bos": bos_id, "eos": eos_id, "none": None}[config.separator]
-    return (bos_id if prepend else None), separator
-
-
 def _open_source(
     model: HookedTransformer, config: CollectConfig, source: Any
-) -> tuple[_Packing, Iterator[np.ndarray]]:
+) -> tuple[Packing, Iterator[np.ndarray]]:
     """Resolve ``source`` and read its first context, so that a bad source fails here.
 
     Raises:
         ValueError: no tokenizer for a text source, no complete context, token ids outside the
             vocabulary (and the errors of :func:`.sources.resolve_source`).
     """
-    bos_id, sep_id = _special_tokens(model, config)
-    tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is None and not isinstance(source, (torch.Tensor, np.ndarray, list, tuple)):
-        raise ValueError("the model has no tokenizer: pass already tokenised data as source")
-    token_source = resolve_source(
+    packing = open_packing(
+        model,
         source,
-        tokenizer,
         context_size=config.context_size,
         split=config.split,
         column=config.column,
+        prepend_bos=config.prepend_bos,
+        separator=config.separator,
     )
-    packed = token_source.contexts is not None  # pre-packed contexts are taken as they are
-    packing = _Packing(token_source, None if packed else bos_id, None if packed else sep_id)
-    contexts = iter_contexts(token_source, config.context_size, packing.bos_token_id, sep_id)
+    contexts = packing.contexts()
     first = next(contexts, None)  # raises here for a missing column / empty dataset
     if first is None:
         raise ValueError(
@@ -363,7 +328,7 @@ def _attention_constants(
 
 
 def _settings(
-    model: HookedTransformer, config: CollectConfig, plan: _Plan, packing: _Packing
+    model: HookedTransformer, config: CollectConfig, plan: _Plan, packing: Packing
 ) -> dict[str, Any]:
     """The manifest's ``settings``: what decides the bytes written (compared on resume)."""
     return {

@@ -27,6 +27,7 @@ Example::
         loss = model(tokens, return_type="loss")
 """
 
+from tl_superposition.activations.packing import pack_text  # re-exported for convenience
 from tl_superposition.qk.attribution import ScoreAttribution, attribute_score
 from tl_superposition.qk.config import AttentionShape, QKTrainConfig, QKTranscoderConfig
 from tl_superposition.qk.evaluate import QKEvalResult, evaluate_qk
@@ -38,13 +39,7 @@ from tl_superposition.qk.pairs import (
     pair_statistics,
     train_pair_mask,
 )
-from tl_superposition.qk.source import (
-    MemorySource,
-    ModelSource,
-    QKBatch,
-    StoreSource,
-    pack_text,
-)
+from tl_superposition.qk.source import MemorySource, ModelSource, QKBatch, StoreSource
 from tl_superposition.qk.trainer import TrainResult, train_qk
 from tl_superposition.qk.transcoder import QKOutput, QKTranscoder
 

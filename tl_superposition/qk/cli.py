@@ -204,8 +204,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from tl_superposition import load_model
     from tl_superposition._atomic import atomic_path, write_json_atomic
+    from tl_superposition.activations.packing import pack_text
     from tl_superposition.qk.evaluate import evaluate_qk
-    from tl_superposition.qk.source import pack_text
     from tl_superposition.qk.transcoder import QKTranscoder
 
     _set_threads(args.threads)

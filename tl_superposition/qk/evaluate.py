@@ -127,7 +127,8 @@ def evaluate_qk(
     Args:
         qkt: the QK transcoder.
         model: its model.
-        tokens: int64 ``[n_contexts, ctx]`` (e.g. :func:`.source.pack_text` of a test split).
+        tokens: int64 ``[n_contexts, ctx]`` (e.g. :func:`~tl_superposition.activations.pack_text`
+            of a test split).
         heads: the heads of interest (default all heads of the layer).
         batch_contexts: contexts per forward pass.
 

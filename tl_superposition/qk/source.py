@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from tl_superposition.activations import ActivationStore, resolve_source
-from tl_superposition.activations.sources import TokenSource, iter_contexts
+from tl_superposition.activations import ActivationStore
+from tl_superposition.activations.packing import open_packing
 from tl_superposition.qk.config import AttentionShape
 
 
@@ -187,49 +187,6 @@ def run_to_layer(
     return QKBatch(*(torch.cat([p[j] for p in parts]) for j in range(3)), tokens=tokens)
 
 
-def _packing(
-    model: HookedTransformer, source: Any, context_size: int, split: str | None
-) -> tuple[TokenSource, int | None, int | None]:
-    """The resolved source, BOS and separator ids, as :func:`tl_superposition.collect` packs."""
-    token_source = resolve_source(source, model.tokenizer, context_size=context_size, split=split)
-    tok = model.tokenizer
-    bos = None
-    if tok is not None:
-        bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    bos = None if bos is None else int(bos)  # type: ignore[arg-type]
-    prepend = bool(model.cfg.default_prepend_bos) and token_source.contexts is None
-    return token_source, (bos if prepend else None), bos
-
-
-def pack_text(
-    model: HookedTransformer,
-    source: Any,
-    *,
-    context_size: int = 128,
-    split: str | None = None,
-    max_contexts: int | None = None,
-) -> Tensor:
-    """Token contexts of a text source, packed as :func:`tl_superposition.collect` packs them.
-
-    Args:
-        source: anything :func:`tl_superposition.activations.resolve_source` accepts.
-        split: file-name prefix selecting files of a folder (e.g. ``"test"``).
-        max_contexts: keep only the first this many contexts.
-
-    Returns:
-        int64 ``[n_contexts, context_size]``.
-
-    Raises:
-        ValueError: the source gives no full context.
-    """
-    token_source, bos, sep = _packing(model, source, context_size, split)
-    it = iter_contexts(token_source, context_size, bos, sep)
-    rows = list(islice(it, max_contexts) if max_contexts is not None else it)
-    if not rows:
-        raise ValueError(f"the source gives no full context of {context_size} tokens")
-    return torch.as_tensor(np.stack(rows), dtype=torch.long)
-
-
 class ModelSource:
     """Contexts packed from a text source and run through ``model`` on the fly.
 
@@ -272,11 +229,11 @@ class ModelSource:
         self.forward_batch = int(forward_batch)
         self.split = split
         self.hooks = _hooks(shape)
-        self._source, self._bos, self._sep = _packing(model, source, context_size, split)
+        self._packing = open_packing(model, source, context_size=context_size, split=split)
 
     def contexts(self) -> Iterator[np.ndarray]:
         """The token contexts of one pass, in order (int64 ``[context_size]``)."""
-        it = iter_contexts(self._source, self.context_size, self._bos, self._sep)
+        it = self._packing.contexts()
         return islice(it, self.max_contexts) if self.max_contexts is not None else it
 
     def batches(self, batch_contexts: int, epoch: int, start: int = 0) -> Iterator[QKBatch]:
@@ -310,7 +267,7 @@ class ModelSource:
         return {
             "kind": "model",
             "model": str(self.model.cfg.model_name),
-            "source": self._source.description,
+            "source": self._packing.source.description,
             "split": self.split,
             "context_size": self.context_size,
             "max_contexts": self.max_contexts,
@@ -322,7 +279,7 @@ class MemorySource:
 
     Args:
         model: the model (layers ``0..shape.layer`` are run once, in ``forward_batch`` chunks).
-        tokens: int64 ``[n_contexts, ctx]`` (e.g. :func:`pack_text`).
+        tokens: int64 ``[n_contexts, ctx]`` (e.g. :func:`tl_superposition.activations.pack_text`).
         shape: the transcoder's attention shape (checked against ``model``).
         seed: shuffle seed (epoch ``e`` uses a generator seeded with ``(seed, e)``).
 
