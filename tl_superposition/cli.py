@@ -21,6 +21,14 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "tl_superposition.activations.cli",
         "collect activations from a dataset into safetensors shards",
     ),
+    "toy": (
+        "tl_superposition.toys.cli",
+        "skip-trigram toy models: superposition analysis and gated attention blocks",
+    ),
+    "train-gated": (
+        "tl_superposition.gated.cli",
+        "train a gated attention block on a real model's layer and splice it in",
+    ),
 }
 
 

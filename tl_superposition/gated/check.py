@@ -22,15 +22,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
-import torch
 
 from tl_superposition.toys.analysis import (
-    MAX_ABLATION_HEADS,
-    all_subsets,
-    correct_under_ablation,
-    head_label,
-    heads_of,
+    SubsetAblation,
     solely_encoding_fraction,
+    subset_ablation,
 )
 from tl_superposition.toys.datasets import ToyDataset
 
@@ -81,6 +77,7 @@ def solely_encoded(
     dataset: ToyDataset,
     blocks: Mapping[int, Any] | None = None,
     threshold: float = 0.99,
+    ablation: SubsetAblation | None = None,
 ) -> SolelyEncodedReport:
     """Run the solely-encoded check on a toy model, optionally with gated blocks spliced in.
 
@@ -89,32 +86,24 @@ def solely_encoded(
         dataset: validation samples (the authors: 100,000, a seed not used for training).
         blocks: ``{layer: GatedAttentionBlock}`` replacing those layers.
         threshold: accuracy and solely-encoding threshold (0.99).
+        ablation: the all-subset :func:`~tl_superposition.toys.analysis.subset_ablation` of
+            the same model, blocks and dataset, if already computed.
 
     Raises:
         ValueError: more than :data:`~tl_superposition.toys.analysis.MAX_ABLATION_HEADS` heads.
     """
-    heads = heads_of(model, blocks)
-    if len(heads) > MAX_ABLATION_HEADS:
-        raise ValueError(f"{len(heads)} heads: at most {MAX_ABLATION_HEADS} for all-subset checks")
-    keep = all_subsets(len(heads))
-    correct = correct_under_ablation(model, dataset, keep, blocks)
-    s, p = dataset.asked()
-    task = dataset.task[s, p]
-    n_tasks = dataset.n_tasks
-    counts = torch.bincount(task, minlength=n_tasks).float().clamp(min=1)
-    full = keep.all(dim=1)
-    acc = torch.bincount(task[correct[full][0]], minlength=n_tasks) / counts
-    frac = solely_encoding_fraction(correct, keep, task, n_tasks)
-    labels = [head_label(*h) for h in heads]
-
-    used = []
-    n = len(heads)
-    for i, label in enumerate(labels):
-        without = keep.sum(1).eq(n - 1) & ~keep[:, i]
-        acc_without = torch.bincount(task[correct[without][0]], minlength=n_tasks) / counts
-        if bool(((acc - acc_without) > 1 - threshold).any()):
-            used.append(label)
-
+    ab = ablation or subset_ablation(model, dataset, blocks)
+    n_tasks, labels, n = ab.n_tasks, ab.labels, len(ab.labels)
+    acc_all = ab.accuracy()
+    acc = acc_all[ab.mask_index(range(n))]
+    frac = solely_encoding_fraction(ab.correct, ab.keep, ab.task, n_tasks)
+    used = [
+        label
+        for i, label in enumerate(labels)
+        if bool(
+            ((acc - acc_all[ab.mask_index([j for j in range(n) if j != i])]) > 1 - threshold).any()
+        )
+    ]
     rows = []
     for t in range(n_tasks):
         passing = [labels[i] for i in range(n) if frac[t, i] > threshold]
@@ -128,7 +117,7 @@ def solely_encoded(
             status = "distributed"
         rows.append(
             {
-                "task_name": dataset.task_names[t],
+                "task_name": ab.task_names[t],
                 "accuracy": float(acc[t]),
                 "learnt": learnt,
                 "status": status,
@@ -137,5 +126,5 @@ def solely_encoded(
                 "best_fraction": float(frac[t].max()) if n else float("nan"),
             }
         )
-    fractions = pd.DataFrame(frac.numpy(), index=dataset.task_names, columns=labels)
+    fractions = pd.DataFrame(frac.numpy(), index=ab.task_names, columns=labels)
     return SolelyEncodedReport(pd.DataFrame(rows), fractions, used, threshold, len(dataset))

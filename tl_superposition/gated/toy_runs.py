@@ -39,7 +39,7 @@ from tl_superposition.gated.check import SolelyEncodedReport, solely_encoded
 from tl_superposition.gated.gates import gate_map
 from tl_superposition.gated.sources import TensorBatches, layer_activations
 from tl_superposition.gated.train import GatedTrainConfig, train_gated_block
-from tl_superposition.toys.analysis import ablation_table, attention_ranking, minimal_head_sets
+from tl_superposition.toys.analysis import attention_ranking, minimal_head_sets, subset_ablation
 from tl_superposition.toys.datasets import ToyDataset
 from tl_superposition.toys.models import (
     load_toy_model,
@@ -80,7 +80,7 @@ def reference_model(
         return load_toy_model(run_dir / "toy")
     model = make_toy_model(setting.n_heads, train.d_vocab, setting.n_layers, seed=seed)
     stop = setting.dataset(20_000, STOP_SEED)
-    cfg = toy_config or ToyTrainConfig(lr=5e-3, loss_positions="all", min_epochs=20)
+    cfg = toy_config or setting.toy_train_config()
     result = train_toy_model(model, train, stop, cfg, progress=progress)
     if not result.reached:
         log.warning(
@@ -103,10 +103,11 @@ def _check_files(
     plots: bool,
 ) -> tuple[SolelyEncodedReport, pd.DataFrame]:
     """Solely-encoded check and all-subset ablation table, written as CSV (and PNG)."""
-    report = solely_encoded(model, val, blocks)
+    ablation = subset_ablation(model, val, blocks)
+    report = solely_encoded(model, val, blocks, ablation=ablation)
     _write_csv(report.table, run_dir / f"{prefix}_check.csv")
     _write_csv(report.fractions, run_dir / f"{prefix}_fractions.csv", index=True)
-    table = ablation_table(model, val, blocks)
+    table = ablation.table()
     _write_csv(table, run_dir / f"{prefix}_ablation.csv")
     if plots:
         from tl_superposition.toys.plots import plot_ablation
@@ -143,8 +144,8 @@ def run_toy(
         batch_size: sequences per step.
         compile: ``torch.compile`` the block's training step.
         plots: write PNG figures.
-        toy_config: training settings of the reference model (default: lr 5e-3, next-token
-            loss at every position as in the authors' script, at least 20 epochs).
+        toy_config: training settings of the reference model (default:
+            :meth:`ToySetting.toy_train_config`).
 
     Returns:
         The summary row (see :func:`reproduction_table`).

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -192,22 +193,85 @@ def _last_layer_terms(
     return got["resid_pre"] + bias, got["result"]
 
 
-def ablation_table(
+@dataclass
+class SubsetAblation:
+    """Correctness of every asked position under every kept head subset.
+
+    Attributes:
+        labels: head labels ``"L.H"``, one per column of ``keep``.
+        keep: ``[n_masks, n_heads]`` kept subsets.
+        correct: ``[n_masks, n_asked]`` from :func:`correct_under_ablation`.
+        task: ``[n_asked]`` task index of each asked position.
+        task_names: names of the tasks.
+    """
+
+    labels: list[str]
+    keep: Bool[Tensor, "n_masks n_heads"]
+    correct: Bool[Tensor, "n_masks n_asked"]
+    task: Tensor
+    task_names: list[str]
+
+    @property
+    def n_tasks(self) -> int:
+        """Number of tasks."""
+        return len(self.task_names)
+
+    def counts(self) -> Tensor:
+        """Asked positions per task (float ``[n_tasks]``)."""
+        return torch.bincount(self.task, minlength=self.n_tasks).float()
+
+    def accuracy(self) -> Tensor:
+        """``[n_masks, n_tasks]`` accuracy of each task under each subset (NaN if absent)."""
+        out = torch.zeros(self.keep.shape[0], self.n_tasks)
+        for m in range(self.keep.shape[0]):
+            out[m] = torch.bincount(self.task[self.correct[m]], minlength=self.n_tasks).float()
+        return out / self.counts()
+
+    def mask_index(self, kept: Sequence[int]) -> int:
+        """Row of ``keep`` whose kept heads are exactly ``kept`` (column indices)."""
+        want = torch.zeros(self.keep.shape[1], dtype=torch.bool)
+        want[list(kept)] = True
+        rows = (self.keep == want).all(dim=1).nonzero()
+        if rows.numel() == 0:
+            raise KeyError(f"subset {list(kept)} was not ablated")
+        return int(rows[0, 0])
+
+    def table(self) -> pd.DataFrame:
+        """One row per (subset, task): ``task``, ``task_name``, ``kept`` and ``ablated`` (head
+        labels joined by ``+``, ``"-"`` for none), ``n_kept``, ``accuracy``, ``n``."""
+        acc = self.accuracy()
+        counts = self.counts()
+        rows = []
+        for m in range(self.keep.shape[0]):
+            kept = [lab for lab, k in zip(self.labels, self.keep[m].tolist()) if k]
+            ablated = [lab for lab, k in zip(self.labels, self.keep[m].tolist()) if not k]
+            for t in range(self.n_tasks):
+                rows.append(
+                    {
+                        "task": t,
+                        "task_name": self.task_names[t],
+                        "kept": "+".join(kept) or "-",
+                        "ablated": "+".join(ablated) or "-",
+                        "n_kept": len(kept),
+                        "accuracy": float(acc[m, t]),
+                        "n": int(counts[t]),
+                    }
+                )
+        return pd.DataFrame(rows)
+
+
+def subset_ablation(
     model: Any,
     dataset: ToyDataset,
     blocks: Mapping[int, Any] | None = None,
     keep: Bool[Tensor, "n_masks n_heads_total"] | None = None,
-) -> pd.DataFrame:
-    """Accuracy of every task with only a subset of heads kept (the others zero-ablated).
+) -> SubsetAblation:
+    """Ablate every subset of heads (or the given ones) and record correctness.
 
     Args:
         model, dataset, blocks: as in :func:`correct_under_ablation`.
-        keep: the subsets (default: all ``2 ** n_heads`` of them, at most
+        keep: the kept subsets (default: all ``2 ** n_heads``, at most
             ``2 ** MAX_ABLATION_HEADS``).
-
-    Returns:
-        One row per (subset, task): ``task``, ``task_name``, ``kept`` and ``ablated`` (head
-        labels joined by ``+``, ``"-"`` for none), ``n_kept``, ``accuracy``, ``n``.
 
     Raises:
         ValueError: more than :data:`MAX_ABLATION_HEADS` heads and no explicit ``keep``.
@@ -222,27 +286,21 @@ def ablation_table(
         keep = all_subsets(len(heads))
     correct = correct_under_ablation(model, dataset, keep, blocks)
     s, p = dataset.asked()
-    task = dataset.task[s, p]
-    counts = torch.bincount(task, minlength=dataset.n_tasks).float()
     labels = [head_label(*h) for h in heads]
-    rows = []
-    for m in range(keep.shape[0]):
-        hits = torch.bincount(task[correct[m]], minlength=dataset.n_tasks).float()
-        kept = [labels[i] for i in range(len(heads)) if keep[m, i]]
-        ablated = [labels[i] for i in range(len(heads)) if not keep[m, i]]
-        for t in range(dataset.n_tasks):
-            rows.append(
-                {
-                    "task": t,
-                    "task_name": dataset.task_names[t],
-                    "kept": "+".join(kept) or "-",
-                    "ablated": "+".join(ablated) or "-",
-                    "n_kept": len(kept),
-                    "accuracy": float(hits[t] / counts[t]) if counts[t] else float("nan"),
-                    "n": int(counts[t]),
-                }
-            )
-    return pd.DataFrame(rows)
+    return SubsetAblation(labels, keep, correct, dataset.task[s, p], list(dataset.task_names))
+
+
+def ablation_table(
+    model: Any,
+    dataset: ToyDataset,
+    blocks: Mapping[int, Any] | None = None,
+    keep: Bool[Tensor, "n_masks n_heads_total"] | None = None,
+) -> pd.DataFrame:
+    """Accuracy of every task with only a subset of heads kept (the others zero-ablated).
+
+    The table of :func:`subset_ablation` (see :meth:`SubsetAblation.table`).
+    """
+    return subset_ablation(model, dataset, blocks, keep).table()
 
 
 def solely_encoding_fraction(
@@ -276,8 +334,14 @@ def head_usage(
     dataset: ToyDataset,
     blocks: Mapping[int, Any] | None = None,
     threshold: float = 0.99,
+    ablation: SubsetAblation | None = None,
 ) -> pd.DataFrame:
     """Per task and head: is the head needed, sufficient alone, solely encoding the task?
+
+    Args:
+        model, dataset, blocks: as in :func:`correct_under_ablation`.
+        threshold: accuracy threshold.
+        ablation: a :func:`subset_ablation` over all subsets, if already computed.
 
     Returns:
         One row per (task, head): ``task_name``, ``head``, ``needed`` (ablating only this head
@@ -285,30 +349,22 @@ def head_usage(
         ``solely_fraction`` (see :func:`solely_encoding_fraction`) and ``solely`` (that
         fraction ``> threshold``).
     """
-    heads = heads_of(model, blocks)
-    if len(heads) > MAX_ABLATION_HEADS:
-        raise ValueError(f"{len(heads)} heads: too many for all-subset ablations")
-    keep = all_subsets(len(heads))
-    correct = correct_under_ablation(model, dataset, keep, blocks)
-    s, p = dataset.asked()
-    task = dataset.task[s, p]
-    counts = torch.bincount(task, minlength=dataset.n_tasks).float().clamp(min=1)
-    frac = solely_encoding_fraction(correct, keep, task, dataset.n_tasks)
-    n = len(heads)
+    ab = ablation or subset_ablation(model, dataset, blocks)
+    acc = ab.accuracy()
+    frac = solely_encoding_fraction(ab.correct, ab.keep, ab.task, ab.n_tasks)
+    n = len(ab.labels)
     rows = []
-    for i, (layer, head) in enumerate(heads):
-        without = keep.sum(1).eq(n - 1) & ~keep[:, i]
-        alone = keep.sum(1).eq(1) & keep[:, i]
-        acc_without = torch.bincount(task[correct[without][0]], minlength=dataset.n_tasks) / counts
-        acc_alone = torch.bincount(task[correct[alone][0]], minlength=dataset.n_tasks) / counts
-        for t in range(dataset.n_tasks):
+    for i, label in enumerate(ab.labels):
+        without = acc[ab.mask_index([j for j in range(n) if j != i])]
+        alone = acc[ab.mask_index([i])]
+        for t in range(ab.n_tasks):
             rows.append(
                 {
                     "task": t,
-                    "task_name": dataset.task_names[t],
-                    "head": head_label(layer, head),
-                    "needed": bool(acc_without[t] <= threshold),
-                    "alone_accuracy": float(acc_alone[t]),
+                    "task_name": ab.task_names[t],
+                    "head": label,
+                    "needed": bool(without[t] <= threshold),
+                    "alone_accuracy": float(alone[t]),
                     "solely_fraction": float(frac[t, i]),
                     "solely": bool(frac[t, i] > threshold),
                 }
