@@ -2,9 +2,9 @@
 
 A wider attention layer (``expansion_factor x n_heads`` heads) trained to reproduce an
 attention layer's output while a sparsity penalty on the gates discourages two heads from
-serving the same (query, key) pair. It follows the gated-attention write-up (Mathwin, Corlouer
-et al., "Gated Attention Blocks: Preliminary Progress toward Removing Attention Head
-Superposition", 2023; public code cmathw/gated-attn). With ``x`` the block's input
+serving the same (query, key) pair. It follows C. Mathwin, D. Akar and L. Sharkey, "Gated
+Attention Blocks: Preliminary Progress toward Removing Attention Head Superposition"
+(LessWrong, 2024; public code cmathw/gated-attn). With ``x`` the block's input
 ``[batch, pos, d_model]`` and head ``h``::
 
     q_h = x W_Q[h] + b_Q[h]        k_h = x W_K[h] + b_K[h]        (rotated for RoPE models)

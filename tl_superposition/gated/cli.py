@@ -1,8 +1,9 @@
 """``tl-superposition train-gated``: a gated attention block for a real model's layer.
 
 Trains a :class:`~tl_superposition.gated.block.GatedAttentionBlock` to reproduce
-``blocks.L.hook_attn_out`` from ``blocks.L.ln1.hook_normalized`` on one text source (streamed:
-the model runs up to the layer on each batch, or read from an existing ``collect`` folder),
+``blocks.L.hook_attn_out`` from ``blocks.L.ln1.hook_normalized`` on one text source (the
+layer's input and output computed once and kept in memory; or streamed, the model running up
+to the layer on every batch; or read from an existing ``collect`` folder),
 checkpointing as it goes (rerun the same command to resume), then splices it in on held-out
 text and reports the fraction of variance explained, the loss change, the IOI
 logit-difference change and the co-attention statistics before and after.
@@ -18,8 +19,6 @@ import json
 import time
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from tl_superposition.gated.config import INITS
 
@@ -42,6 +41,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="read training pairs from a collect folder holding ln1.hook_normalized and "
         "hook_attn_out of the layer, instead of streaming from --source",
+    )
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="run the model up to the layer on every batch instead of keeping the training "
+        "pairs in memory (memory: 2 x 4 x d_model bytes per training token)",
     )
     p.add_argument("--eval-source", required=True, help="held-out text (file, folder or name)")
     p.add_argument("--eval-split", default=None, help="split of --eval-source (e.g. 'test')")
@@ -81,36 +86,18 @@ def _check(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"--acts {args.acts} is not a collect folder (no manifest.json)")
 
 
-def text_contexts(
-    model: Any, source: str, split: str | None, context_size: int, max_tokens: int
-) -> torch.Tensor:
-    """Pack ``source`` into ``[n, context_size]`` contexts starting with BOS (at most
-    ``max_tokens`` tokens), with the collector's source reader.
-
-    Raises:
-        ValueError: the source yields no complete context.
-    """
-    from itertools import islice
-
-    from tl_superposition.activations import pack_contexts, resolve_source
-
-    tok = model.tokenizer
-    src = resolve_source(source, tok, context_size=context_size, split=split)
-    if src.documents is None:
-        raise ValueError(f"{source!r} is not a text source")
-    n = max(1, max_tokens // context_size)
-    rows = list(islice(pack_contexts(src.documents(), context_size, tok.bos_token_id, None), n))
-    if not rows:
-        raise ValueError(f"{source!r} holds fewer than {context_size} tokens")
-    return torch.tensor(rows, dtype=torch.long)
-
-
 def run(args: argparse.Namespace) -> int:
     """Train (or resume), save, evaluate, print the summary."""
     from tl_superposition._atomic import write_json_atomic, write_text_atomic
     from tl_superposition.gated.block import GatedAttentionBlock
     from tl_superposition.gated.evaluate import evaluate_splice
-    from tl_superposition.gated.sources import ModelBatches, StoreBatches
+    from tl_superposition.gated.sources import (
+        ModelBatches,
+        StoreBatches,
+        TensorBatches,
+        layer_activations,
+        text_contexts,
+    )
     from tl_superposition.gated.train import GatedTrainConfig, train_gated_block
     from tl_superposition.ioi import make_ioi_dataset
     from tl_superposition.models import load_model
@@ -133,7 +120,18 @@ def run(args: argparse.Namespace) -> int:
         train_tokens = text_contexts(
             model, args.source, args.split, args.context_size, args.max_tokens
         )
-        source = ModelBatches(model, args.layer, train_tokens, args.batch_size, args.seed)
+        if args.stream:
+            source = ModelBatches(model, args.layer, train_tokens, args.batch_size, args.seed)
+        else:
+            x, y = layer_activations(
+                model,
+                train_tokens,
+                args.layer,
+                block.cfg.input_hook,
+                batch_size=args.batch_size,
+                progress=True,
+            )
+            source = TensorBatches(x, y, args.batch_size, shuffle=True, seed=args.seed)
     cfg = GatedTrainConfig(
         alpha=args.alpha,
         lr=args.lr,

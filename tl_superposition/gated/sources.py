@@ -15,9 +15,11 @@ from __future__ import annotations
 import math
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from tqdm.auto import tqdm
 
 
 class BatchSource(Protocol):
@@ -222,18 +224,50 @@ def layer_activations(
     layer: int,
     input_hook: str,
     batch_size: int = 5000,
+    progress: bool = False,
 ) -> tuple[Float[Tensor, "n pos d_model"], Float[Tensor, "n pos d_model"]]:
-    """A layer's input and attention output on every row of ``tokens`` (in memory).
+    """A layer's input and attention output on every row of ``tokens``, kept in memory.
 
-    For toy models, whose activations for the whole dataset fit in memory.
+    For toy models, and for real-model runs small enough to hold ``2 x 4 x d_model`` bytes
+    per token (float32). The model runs only up to ``layer``.
     """
     names = [f"blocks.{layer}.{input_hook}", f"blocks.{layer}.hook_attn_out"]
     xs, ys = [], []
     device = next(model.parameters()).device
-    for lo in range(0, tokens.shape[0], batch_size):
+    starts = range(0, tokens.shape[0], batch_size)
+    for lo in tqdm(starts, desc="layer activations", disable=not progress, leave=False):
         _, cache = model.run_with_cache(
             tokens[lo : lo + batch_size].to(device), names_filter=names, stop_at_layer=layer + 1
         )
         xs.append(cache[names[0]].cpu())
         ys.append(cache[names[1]].cpu())
     return torch.cat(xs), torch.cat(ys)
+
+
+def text_contexts(
+    model: Any, source: str, split: str | None, context_size: int, max_tokens: int
+) -> Int[Tensor, "n_contexts context_size"]:
+    """Token contexts ``[n, context_size]`` of a text source, each starting with BOS.
+
+    Reads ``source`` (a file, a folder of ``{split}.txt`` files, or a Hugging Face dataset
+    name) with the collector's reader (:func:`tl_superposition.activations.resolve_source`,
+    :func:`~tl_superposition.activations.pack_contexts`) and keeps the first
+    ``max_tokens // context_size`` contexts.
+
+    Raises:
+        ValueError: the source is not text, or yields no complete context.
+        FileNotFoundError: a path that does not exist.
+    """
+    from itertools import islice
+
+    from tl_superposition.activations import pack_contexts, resolve_source
+
+    tok = model.tokenizer
+    src = resolve_source(source, tok, context_size=context_size, split=split)
+    if src.documents is None:
+        raise ValueError(f"{source!r} is not a text source")
+    n = max(1, max_tokens // context_size)
+    rows = list(islice(pack_contexts(src.documents(), context_size, tok.bos_token_id, None), n))
+    if not rows:
+        raise ValueError(f"{source!r} holds fewer than {context_size} tokens")
+    return torch.from_numpy(np.stack(rows)).long()
