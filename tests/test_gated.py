@@ -330,3 +330,19 @@ def test_evaluate_splice_of_a_copy(tiny_gpt2):
     report = evaluate_splice(tiny_gpt2, block, tokens, threshold=0.2, progress=False)
     assert report["fve"] > 0.9999 and abs(report["loss_change"]) < 1e-4
     assert report["before"] == report["after"]
+
+
+def test_check_without_the_residual_reads_only_the_heads():
+    """The reading of cmathw/gated-attn's script: argmax of the kept heads' outputs alone."""
+    from tl_superposition.toys.analysis import subset_ablation
+
+    ds = skip_trigram_dataset(3, 3000, seed=1)
+    model = superposed_skip_trigram_model()
+    heads_only = subset_ablation(model, ds, include_residual=False)
+    with_resid = subset_ablation(model, ds)
+    none_kept = heads_only.mask_index([])
+    # with no head kept the residual alone predicts the B token (wrong); the heads alone
+    # predict token 0 (logits all zero), also wrong
+    assert not with_resid.correct[none_kept].any() and not heads_only.correct[none_kept].any()
+    report = solely_encoded(model, ds, ablation=heads_only)
+    assert report.table["status"].tolist() == ["solely encoded", "distributed", "solely encoded"]

@@ -118,6 +118,16 @@ def _check_files(
     return report, table
 
 
+def _authors_check(
+    model: Any, val: ToyDataset, blocks: dict[int, GatedAttentionBlock], path: Path
+) -> SolelyEncodedReport:
+    """The check as cmathw/gated-attn's script reads it: kept heads' outputs, no residual."""
+    ablation = subset_ablation(model, val, blocks, include_residual=False)
+    report = solely_encoded(model, val, blocks, ablation=ablation)
+    _write_csv(report.table, path)
+    return report
+
+
 def run_toy(
     setting: ToySetting,
     seed: int,
@@ -161,7 +171,8 @@ def run_toy(
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         row = json.loads(summary_path.read_text())
-        if row.get("gated_epochs") == epochs or setting.task == "ov_coherent":
+        done = row.get("gated_epochs") == epochs and "removed_authors_check" in row
+        if done or setting.task == "ov_coherent":
             return row
 
     train = setting.dataset(n_train, TRAIN_SEED)
@@ -193,7 +204,8 @@ def run_toy(
     block.save(run_dir / "gated" / "block")
     _write_csv(result.history, run_dir / "gated_history.csv")
     report, table = _check_files(model, val, {0: block}, run_dir, "gated", plots)
-    gmap = gate_map(model, {0: block}, val.subset(slice(0, 20_000)))
+    authors = _authors_check(model, val, {0: block}, run_dir / "gated_check_authors.csv")
+    gmap = gate_map(model, {0: block}, val.subset(slice(0, 20_000)))  # memory: 20k sequences
     _write_csv(gmap, run_dir / "gate_map.csv", index=True)
     if plots:
         from tl_superposition.toys.plots import plot_gate_map
@@ -214,6 +226,8 @@ def run_toy(
             "map": report.task_to_head(),
             "removed": report.removed,
             "distinct": report.distinct,
+            "map_authors_check": authors.task_to_head(),
+            "removed_authors_check": authors.removed,
         }
     )
     if setting.task == "overlap_copy":
@@ -242,6 +256,10 @@ def _disjoint(minimal: pd.DataFrame) -> bool:
     return search(0, set())
 
 
+def _yes(flag: bool | None) -> str:
+    return "-" if flag is None else ("yes" if flag else "no")
+
+
 def reproduction_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """The reproduction table: setting, seed, trigram accuracy, heads used, map, removed.
 
@@ -263,6 +281,7 @@ def reproduction_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
                 "heads used": len(r["heads_used"]),
                 "trigram -> head": r["map"],
                 "superposition removed": "yes" if r["removed"] else "no",
+                "removed, authors' check": _yes(r.get("removed_authors_check")),
             }
         )
     return pd.DataFrame(out)
@@ -344,6 +363,7 @@ def run_cross_layer(
     compile: bool = False,
     plots: bool = True,
     progress: bool = True,
+    toy_config: ToyTrainConfig | None = None,
 ) -> dict[str, Any]:
     """The two-layer setting: within-layer blocks versus blocks trained with a cross-layer penalty.
 
@@ -367,7 +387,7 @@ def run_cross_layer(
             return row
     train = setting.dataset(n_train, TRAIN_SEED)
     val = setting.dataset(n_check, CHECK_SEED)
-    model = reference_model(setting, seed, run_dir, train, None, progress)
+    model = reference_model(setting, seed, run_dir, train, toy_config, progress)
     ref, _ = _check_files(model, val, {}, run_dir, "toy", plots)
     row: dict[str, Any] = {
         "setting": setting.name,

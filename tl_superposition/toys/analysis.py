@@ -89,6 +89,7 @@ def correct_under_ablation(
     keep: Bool[Tensor, "n_masks n_heads_total"],
     blocks: Mapping[int, Any] | None = None,
     batch_size: int = 10_000,
+    include_residual: bool = True,
 ) -> Bool[Tensor, "n_masks n_asked"]:
     """Whether each asked position is answered correctly with only the kept heads.
 
@@ -98,6 +99,9 @@ def correct_under_ablation(
         keep: one row per ablation, one column per head of :func:`heads_of` (True = kept).
         blocks: ``{layer: GatedAttentionBlock}`` spliced in place of those layers.
         batch_size: samples per forward pass.
+        include_residual: argmax the model's logits (True), or only the unembedded sum of
+            the last layer's kept head outputs and its bias, without the residual stream it
+            adds to (False; the reading of cmathw/gated-attn's check, for one-layer models).
 
     Returns:
         ``[n_masks, n_asked]`` booleans.
@@ -130,9 +134,12 @@ def correct_under_ablation(
         target = part.targets[s, p].to(device)
         correct = torch.zeros(keep.shape[0], s.numel(), dtype=torch.bool)
         for u in range(uniq.shape[0]):
-            base, res = _last_layer_terms(
+            resid_pre, bias, res = _last_layer_terms(
                 model, blocks, part.tokens.to(device), uniq[u], early_layers, heads, splice
             )
+            base = resid_pre + bias
+            if not include_residual:
+                base = base - resid_pre
             base, res = base[s, p], res[s, p]  # [n_asked, d_model], [n_asked, H_last, d_model]
             rows = (inverse == u).nonzero().squeeze(1)
             for chunk in rows.split(64):
@@ -152,8 +159,8 @@ def _last_layer_terms(
     early_layers: list[int],
     heads: list[tuple[int, int]],
     splice: Any,
-) -> tuple[Tensor, Tensor]:
-    """Last layer's residual input plus bias, and its per-head outputs, with early heads masked."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Last layer's residual input, bias and per-head outputs, with early heads masked."""
     last = model.cfg.n_layers - 1
     got: dict[str, Tensor] = {}
     offsets = {
@@ -190,7 +197,7 @@ def _last_layer_terms(
         )
         model(tokens)
     bias = got["attn_out"] - got["result"].sum(dim=2)
-    return got["resid_pre"] + bias, got["result"]
+    return got["resid_pre"], bias, got["result"]
 
 
 @dataclass
@@ -265,11 +272,12 @@ def subset_ablation(
     dataset: ToyDataset,
     blocks: Mapping[int, Any] | None = None,
     keep: Bool[Tensor, "n_masks n_heads_total"] | None = None,
+    include_residual: bool = True,
 ) -> SubsetAblation:
     """Ablate every subset of heads (or the given ones) and record correctness.
 
     Args:
-        model, dataset, blocks: as in :func:`correct_under_ablation`.
+        model, dataset, blocks, include_residual: as in :func:`correct_under_ablation`.
         keep: the kept subsets (default: all ``2 ** n_heads``, at most
             ``2 ** MAX_ABLATION_HEADS``).
 
@@ -284,7 +292,9 @@ def subset_ablation(
                 f"(at most {MAX_ABLATION_HEADS} heads for all subsets)"
             )
         keep = all_subsets(len(heads))
-    correct = correct_under_ablation(model, dataset, keep, blocks)
+    correct = correct_under_ablation(
+        model, dataset, keep, blocks, include_residual=include_residual
+    )
     s, p = dataset.asked()
     labels = [head_label(*h) for h in heads]
     return SubsetAblation(labels, keep, correct, dataset.task[s, p], list(dataset.task_names))

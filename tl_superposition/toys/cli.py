@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from tl_superposition.toys.settings import PUBLISHED, SETTINGS
@@ -42,6 +43,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument(
+        "--toy-max-epochs",
+        type=int,
+        default=300,
+        help="most epochs of the reference toy model's training (default: %(default)s; it "
+        "stops once every task is above 99%%, after at least 20 epochs)",
+    )
+    p.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile the block's training step (about 2x faster on a CPU)",
@@ -61,7 +69,7 @@ def _parse(args: argparse.Namespace) -> tuple[list[str], list[int]]:
         raise ValueError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
     if not names or not seeds:
         raise ValueError("give at least one setting and one seed")
-    for name in ("n_train", "n_check", "batch_size"):
+    for name in ("n_train", "n_check", "batch_size", "toy_max_epochs"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if args.epochs is not None and args.epochs < 1:
@@ -96,8 +104,13 @@ def run(args: argparse.Namespace) -> int:
     for seed in seeds:
         for name in names:
             setting = SETTINGS[name]
+            toy_config = replace(
+                setting.toy_train_config(),
+                max_epochs=args.toy_max_epochs,
+                min_epochs=min(20, args.toy_max_epochs),
+            )
             runner = run_cross_layer if setting.n_layers > 1 else run_toy
-            row = runner(setting, seed, out, **common)
+            row = runner(setting, seed, out, toy_config=toy_config, **common)
             print(json.dumps(row))
     rows = load_rows(out)
     one_layer = [r for r in rows if "variants" not in r]
