@@ -450,3 +450,28 @@ def _layer_weights(attn: Any) -> dict[str, Tensor]:
         t = getattr(attn, private) if hasattr(attn, private) else getattr(attn, name)
         out[name] = t.detach()
     return out
+
+
+def import_gated_attn_block(
+    path: str | os.PathLike, model: Any, layer: int = 0, expansion_factor: int = 2
+) -> GatedAttentionBlock:
+    """A block saved by the authors' code (cmathw/gated-attn, ``gated_block_*.st``).
+
+    Their ``ModifiedAttention`` state (``W_Q, W_K, W_V, W_O, b_Q, b_K, b_V`` and gate
+    projections ``[n_heads, d_model, 1]``, no ``b_O``) maps one to one onto a
+    :class:`GatedAttentionBlock` for ``model``'s toy layer, so their published blocks can be
+    checked with :func:`tl_superposition.gated.check.solely_encoded`.
+
+    Raises:
+        ValueError: the file's tensors do not fit ``model`` (names or shapes).
+    """
+    state = load_file(str(path))
+    block = GatedAttentionBlock.from_layer(
+        model, layer, expansion_factor, qkv_bias=True, out_bias=False, normalize_ov=True
+    )
+    mapped = {}
+    for name, t in state.items():
+        key = name.split(".")[-1]
+        mapped[key] = t[..., 0] if key.startswith(("W_gate", "b_gate")) else t
+    block.load_weights({k: v.float() for k, v in mapped.items()}, str(path))
+    return block
