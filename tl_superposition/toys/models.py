@@ -198,7 +198,7 @@ def monosemantic_skip_trigram_model(
     return model
 
 
-def overlap_copy_model(scale: float = 20.0, sharpness: float = 12.0) -> HookedTransformer:
+def overlap_copy_model(scale: float = 3.0, sharpness: float = 12.0) -> HookedTransformer:
     """Three heads solving the three copy tasks of ``overlap_copy_dataset`` as pairs.
 
     Head ``h`` serves task ``h`` and task ``h - 1`` (mod 3): task 0 uses heads 0 and 1,
@@ -207,7 +207,9 @@ def overlap_copy_model(scale: float = 20.0, sharpness: float = 12.0) -> HookedTr
     at 90, 210 and 330 degrees (value and output weights alike), so the pair maps each content
     token back onto itself; one head alone cannot. Head ``h`` takes the first coordinate in
     task ``h`` and the second in task ``h - 1``, which keeps its spill-over into the other
-    task's logits below the correct logit.
+    task's logits below the correct logit (``scale`` against at most ``0.87 scale``; the
+    trigger's own residual logit is 1). ``scale = 3`` gives attention outputs of the size the
+    trained skip-trigram toys have (mean square 0.21 against about 0.27).
     """
     v = overlap_copy_vocab(3, 3, 6)
     model = _blank_model(3, v["d_vocab"])
