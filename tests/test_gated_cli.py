@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from tl_superposition.cli import main
 from tl_superposition.gated.block import GatedAttentionBlock
+from tl_superposition.gated.toy_runs import CROSS_LAYER_VARIANTS
 
 
 def test_toy_command_writes_and_resumes(tmp_path, capsys):
@@ -55,6 +56,20 @@ def test_toy_command_writes_and_resumes(tmp_path, capsys):
     assert main(args) == 0  # everything on disk: nothing is recomputed
     assert (run / "summary.json").stat().st_mtime_ns == before
     assert "2H/3ST" in capsys.readouterr().out
+
+
+def test_toy_command_two_layers_creates_nested_folders(tmp_path):
+    out = tmp_path / "not" / "yet" / "there"
+    args = ["toy", "--settings", "2L/3ST", "--seeds", "0", "--out", str(out), "--epochs", "1"]
+    args += ["--n-train", "1000", "--n-check", "1000", "--toy-max-epochs", "1"]
+    assert main([*args, "--no-plots", "--no-progress"]) == 0
+    run = out / "2L-3ST" / "seed0"
+    row = json.loads((run / "summary.json").read_text())
+    assert list(row["variants"]) == list(CROSS_LAYER_VARIANTS)
+    for variant in ("within-layer", "joint_cross-layer-penalty"):
+        assert (run / variant / "block0" / "cfg.json").is_file(), variant
+        assert (run / variant / "block1" / "cfg.json").is_file(), variant
+    assert "within-layer versus cross-layer" in (out / "tables.md").read_text()
 
 
 def test_toy_command_rejects_bad_input(tmp_path, capsys):

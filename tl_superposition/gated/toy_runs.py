@@ -62,6 +62,7 @@ def _min(col: Any) -> float:
 
 
 def _write_csv(df: pd.DataFrame, path: Path, index: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)  # a run folder removed under a live run
     write_text_atomic(path, df.to_csv(index=index))
 
 
