@@ -14,6 +14,7 @@ from tl_superposition.gated.cross_layer import CrossLayerGatedBlocks, cross_laye
 from tl_superposition.gated.evaluate import evaluate_splice
 from tl_superposition.gated.gates import active_head_histogram, gate_map, summarize_histogram
 from tl_superposition.gated.sources import (
+    LazyTensorBatches,
     ModelBatches,
     StoreBatches,
     TensorBatches,
@@ -229,6 +230,32 @@ def test_resume_is_exact(tmp_path):
         train_gated_block(
             fresh, source, GatedTrainConfig(alpha=0.9, epochs=5), tmp_path / "b", progress=False
         )
+
+
+def test_lazy_pairs_are_not_made_when_a_finished_run_resumes(tmp_path):
+    model, source = _toy_block_source()
+    calls = []
+
+    def make():
+        calls.append(1)
+        return source.x, source.y
+
+    lazy = LazyTensorBatches(make, tuple(source.x.shape), source.batch_size)
+    assert lazy.describe() == source.describe() and lazy.n_batches == source.n_batches
+    cfg = GatedTrainConfig(alpha=0.3, lr=1e-2, epochs=2)
+    done = GatedAttentionBlock.from_layer(model, 0, 2, seed=1)
+    train_gated_block(done, lazy, cfg, tmp_path, progress=False)
+    assert len(calls) == 1 and all(
+        torch.equal(a, b) for a, b in zip(lazy.batch(1, 0), source.batch(1, 0))
+    )
+    again = GatedAttentionBlock.from_layer(model, 0, 2, seed=1)
+    lazy2 = LazyTensorBatches(make, tuple(source.x.shape), source.batch_size)
+    result = train_gated_block(again, lazy2, cfg, tmp_path, progress=False)
+    assert len(calls) == 1 and result.resumed_from == result.steps  # nothing recomputed
+    assert all(torch.equal(v, done.state_dict()[k]) for k, v in again.state_dict().items())
+    wrong = LazyTensorBatches(make, (1, 2, 3), 4)
+    with pytest.raises(ValueError, match="expected"):
+        wrong.batch(0, 0)
 
 
 def test_solely_encoded_check_fails_with_superposition_and_passes_without():

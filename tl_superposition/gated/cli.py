@@ -18,9 +18,12 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tl_superposition.gated.config import INITS
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -92,9 +95,9 @@ def run(args: argparse.Namespace) -> int:
     from tl_superposition.gated.block import GatedAttentionBlock
     from tl_superposition.gated.evaluate import evaluate_splice
     from tl_superposition.gated.sources import (
+        LazyTensorBatches,
         ModelBatches,
         StoreBatches,
-        TensorBatches,
         layer_activations,
         text_contexts,
     )
@@ -123,15 +126,19 @@ def run(args: argparse.Namespace) -> int:
         if args.stream:
             source = ModelBatches(model, args.layer, train_tokens, args.batch_size, args.seed)
         else:
-            x, y = layer_activations(
-                model,
-                train_tokens,
-                args.layer,
-                block.cfg.input_hook,
-                batch_size=args.batch_size,
-                progress=True,
-            )
-            source = TensorBatches(x, y, args.batch_size, shuffle=True, seed=args.seed)
+
+            def make() -> tuple[Tensor, Tensor]:
+                return layer_activations(
+                    model,
+                    train_tokens,
+                    args.layer,
+                    block.cfg.input_hook,
+                    batch_size=args.batch_size,
+                    progress=True,
+                )
+
+            shape = (*train_tokens.shape, model.cfg.d_model)
+            source = LazyTensorBatches(make, shape, args.batch_size, shuffle=True, seed=args.seed)
     cfg = GatedTrainConfig(
         alpha=args.alpha,
         lr=args.lr,

@@ -4,6 +4,8 @@ A source is deterministic in ``(epoch, index)``: :meth:`batch` returns the same 
 same arguments, so a resumed run sees exactly the batches an uninterrupted one would.
 
 - :class:`TensorBatches` -- pairs already in memory (the toys: all activations fit).
+- :class:`LazyTensorBatches` -- the same, computed on the first batch asked for (resuming a
+  finished run then computes nothing).
 - :class:`StoreBatches` -- whole contexts from a :func:`tl_superposition.collect` folder read
   with :class:`~tl_superposition.activations.ActivationStore` (hooks
   ``blocks.L.ln1.hook_normalized`` and ``blocks.L.hook_attn_out``).
@@ -88,6 +90,58 @@ class TensorBatches:
         return {
             "kind": "tensors",
             "shape": [list(self.x.shape), list(self.y.shape)],
+            "batch_size": self.batch_size,
+            "shuffle": self.shuffle,
+            "seed": self.seed,
+        }
+
+
+class LazyTensorBatches:
+    """:class:`TensorBatches` whose pairs are computed when the first batch is asked for.
+
+    A run resumed from a finished checkpoint asks for no batch, so it skips the (long) model
+    pass that makes the pairs.
+
+    Args:
+        make: returns ``(x, y)``, each of shape ``shape``.
+        shape: the shape ``make`` returns (``[n, pos, d_model]``), for :meth:`describe`.
+        batch_size, shuffle, seed: as for :class:`TensorBatches`.
+
+    Raises:
+        ValueError: ``batch_size < 1``; on first use, ``make`` returned other shapes.
+    """
+
+    def __init__(
+        self,
+        make: Any,
+        shape: tuple[int, ...] | list[int],
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self._make, self._shape = make, [int(n) for n in shape]
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.n_batches = math.ceil(self._shape[0] / batch_size)
+        self._pairs: TensorBatches | None = None
+
+    def batch(self, epoch: int, index: int) -> tuple[Tensor, Tensor]:
+        """As :meth:`TensorBatches.batch` (the pairs are made on the first call)."""
+        if self._pairs is None:
+            x, y = self._make()
+            if [list(x.shape), list(y.shape)] != [self._shape, self._shape]:
+                raise ValueError(
+                    f"pairs of shapes {tuple(x.shape)}, {tuple(y.shape)}, expected {self._shape}"
+                )
+            self._pairs = TensorBatches(x, y, self.batch_size, self.shuffle, self.seed)
+        return self._pairs.batch(epoch, index)
+
+    def describe(self) -> dict[str, Any]:
+        """As :meth:`TensorBatches.describe` (equal to it for the same pairs)."""
+        return {
+            "kind": "tensors",
+            "shape": [self._shape, self._shape],
             "batch_size": self.batch_size,
             "shuffle": self.shuffle,
             "seed": self.seed,
