@@ -83,6 +83,14 @@ def rotate(
     return torch.cat([x_rot * c + turned * s, x_pass], dim=-1)
 
 
+def _softmax(scores: Tensor) -> Tensor:
+    """Softmax over the last (key) dimension, spelt out: about twice as fast as
+    ``torch.softmax`` on a CPU for the toys' rows of 11 keys (the key at the query's own
+    position is never masked, so every row has a finite maximum)."""
+    e = (scores - scores.amax(dim=-1, keepdim=True).detach()).exp()
+    return e / e.sum(dim=-1, keepdim=True)
+
+
 class GatedAttentionBlock(HookedRootModule):
     rotary_cos: Tensor
     rotary_sin: Tensor
@@ -209,7 +217,7 @@ class GatedAttentionBlock(HookedRootModule):
         scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / float(cfg.attn_scale or 1.0)
         causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
         scores = self.hook_attn_scores(scores.masked_fill(~causal, float("-inf")))
-        pattern = self.hook_pattern(torch.softmax(scores, dim=-1))
+        pattern = self.hook_pattern(_softmax(scores))
         g_q = self.hook_gate_q(torch.einsum("bpd,hd->bph", x, self.W_gate_Q) + self.b_gate_Q)
         g_k = self.hook_gate_k(torch.einsum("bpd,hd->bph", x, self.W_gate_K) + self.b_gate_K)
         gate = g_q.transpose(1, 2)[:, :, :, None] * g_k.transpose(1, 2)[:, :, None, :]

@@ -127,7 +127,9 @@ def gate_penalty(
     """
     if isinstance(gate, list):
         return torch.stack([gate_penalty(g, p, pairs) for g in gate]).sum()
-    norm = torch.linalg.vector_norm(gate, ord=p, dim=1)
+    # sum_h gate ** p, spelt out (about twice as fast as linalg.vector_norm on a CPU); the
+    # floor keeps the gradient of the power finite where a gate is exactly 0
+    norm = gate.clamp_min(1e-30).pow(p).sum(dim=1).pow(1.0 / p)
     if pairs == "causal":
         n = gate.shape[-1]
         mask = torch.ones(n, n, dtype=torch.bool, device=gate.device).tril()
