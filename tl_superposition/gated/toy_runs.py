@@ -199,7 +199,12 @@ def run_toy(
     source = TensorBatches(x, y, batch_size)
     block = GatedAttentionBlock.from_layer(model, 0, setting.expansion_factor, seed=seed)
     cfg = GatedTrainConfig(
-        alpha=setting.alpha, lr=setting.lr, epochs=epochs, compile=compile, log_every=500
+        alpha=setting.alpha,
+        lr=setting.lr,
+        epochs=epochs,
+        compile=compile,
+        log_every=500,
+        checkpoint_every=1000,
     )
     result = train_gated_block(block, source, cfg, run_dir / "gated", progress=progress)
     block.save(run_dir / "gated" / "block")
@@ -401,7 +406,12 @@ def run_cross_layer(
         "variants": {},
     }
     cfg = GatedTrainConfig(
-        alpha=setting.alpha, lr=setting.lr, epochs=epochs, compile=compile, log_every=500
+        alpha=setting.alpha,
+        lr=setting.lr,
+        epochs=epochs,
+        compile=compile,
+        log_every=500,
+        checkpoint_every=1000,
     )
     for variant in CROSS_LAYER_VARIANTS:
         folder = run_dir / variant.replace(", ", "_").replace(" ", "-")
