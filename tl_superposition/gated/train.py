@@ -65,9 +65,9 @@ class GatedTrainConfig:
             the authors' code does; ``"causal"`` -- only keys at or before the query.
         log_every: steps per history row (losses averaged over them).
         checkpoint_every: steps between checkpoints (0: only at the end).
-        compile: run the forward and loss through ``torch.compile`` (fuses the many small
-            element-wise operations of a toy block: about twice the steps per second on a
-            CPU, after a compilation of about a minute).
+        compile: run the forward and loss through ``torch.compile`` (after a compilation
+            of about a minute; whether it is faster depends on the machine -- on a loaded
+            2-core CPU it ran slower than eager, see ``benchmarks/bench_gated.py --compile``).
     """
 
     alpha: float = 0.5

@@ -52,7 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the block's training step (about 2x faster on a CPU)",
+        help="torch.compile the block's training step (measure first: on a loaded 2-core "
+        "machine it ran slower than eager)",
     )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
