@@ -30,6 +30,14 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "tl_superposition.qk.cli:evaluate",
         "evaluate QK transcoders on held-out text against mean-q/k and uniform baselines",
     ),
+    "toy": (
+        "tl_superposition.toys.cli",
+        "skip-trigram toy models: superposition analysis and gated attention blocks",
+    ),
+    "train-gated": (
+        "tl_superposition.gated.cli",
+        "train a gated attention block on a real model's layer and splice it in",
+    ),
 }
 
 

@@ -1,0 +1,177 @@
+"""Benchmark gated-attention training: toy steps/s, real-layer tokens/s, peak memory.
+
+- ``toy``: a gated block for the 4H/5ST toy (8 heads, d_model 12, d_head 1) on batches of
+  1000 sequences of 11 tokens, the authors' step; eager and, with ``--compile``, through
+  ``torch.compile``.
+- ``real``: a gated block for SmolLM2-135M-Instruct layer 23 (18 heads of 64, rotary,
+  grouped keys) on batches of 8 contexts of 128 tokens, the training pairs precomputed (the
+  block's forward, loss, backward and Adam step only), plus the cost of computing the pairs
+  (the model's forward up to the layer).
+
+Each part runs in its own subprocess, so each peak RSS (``ru_maxrss``, whole process) is its
+own. The reproduction figures (``n_settings_removed`` of the 3 published settings, counting a
+setting when every seed removed its superposition, and ``n_seeds``) are read from the
+``summary.json`` files of a ``tl-superposition toy`` output folder (``--runs``; null when
+absent). The last line printed is one JSON object.
+
+    python benchmarks/bench_gated.py --runs runs/toy
+    python benchmarks/bench_gated.py --parts toy --steps 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child_toy(steps: int, compile: bool) -> dict:
+    import torch
+
+    from tl_superposition.gated.block import GatedAttentionBlock
+    from tl_superposition.gated.sources import TensorBatches, layer_activations
+    from tl_superposition.gated.train import GatedTrainConfig, train_gated_block
+    from tl_superposition.toys.models import make_toy_model
+    from tl_superposition.toys.settings import SETTINGS
+
+    setting = SETTINGS["4H/5ST"]
+    data = setting.dataset(10_000, 0)
+    model = make_toy_model(setting.n_heads, data.d_vocab, seed=0)
+    x, y = layer_activations(model, data.tokens, 0, "hook_resid_pre")
+    source = TensorBatches(x, y, 1000)
+    block = GatedAttentionBlock.from_layer(model, 0, setting.expansion_factor, seed=0)
+    cfg = GatedTrainConfig(alpha=setting.alpha, lr=setting.lr, max_steps=10, compile=compile)
+    train_gated_block(block, source, cfg, progress=False)  # warm-up (and compilation)
+    cfg = GatedTrainConfig(alpha=setting.alpha, lr=setting.lr, max_steps=steps, compile=compile)
+    t0 = time.perf_counter()
+    train_gated_block(block, source, cfg, progress=False)
+    seconds = time.perf_counter() - t0
+    return {
+        "part": "toy",
+        "compile": compile,
+        "steps": steps,
+        "steps_per_s": steps / seconds,
+        "threads": torch.get_num_threads(),
+        "peak_rss_mb": _peak_mb(),
+    }
+
+
+def child_real(steps: int, layer: int) -> dict:
+    import torch
+
+    from tl_superposition.gated.block import GatedAttentionBlock
+    from tl_superposition.gated.sources import TensorBatches, layer_activations
+    from tl_superposition.gated.train import GatedTrainConfig, train_gated_block
+    from tl_superposition.models import load_model
+
+    model = load_model("smollm2-135m")
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, model.cfg.d_vocab, (8 * (steps + 2), 128), generator=g)
+    tokens[:, 0] = model.tokenizer.bos_token_id
+    t0 = time.perf_counter()
+    x, y = layer_activations(model, tokens, layer, "ln1.hook_normalized", batch_size=8)
+    pairs_s = time.perf_counter() - t0
+    source = TensorBatches(x, y, 8)
+    block = GatedAttentionBlock.from_layer(model, layer, 2, "duplicate", seed=0)
+    train_gated_block(
+        block, source, GatedTrainConfig(alpha=0.1, lr=1e-3, max_steps=2), progress=False
+    )
+    t0 = time.perf_counter()
+    cfg = GatedTrainConfig(alpha=0.1, lr=1e-3, max_steps=2 + steps)
+    train_gated_block(block, source, cfg, progress=False)
+    seconds = time.perf_counter() - t0
+    n_tokens = (steps + 2) * 8 * 128  # the second call restarts at step 0 (no checkpoint)
+    return {
+        "part": "real",
+        "model": "smollm2-135m",
+        "layer": layer,
+        "block_heads": block.cfg.n_heads,
+        "steps": steps + 2,
+        "tokens_per_s": n_tokens / seconds,
+        "pairs_tokens_per_s": tokens.numel() / pairs_s,
+        "threads": torch.get_num_threads(),
+        "peak_rss_mb": _peak_mb(),
+    }
+
+
+def reproduction(runs: Path | None) -> dict:
+    """``n_settings_removed`` and ``n_seeds`` from toy-run summaries (None when absent)."""
+    if runs is None or not runs.is_dir():
+        return {"n_settings_removed": None, "n_seeds": None, "epochs": None}
+    rows = [json.loads(p.read_text()) for p in runs.glob("*/seed*/summary.json")]
+    published = ("2H/3ST", "3H/4ST", "4H/5ST")
+    by_setting = {s: [r for r in rows if r["setting"] == s and "removed" in r] for s in published}
+    n_seeds = min(len(v) for v in by_setting.values())
+    removed = sum(bool(v) and all(r["removed"] for r in v) for v in by_setting.values())
+    epochs = sorted({r["gated_epochs"] for v in by_setting.values() for r in v})
+    return {"n_settings_removed": removed, "n_seeds": n_seeds, "epochs": epochs}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--parts", default="toy,real", help="comma-separated: toy, real")
+    p.add_argument("--steps", type=int, default=100, help="timed toy steps (default 100)")
+    p.add_argument("--real-steps", type=int, default=8, help="timed real-layer steps (default 8)")
+    p.add_argument("--layer", type=int, default=23)
+    p.add_argument("--compile", action="store_true", help="also time the compiled toy step")
+    p.add_argument("--runs", type=Path, default=None, help="a `tl-superposition toy` output folder")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child == "toy":
+        print(json.dumps(child_toy(args.steps, False)))
+        return 0
+    if args.child == "toy-compiled":
+        print(json.dumps(child_toy(args.steps, True)))
+        return 0
+    if args.child == "real":
+        print(json.dumps(child_real(args.real_steps, args.layer)))
+        return 0
+    parts = [s.strip() for s in args.parts.split(",") if s.strip()]
+    children = []
+    if "toy" in parts:
+        children.append("toy")
+        if args.compile:
+            children.append("toy-compiled")
+    if "real" in parts:
+        children.append("real")
+    results = []
+    for name in children:
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            name,
+            "--steps",
+            str(args.steps),
+            "--real-steps",
+            str(args.real_steps),
+            "--layer",
+            str(args.layer),
+        ]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+        print(json.dumps(res))
+        results.append(res)
+    toy = [r for r in results if r["part"] == "toy"]
+    real = [r for r in results if r["part"] == "real"]
+    summary = {
+        "toy_steps_per_s": max((r["steps_per_s"] for r in toy), default=None),
+        "real_tokens_per_s": real[0]["tokens_per_s"] if real else None,
+        "peak_rss_mb": max((r["peak_rss_mb"] for r in results), default=None),
+        **reproduction(args.runs),
+        "runs": results,
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

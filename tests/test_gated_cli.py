@@ -1,0 +1,150 @@
+"""The ``toy`` and ``train-gated`` subcommands end to end, at tiny sizes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import data_path
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tl_superposition.cli import main
+from tl_superposition.gated.block import GatedAttentionBlock
+from tl_superposition.gated.toy_runs import CROSS_LAYER_VARIANTS
+
+
+def test_toy_command_writes_and_resumes(tmp_path, capsys):
+    out = tmp_path / "toy"
+    args = [
+        "toy",
+        "--settings",
+        "2H/3ST",
+        "--seeds",
+        "0",
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--n-train",
+        "2000",
+        "--n-check",
+        "2000",
+        "--toy-max-epochs",
+        "2",
+        "--no-plots",
+        "--no-progress",
+    ]
+    assert main(args) == 0
+    run = out / "2H-3ST" / "seed0"
+    for name in (
+        "toy/toy_weights.safetensors",
+        "toy_check.csv",
+        "toy_ablation.csv",
+        "gated/checkpoint.pt",
+        "gated/block/cfg.json",
+        "gated_check.csv",
+        "gate_map.csv",
+        "summary.json",
+    ):
+        assert (run / name).is_file(), name
+    row = json.loads((run / "summary.json").read_text())
+    assert row["gated_heads"] == 4 and row["gated_epochs"] == 1 and row["gated_steps"] == 2
+    assert "| 2H/3ST | 0 |" in (out / "tables.md").read_text()
+    before = (run / "summary.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(args) == 0  # everything on disk: nothing is recomputed
+    assert (run / "summary.json").stat().st_mtime_ns == before
+    assert "2H/3ST" in capsys.readouterr().out
+
+
+def test_toy_command_two_layers_creates_nested_folders(tmp_path):
+    out = tmp_path / "not" / "yet" / "there"
+    args = ["toy", "--settings", "2L/3ST", "--seeds", "0", "--out", str(out), "--epochs", "1"]
+    args += ["--n-train", "1000", "--n-check", "1000", "--toy-max-epochs", "1"]
+    assert main([*args, "--no-plots", "--no-progress"]) == 0
+    run = out / "2L-3ST" / "seed0"
+    row = json.loads((run / "summary.json").read_text())
+    assert list(row["variants"]) == list(CROSS_LAYER_VARIANTS)
+    for variant in ("within-layer", "joint_cross-layer-penalty"):
+        assert (run / variant / "block0" / "cfg.json").is_file(), variant
+        assert (run / variant / "block1" / "cfg.json").is_file(), variant
+    assert "within-layer versus cross-layer" in (out / "tables.md").read_text()
+
+
+def test_toy_command_rejects_bad_input(tmp_path, capsys):
+    assert main(["toy", "--settings", "7H/9ST", "--out", str(tmp_path)]) == 2
+    assert "unknown settings" in capsys.readouterr().err
+    assert main(["toy", "--seeds", "a,b", "--out", str(tmp_path)]) == 2
+
+
+@pytest.fixture(scope="module")
+def llama_folder(gpt2_tokenizer, tmp_path_factory):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            vocab_size=gpt2_tokenizer.vocab_size,
+        )
+    ).eval()
+    path = tmp_path_factory.mktemp("hf") / "tiny-llama"
+    model.save_pretrained(path)
+    gpt2_tokenizer.save_pretrained(path)
+    return path
+
+
+def test_train_gated_command(llama_folder, tmp_path):
+    out = tmp_path / "real"
+    text = data_path("shakespeare")
+    args = [
+        "train-gated",
+        "--model",
+        str(llama_folder),
+        "--layer",
+        "1",
+        "--out",
+        str(out),
+        "--source",
+        str(text),
+        "--split",
+        "valid",
+        "--eval-source",
+        str(text),
+        "--eval-split",
+        "test",
+        "--context-size",
+        "32",
+        "--max-tokens",
+        "512",
+        "--max-eval-tokens",
+        "128",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--n-ioi",
+        "4",
+    ]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["block_heads"] == 8
+    for key in ("fve", "loss_change", "ioi_change", "before", "after"):
+        assert key in summary, key
+    block = GatedAttentionBlock.load(out / "block")
+    assert block.cfg.positional == "rotary" and block.cfg.n_key_value_heads == 4
+    assert (out / "checkpoint.pt").is_file() and (out / "history.csv").is_file()
+    assert main(args) == 0  # resumes from the finished checkpoint
+    assert json.loads((out / "summary.json").read_text())["steps"] == 8
+
+
+def test_train_gated_command_rejects_bad_input(tmp_path, capsys):
+    base = ["train-gated", "--layer", "0", "--out", str(tmp_path), "--eval-source", "x"]
+    assert main(base) == 2
+    assert "--source" in capsys.readouterr().err
+    assert main([*base, "--acts", str(tmp_path)]) == 2
+    assert "not a collect folder" in capsys.readouterr().err

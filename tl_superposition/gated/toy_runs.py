@@ -1,0 +1,456 @@
+"""End-to-end toy runs: reference model -> superposition analysis -> gated block -> check.
+
+One run (:func:`run_toy`) writes everything into ``out/<setting>/seed<k>/`` and can be
+interrupted at any point: the reference model, the block's training checkpoints and every
+table are files, and a rerun picks up where it stopped.
+
+``out/<setting>/seed<k>/``::
+
+    toy/                     reference toy model (toy_config.json, toy_weights.safetensors)
+    toy_history.csv          its training curve
+    toy_check.csv            solely-encoded check of the reference (per task)
+    toy_ablation.csv         accuracy per task for every subset of heads (+ toy_ablation.png)
+    gated/checkpoint.pt      the block's training state (resumable)
+    gated/block/             the trained block (cfg.json, weights.safetensors)
+    gated_history.csv        its loss curve
+    gated_check.csv          solely-encoded check with the block spliced in
+    gated_ablation.csv       per-subset accuracies of the block's heads (copy tasks)
+    gate_map.csv / .png      mean gate per task and head at the (query, A) pairs
+    summary.json             one row of the reproduction table
+
+:func:`run_cross_layer` does the same for the two-layer setting, side by side for blocks
+trained layer by layer (the published method) and blocks trained together with a penalty
+across the two layers' heads (:mod:`tl_superposition.gated.cross_layer`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from tl_superposition._atomic import write_json_atomic, write_text_atomic
+from tl_superposition.gated.block import GatedAttentionBlock
+from tl_superposition.gated.check import SolelyEncodedReport, solely_encoded
+from tl_superposition.gated.gates import gate_map
+from tl_superposition.gated.sources import TensorBatches, layer_activations
+from tl_superposition.gated.train import GatedTrainConfig, train_gated_block
+from tl_superposition.toys.analysis import attention_ranking, minimal_head_sets, subset_ablation
+from tl_superposition.toys.datasets import ToyDataset
+from tl_superposition.toys.models import (
+    load_toy_model,
+    make_toy_model,
+    overlap_copy_model,
+    save_toy_model,
+)
+from tl_superposition.toys.settings import ToySetting
+from tl_superposition.toys.train import ToyTrainConfig, train_toy_model
+
+log = logging.getLogger(__name__)
+
+#: Dataset seeds: training (the authors' seed 0), the 100k-sample check (the authors' 1), and
+#: the toy model's early-stopping validation.
+TRAIN_SEED, CHECK_SEED, STOP_SEED = 0, 1, 2
+
+
+def _min(col: Any) -> float:
+    return float(pd.Series(col).to_numpy().min())
+
+
+def _write_csv(df: pd.DataFrame, path: Path, index: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)  # a run folder removed under a live run
+    write_text_atomic(path, df.to_csv(index=index))
+
+
+def reference_model(
+    setting: ToySetting,
+    seed: int,
+    run_dir: Path,
+    train: ToyDataset,
+    toy_config: ToyTrainConfig | None = None,
+    progress: bool = True,
+) -> Any:
+    """The setting's reference toy model: hand-built, loaded from ``run_dir/toy``, or trained."""
+    if setting.constructed:
+        return overlap_copy_model()
+    if (run_dir / "toy" / "toy_config.json").is_file():
+        return load_toy_model(run_dir / "toy")
+    model = make_toy_model(setting.n_heads, train.d_vocab, setting.n_layers, seed=seed)
+    stop = setting.dataset(20_000, STOP_SEED)
+    cfg = toy_config or setting.toy_train_config()
+    result = train_toy_model(model, train, stop, cfg, progress=progress)
+    if not result.reached:
+        log.warning(
+            "%s seed %d: toy model below target accuracy %s",
+            setting.name,
+            seed,
+            result.accuracy.round(4).to_dict(),
+        )
+    _write_csv(result.history, run_dir / "toy_history.csv")
+    save_toy_model(model, run_dir / "toy")
+    return model.eval()
+
+
+def _check_files(
+    model: Any,
+    val: ToyDataset,
+    blocks: dict[int, GatedAttentionBlock],
+    run_dir: Path,
+    prefix: str,
+    plots: bool,
+) -> tuple[SolelyEncodedReport, pd.DataFrame]:
+    """Solely-encoded check and all-subset ablation table, written as CSV (and PNG)."""
+    ablation = subset_ablation(model, val, blocks)
+    report = solely_encoded(model, val, blocks, ablation=ablation)
+    _write_csv(report.table, run_dir / f"{prefix}_check.csv")
+    _write_csv(report.fractions, run_dir / f"{prefix}_fractions.csv", index=True)
+    table = ablation.table()
+    _write_csv(table, run_dir / f"{prefix}_ablation.csv")
+    if plots:
+        from tl_superposition.toys.plots import plot_ablation
+
+        plot_ablation(table, title=f"{prefix}: accuracy with only these heads kept").savefig(
+            run_dir / f"{prefix}_ablation.png", dpi=110
+        )
+    return report, table
+
+
+def _authors_check(
+    model: Any, val: ToyDataset, blocks: dict[int, GatedAttentionBlock], path: Path
+) -> SolelyEncodedReport:
+    """The check as cmathw/gated-attn's script reads it: kept heads' outputs, no residual."""
+    ablation = subset_ablation(model, val, blocks, include_residual=False)
+    report = solely_encoded(model, val, blocks, ablation=ablation)
+    _write_csv(report.table, path)
+    return report
+
+
+def run_toy(
+    setting: ToySetting,
+    seed: int,
+    out: str | os.PathLike,
+    *,
+    epochs: int | None = None,
+    n_train: int = 100_000,
+    n_check: int = 100_000,
+    batch_size: int = 1000,
+    compile: bool = False,
+    plots: bool = True,
+    progress: bool = True,
+    toy_config: ToyTrainConfig | None = None,
+) -> dict[str, Any]:
+    """One toy setting and seed, end to end; returns (and writes) its summary row.
+
+    Args:
+        setting: a one-layer :class:`~tl_superposition.toys.settings.ToySetting`.
+        seed: seed of the toy model's and the block's initialisation.
+        out: root folder; the run writes to ``out/<setting.slug>/seed<seed>``.
+        epochs: gated-block epochs (default the setting's: the authors' 1000).
+        n_train: training sequences (authors: 100 batches x 1000, seed 0).
+        n_check: sequences of the solely-encoded check (authors: 100,000, seed 1).
+        batch_size: sequences per step.
+        compile: ``torch.compile`` the block's training step.
+        plots: write PNG figures.
+        toy_config: training settings of the reference model (default:
+            :meth:`ToySetting.toy_train_config`).
+
+    Returns:
+        The summary row (see :func:`reproduction_table`).
+
+    Raises:
+        ValueError: a two-layer setting (use :func:`run_cross_layer`).
+    """
+    if setting.n_layers != 1:
+        raise ValueError(f"{setting.name} has {setting.n_layers} layers: use run_cross_layer")
+    run_dir = Path(out) / setting.slug / f"seed{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    epochs = epochs or setting.epochs
+    summary_path = run_dir / "summary.json"
+    if summary_path.is_file():
+        row = json.loads(summary_path.read_text())
+        done = row.get("gated_epochs") == epochs and "removed_authors_check" in row
+        if done or setting.task == "ov_coherent":
+            return row
+
+    train = setting.dataset(n_train, TRAIN_SEED)
+    val = setting.dataset(n_check, CHECK_SEED)
+    model = reference_model(setting, seed, run_dir, train, toy_config, progress)
+    ref, ref_table = _check_files(model, val, {}, run_dir, "toy", plots)
+    row: dict[str, Any] = {
+        "setting": setting.name,
+        "seed": seed,
+        "reference": "hand-built" if setting.constructed else "trained",
+        "toy_accuracy": _min(ref.table["accuracy"]),
+        "toy_map": ref.task_to_head(),
+        "toy_superposition": not ref.removed,
+    }
+    if setting.task == "ov_coherent":
+        ranking = attention_ranking(model, val)
+        _write_csv(ranking, run_dir / "attention_ranking.csv")
+        row["ranking"] = ranking.pivot(index="head", columns="token", values="rank").to_dict()
+        write_json_atomic(summary_path, row)
+        return row
+
+    x, y = layer_activations(model, train.tokens, 0, "hook_resid_pre")
+    source = TensorBatches(x, y, batch_size)
+    block = GatedAttentionBlock.from_layer(model, 0, setting.expansion_factor, seed=seed)
+    cfg = GatedTrainConfig(
+        alpha=setting.alpha,
+        lr=setting.lr,
+        epochs=epochs,
+        compile=compile,
+        log_every=500,
+        checkpoint_every=1000,
+    )
+    result = train_gated_block(block, source, cfg, run_dir / "gated", progress=progress)
+    block.save(run_dir / "gated" / "block")
+    _write_csv(result.history, run_dir / "gated_history.csv")
+    report, table = _check_files(model, val, {0: block}, run_dir, "gated", plots)
+    authors = _authors_check(model, val, {0: block}, run_dir / "gated_check_authors.csv")
+    gmap = gate_map(model, {0: block}, val.subset(slice(0, 20_000)))  # memory: 20k sequences
+    _write_csv(gmap, run_dir / "gate_map.csv", index=True)
+    if plots:
+        from tl_superposition.toys.plots import plot_gate_map
+
+        plot_gate_map(gmap, title=f"{setting.name} seed {seed}: mean gate at (B, A)").savefig(
+            run_dir / "gate_map.png", dpi=110
+        )
+    last = result.history.iloc[-1]
+    row.update(
+        {
+            "gated_heads": block.cfg.n_heads,
+            "gated_epochs": epochs,
+            "gated_steps": result.steps,
+            "final_mse": float(last["mse"]),
+            "final_penalty": float(last["penalty"]),
+            "accuracy": _min(report.table["accuracy"]),
+            "heads_used": report.heads_used,
+            "map": report.task_to_head(),
+            "removed": report.removed,
+            "distinct": report.distinct,
+            "map_authors_check": authors.task_to_head(),
+            "removed_authors_check": authors.removed,
+        }
+    )
+    if setting.task == "overlap_copy":
+        row["toy_minimal_sets"] = _sets(minimal_head_sets(ref_table))
+        row["minimal_sets"] = _sets(minimal_head_sets(table))
+        row["sets_disjoint"] = _disjoint(minimal_head_sets(table))
+    write_json_atomic(summary_path, row)
+    return row
+
+
+def _sets(minimal: pd.DataFrame) -> dict[str, list[str]]:
+    return {str(r["task_name"]): list(r["sets"]) for _, r in minimal.iterrows()}
+
+
+def _disjoint(minimal: pd.DataFrame) -> bool:
+    """Whether some choice of one minimal set per task uses every head at most once."""
+    options = [[set(s.split("+")) for s in r["sets"]] for _, r in minimal.iterrows()]
+    if any(not o for o in options):
+        return False
+
+    def search(i: int, used: set[str]) -> bool:
+        if i == len(options):
+            return True
+        return any(search(i + 1, used | s) for s in options[i] if not used & s)
+
+    return search(0, set())
+
+
+def _yes(flag: bool | None) -> str:
+    return "-" if flag is None else ("yes" if flag else "no")
+
+
+def reproduction_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """The reproduction table: setting, seed, trigram accuracy, heads used, map, removed.
+
+    Args:
+        rows: summary rows of :func:`run_toy`.
+    """
+    out = []
+    for r in rows:
+        if "gated_heads" not in r:
+            continue
+        out.append(
+            {
+                "setting": r["setting"],
+                "seed": r["seed"],
+                "toy model": f"{r['toy_accuracy']:.4f}; " + r["toy_map"],
+                "block heads": r["gated_heads"],
+                "epochs": r["gated_epochs"],
+                "trigram accuracy (min)": round(r["accuracy"], 4),
+                "heads used": len(r["heads_used"]),
+                "trigram -> head": r["map"],
+                "superposition removed": "yes" if r["removed"] else "no",
+                "removed, authors' check": _yes(r.get("removed_authors_check")),
+            }
+        )
+    return pd.DataFrame(out)
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """``df`` as a GitHub-flavoured Markdown table (no index)."""
+    cols = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in df.iterrows():
+        lines.append("| " + " | ".join(str(v) for v in r.tolist()) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def load_rows(out: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every ``summary.json`` under ``out``, sorted by setting and seed."""
+    rows = [json.loads(p.read_text()) for p in Path(out).glob("*/seed*/summary.json")]
+    return sorted(rows, key=lambda r: (r["setting"], r["seed"]))
+
+
+# --------------------------------------------------------------------------- two layers
+
+#: The three ways :func:`run_cross_layer` replaces the two layers.
+CROSS_LAYER_VARIANTS = ("within-layer", "joint, per-layer penalty", "joint, cross-layer penalty")
+
+
+def _fresh_blocks(model: Any, setting: ToySetting, seed: int) -> dict[int, GatedAttentionBlock]:
+    return {
+        layer: GatedAttentionBlock.from_layer(
+            model, layer, setting.expansion_factor, seed=seed * 100 + layer
+        )
+        for layer in range(model.cfg.n_layers)
+    }
+
+
+def _train_variant(
+    variant: str,
+    model: Any,
+    setting: ToySetting,
+    seed: int,
+    train: ToyDataset,
+    cfg: GatedTrainConfig,
+    folder: Path,
+    batch_size: int,
+    progress: bool,
+) -> dict[int, GatedAttentionBlock]:
+    from tl_superposition.gated.cross_layer import CrossLayerGatedBlocks, cross_layer_source
+
+    blocks = _fresh_blocks(model, setting, seed)
+    if variant == "within-layer":
+        for layer, block in blocks.items():
+            x, y = layer_activations(model, train.tokens, layer, "hook_resid_pre")
+            train_gated_block(
+                block,
+                TensorBatches(x, y, batch_size),
+                cfg,
+                folder / f"layer{layer}",
+                progress=progress,
+            )
+    else:
+        penalty = "joint" if variant.endswith("cross-layer penalty") else "per_layer"
+        unit = CrossLayerGatedBlocks(model, blocks, penalty)
+        source = cross_layer_source(model, train.tokens, sorted(blocks), batch_size)
+        train_gated_block(unit, source, cfg, folder, progress=progress)
+    for layer, block in blocks.items():
+        block.save(folder / f"block{layer}")
+    return blocks
+
+
+def run_cross_layer(
+    setting: ToySetting,
+    seed: int,
+    out: str | os.PathLike,
+    *,
+    epochs: int | None = None,
+    n_train: int = 100_000,
+    n_check: int = 100_000,
+    batch_size: int = 1000,
+    compile: bool = False,
+    plots: bool = True,
+    progress: bool = True,
+    toy_config: ToyTrainConfig | None = None,
+) -> dict[str, Any]:
+    """The two-layer setting: within-layer blocks versus blocks trained with a cross-layer penalty.
+
+    Trains (or loads) the two-layer reference model, checks it, then for each of
+    :data:`CROSS_LAYER_VARIANTS` trains fresh blocks for both layers (same seeds, epochs, alpha
+    and learning rate) and runs the solely-encoded check over the heads of both blocks (a head
+    of either layer kept, every combination of all other heads ablated). Files go to
+    ``out/<setting.slug>/seed<seed>/<variant>/``.
+
+    Returns:
+        The summary row: the reference's map and, per variant, accuracy, map, heads used and
+        whether every trigram is solely encoded.
+    """
+    run_dir = Path(out) / setting.slug / f"seed{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    epochs = epochs or setting.epochs
+    summary_path = run_dir / "summary.json"
+    if summary_path.is_file():
+        row = json.loads(summary_path.read_text())
+        if row.get("gated_epochs") == epochs:
+            return row
+    train = setting.dataset(n_train, TRAIN_SEED)
+    val = setting.dataset(n_check, CHECK_SEED)
+    model = reference_model(setting, seed, run_dir, train, toy_config, progress)
+    ref, _ = _check_files(model, val, {}, run_dir, "toy", plots)
+    row: dict[str, Any] = {
+        "setting": setting.name,
+        "seed": seed,
+        "reference": "trained",
+        "toy_accuracy": _min(ref.table["accuracy"]),
+        "toy_map": ref.task_to_head(),
+        "toy_superposition": not ref.removed,
+        "gated_epochs": epochs,
+        "variants": {},
+    }
+    cfg = GatedTrainConfig(
+        alpha=setting.alpha,
+        lr=setting.lr,
+        epochs=epochs,
+        compile=compile,
+        log_every=500,
+        checkpoint_every=1000,
+    )
+    for variant in CROSS_LAYER_VARIANTS:
+        folder = run_dir / variant.replace(", ", "_").replace(" ", "-")
+        folder.mkdir(exist_ok=True)
+        blocks = _train_variant(
+            variant, model, setting, seed, train, cfg, folder, batch_size, progress
+        )
+        report, _ = _check_files(model, val, blocks, folder, "gated", plots)
+        row["variants"][variant] = {
+            "accuracy": _min(report.table["accuracy"]),
+            "map": report.task_to_head(),
+            "heads_used": report.heads_used,
+            "removed": report.removed,
+        }
+    write_json_atomic(summary_path, row)
+    return row
+
+
+def cross_layer_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per (seed, variant) of :func:`run_cross_layer` summaries."""
+    out = []
+    for r in rows:
+        out.append(
+            {
+                "seed": r["seed"],
+                "variant": "original model",
+                "trigram accuracy (min)": round(r["toy_accuracy"], 4),
+                "trigram -> head": r["toy_map"],
+                "every trigram solely encoded": "no" if r["toy_superposition"] else "yes",
+            }
+        )
+        for name, v in r["variants"].items():
+            out.append(
+                {
+                    "seed": r["seed"],
+                    "variant": name,
+                    "trigram accuracy (min)": round(v["accuracy"], 4),
+                    "trigram -> head": v["map"],
+                    "every trigram solely encoded": "yes" if v["removed"] else "no",
+                }
+            )
+    return pd.DataFrame(out)

@@ -1,0 +1,273 @@
+"""Training a :class:`~tl_superposition.gated.block.GatedAttentionBlock`.
+
+Loss (the gated-attention write-up; METHODS section 2)::
+
+    loss = MSE(block(x), target) + alpha * mean_{b, q, k} ( sum_h gate[b, h, q, k] ** p ) ** (1 / p)
+
+with ``p = 0.6`` (an L0.6 quasi-norm of the gates across heads, which favours one open gate
+per (query, key) pair over several half-open ones) and the MSE averaged over every element.
+Adam, ``epochs`` passes over a :class:`~tl_superposition.gated.sources.BatchSource`. The
+authors' settings: 2H/3ST alpha 0.5, lr 5e-4; 3H/4ST alpha 0.1, lr 5e-4; 4H/5ST alpha 0.3,
+lr 1e-3; 1000 epochs of 100 batches of 1000 sequences.
+
+Checkpoints (``checkpoint.pt`` in ``checkpoint_dir``, written atomically) hold the block, the
+optimiser state, the step and the loss history; a new call with the same folder resumes from
+the last one and ends with bitwise the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from tl_superposition._atomic import atomic_path
+from tl_superposition.gated.block import GatedAttentionBlock
+from tl_superposition.gated.sources import BatchSource
+
+if TYPE_CHECKING:
+    from tl_superposition.gated.cross_layer import CrossLayerGatedBlocks
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+PENALTY_PAIRS = ("all", "causal")
+
+#: The authors' settings per toy setting: (alpha, lr); 1000 epochs each.
+AUTHORS_SETTINGS: dict[str, tuple[float, float]] = {
+    "2H/3ST": (0.5, 5e-4),
+    "3H/4ST": (0.1, 5e-4),
+    "4H/5ST": (0.3, 1e-3),
+}
+
+
+@dataclass
+class GatedTrainConfig:
+    """Settings of :func:`train_gated_block`.
+
+    Attributes:
+        alpha: weight of the gate penalty.
+        lr: Adam learning rate.
+        epochs: passes over the source.
+        max_steps: stop after this many steps in all (None: ``epochs x n_batches``).
+        gate_p: exponent of the quasi-norm across heads (0.6).
+        penalty_pairs: ``"all"`` -- average over every (query, key) pair, future keys too, as
+            the authors' code does; ``"causal"`` -- only keys at or before the query.
+        log_every: steps per history row (losses averaged over them).
+        checkpoint_every: steps between checkpoints (0: only at the end).
+        compile: run the forward and loss through ``torch.compile`` (after a compilation
+            of about a minute; whether it is faster depends on the machine -- on a loaded
+            2-core CPU it ran slower than eager, see ``benchmarks/bench_gated.py --compile``).
+    """
+
+    alpha: float = 0.5
+    lr: float = 5e-4
+    epochs: int = 1000
+    max_steps: int | None = None
+    gate_p: float = 0.6
+    penalty_pairs: str = "all"
+    log_every: int = 100
+    checkpoint_every: int = 5000
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.alpha < 0 or self.lr <= 0:
+            raise ValueError(f"need alpha >= 0 and lr > 0, got {self.alpha}, {self.lr}")
+        if self.epochs < 1 or (self.max_steps is not None and self.max_steps < 1):
+            raise ValueError("epochs and max_steps must be >= 1")
+        if not 0 < self.gate_p <= 2:
+            raise ValueError(f"gate_p must be in (0, 2], got {self.gate_p}")
+        if self.penalty_pairs not in PENALTY_PAIRS:
+            raise ValueError(f"penalty_pairs must be one of {PENALTY_PAIRS}")
+        if self.log_every < 1 or self.checkpoint_every < 0:
+            raise ValueError("log_every must be >= 1 and checkpoint_every >= 0")
+
+
+@dataclass
+class GatedTrainResult:
+    """What :func:`train_gated_block` did.
+
+    Attributes:
+        history: rows ``step, epoch, loss, mse, penalty, seconds``.
+        steps: steps done in all (resumed ones included).
+        resumed_from: the step the run resumed from (0 for a fresh start).
+        seconds: wall time of this call.
+    """
+
+    history: pd.DataFrame
+    steps: int
+    resumed_from: int = 0
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def gate_penalty(
+    gate: Float[Tensor, "batch n_heads pos pos"] | list[Tensor],
+    p: float = 0.6,
+    pairs: str = "all",
+) -> Tensor:
+    """``mean_{b,q,k} ||gate[b, :, q, k]||_p``, the gate sparsity penalty.
+
+    Args:
+        gate: gates in [0, 1] (``hook_gate``). Several blocks' gates concatenated along the
+            head dimension are penalised together (co-attention across blocks counts); a list
+            of gate tensors gets the sum of their separate penalties.
+        p: quasi-norm exponent.
+        pairs: ``"all"`` or ``"causal"`` (only ``k <= q``).
+    """
+    if isinstance(gate, list):
+        return torch.stack([gate_penalty(g, p, pairs) for g in gate]).sum()
+    # sum_h gate ** p, spelt out (about twice as fast as linalg.vector_norm on a CPU); the
+    # floor keeps the gradient of the power finite where a gate is exactly 0
+    norm = gate.clamp_min(1e-30).pow(p).sum(dim=1).pow(1.0 / p)
+    if pairs == "causal":
+        n = gate.shape[-1]
+        mask = torch.ones(n, n, dtype=torch.bool, device=gate.device).tril()
+        return norm[:, mask].mean()
+    return norm.mean()
+
+
+def gated_loss(
+    out: Tensor, target: Tensor, gate: Tensor | list[Tensor], cfg: GatedTrainConfig
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(loss, mse, penalty)`` of one batch (see the module docstring)."""
+    mse = F.mse_loss(out, target)
+    penalty = gate_penalty(gate, cfg.gate_p, cfg.penalty_pairs)
+    return mse + cfg.alpha * penalty, mse, penalty
+
+
+def _save_checkpoint(
+    path: Path,
+    block: GatedAttentionBlock | CrossLayerGatedBlocks,
+    opt: torch.optim.Optimizer,
+    step: int,
+    history: list[dict[str, float]],
+    cfg: GatedTrainConfig,
+    source: dict[str, Any],
+) -> None:
+    state = {
+        "step": step,
+        "block": block.state_dict(),
+        "optimizer": opt.state_dict(),
+        "history": history,
+        "train_config": asdict(cfg),
+        "block_config": block.cfg.to_dict(),
+        "source": source,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _resume(
+    path: Path,
+    block: GatedAttentionBlock | CrossLayerGatedBlocks,
+    opt: torch.optim.Optimizer,
+    cfg: GatedTrainConfig,
+    source: dict[str, Any],
+) -> tuple[int, list[dict[str, float]]]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    mismatch = []
+    if state["block_config"] != block.cfg.to_dict():
+        mismatch.append("block config")
+    keep = ("alpha", "lr", "gate_p", "penalty_pairs")
+    if {k: state["train_config"][k] for k in keep} != {k: getattr(cfg, k) for k in keep}:
+        mismatch.append("alpha/lr/gate_p/penalty_pairs")
+    if state["source"] != source:
+        mismatch.append("data source")
+    if mismatch:
+        raise ValueError(
+            f"{path} is a checkpoint of another run ({', '.join(mismatch)} differ); "
+            "use a new checkpoint folder or the same settings"
+        )
+    block.load_state_dict(state["block"])
+    opt.load_state_dict(state["optimizer"])
+    return int(state["step"]), list(state["history"])
+
+
+def train_gated_block(
+    block: GatedAttentionBlock | CrossLayerGatedBlocks,
+    source: BatchSource,
+    config: GatedTrainConfig | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> GatedTrainResult:
+    """Train ``block`` (in place) to reproduce ``source``'s targets with sparse gates.
+
+    Args:
+        block: the block (or blocks trained together,
+            :class:`~tl_superposition.gated.cross_layer.CrossLayerGatedBlocks`); its device
+            is used for the batches.
+        source: ``(input, target)`` batches, deterministic in (epoch, index).
+        config: :class:`GatedTrainConfig` (defaults if None).
+        checkpoint_dir: folder for ``checkpoint.pt``; an existing checkpoint there is resumed
+            (it must come from the same block config, loss settings and source).
+        progress: tqdm bar over steps.
+
+    Returns:
+        :class:`GatedTrainResult` with the loss history.
+
+    Raises:
+        ValueError: a checkpoint of another run is in ``checkpoint_dir``.
+    """
+    cfg = config or GatedTrainConfig()
+    device = next(block.parameters()).device
+    opt = torch.optim.Adam(block.parameters(), lr=cfg.lr)
+    total = cfg.epochs * source.n_batches
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    ckpt = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
+    desc = source.describe()
+    step, history = 0, []
+    if ckpt is not None and ckpt.is_file():
+        step, history = _resume(ckpt, block, opt, cfg, desc)
+        log.info("resuming %s at step %d of %d", ckpt, step, total)
+    resumed_from = step
+    t0 = time.perf_counter()
+    sums = torch.zeros(3)
+    n_sum = 0
+
+    def batch_loss(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        out, gate = block.forward_with_gate(x)
+        return gated_loss(out, y, gate, cfg)
+
+    loss_fn = torch.compile(batch_loss) if cfg.compile else batch_loss
+    block.train()
+    bar = tqdm(total=total, initial=step, desc="gated block", disable=not progress, leave=False)
+    while step < total:
+        epoch, index = divmod(step, source.n_batches)
+        x, y = source.batch(epoch, index)
+        loss, mse, pen = loss_fn(x.to(device), y.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        sums += torch.stack([loss.detach(), mse.detach(), pen.detach()]).cpu()
+        n_sum += 1
+        if step % cfg.log_every == 0 or step == total:
+            avg = (sums / n_sum).tolist()
+            history.append(
+                {"step": step, "epoch": epoch, "loss": avg[0], "mse": avg[1], "penalty": avg[2]}
+            )
+            bar.set_postfix(mse=f"{avg[1]:.3g}", penalty=f"{avg[2]:.3g}")
+            sums.zero_()
+            n_sum = 0
+        bar.update(1)
+        if ckpt is not None and (
+            step == total or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+        ):
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            _save_checkpoint(ckpt, block, opt, step, history, cfg, desc)
+    bar.close()
+    block.eval()
+    seconds = time.perf_counter() - t0
+    return GatedTrainResult(pd.DataFrame(history), step, resumed_from, seconds)
