@@ -209,7 +209,14 @@ def test_graph_is_non_empty_and_round_trips(model, prompts, tmp_path):
     ):
         assert col in firings.columns
     edges = pd.read_csv(paths["edges.csv"])
-    assert list(edges.columns) == ["upstream", "downstream", "side", "weight", "n_firings"]
+    assert list(edges.columns) == [
+        "upstream",
+        "downstream",
+        "side",
+        "weight",
+        "n_firings",
+        "n_prompts",
+    ]
     assert set(edges.side) <= {"src", "dest"}
     prompts_csv = pd.read_csv(paths["prompts.csv"])
     assert list(prompts_csv.columns[:9]) == [
@@ -301,6 +308,11 @@ def test_node_names_round_trip():
         ("batch_size", 0),
         ("batch_size", 2.5),
         ("exclude_first", "no"),
+        ("edge_rule", "largest"),
+        ("augmented_bias", 1),
+        ("nonfiring_frac", 1.5),
+        ("nonfiring_frac", -0.1),
+        ("seed", -1),
     ],
 )
 def test_trace_config_checks_its_fields(field, value):

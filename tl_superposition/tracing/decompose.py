@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
@@ -55,6 +56,43 @@ def find_firings(
         )
         fire &= dest_ok[:, None, :, None]
     b, h, d, s = fire.nonzero(as_tuple=True)
+    return b, h, d, s
+
+
+def sample_nonfirings(
+    pattern: Float[Tensor, "batch n_heads dest src"],
+    scores: Float[Tensor, "batch n_heads dest src"],
+    lengths: Int[Tensor, " batch"],
+    prompt_ids: Int[Tensor, " batch"],
+    layer: int,
+    frac: float,
+    seed: int = 0,
+    pattern_thresh: float = 0.5,
+    exclude_first: bool = True,
+) -> tuple[Int[Tensor, " n"], Int[Tensor, " n"], Int[Tensor, " n"], Int[Tensor, " n"]]:
+    """A random share ``frac`` of the places where a layer's heads do *not* fire.
+
+    The candidates are the causal places ``src <= dest < length`` (``src >= 1`` with
+    ``exclude_first``) that are not firings (:func:`find_firings`). Each prompt draws from its
+    own ``torch.Generator``, seeded by ``(seed, prompt id, layer)``, so the sample of a prompt
+    does not depend on the batches it is traced in.
+
+    Returns:
+        ``(batch, head, dest, src)`` indices, as :func:`find_firings`.
+    """
+    B, H, P, _ = pattern.shape
+    keep = torch.zeros(B, H, P, P, dtype=torch.bool)
+    if frac > 0:
+        for i, (pid, n) in enumerate(zip(prompt_ids.tolist(), lengths.tolist())):
+            state = np.random.SeedSequence([seed, pid, layer]).generate_state(2)
+            gen = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+            keep[i, :, :n, :n] = torch.rand(H, n, n, generator=gen) < frac
+    causal = torch.ones(P, P, dtype=torch.bool).tril()
+    if exclude_first:
+        causal[:, 0] = False
+    fire = (pattern >= pattern_thresh) & (scores > 0)
+    keep &= causal & ~fire.cpu()
+    b, h, d, s = keep.nonzero(as_tuple=True)
     return b, h, d, s
 
 
@@ -143,17 +181,55 @@ def project(
     xd, xs = _augment(x_dest), _augment(x_src)
     pd = xd.new_empty(n, d_head)
     ps = xd.new_empty(n, d_head)
-    head = head.cpu()
+    head = head.to(xd.device)
     for h in head.unique().tolist():
         rows = head == h
         pd[rows] = xd[rows] @ qk.q_basis[h]
         ps[rows] = xs[rows] @ qk.k_basis[h]
     uniq, inv = torch.unique(offset.cpu(), return_inverse=True)
     uc, s, vc = qk.cores(uniq)  # [n_offsets, n_heads, ...]
+    inv, head = inv.to(uc.device), head.to(uc.device)
     uc, s, vc = uc[inv, head], s[inv, head], vc[inv, head]
     a = torch.einsum("ni,nik->nk", pd, uc)
     b = torch.einsum("ni,nik->nk", ps, vc)
     return Projections(a=a, b=b, s=s, u_core=uc, v_core=vc)
+
+
+def signal_coordinates(
+    proj: Projections, selected: Bool[Tensor, "n d_head"]
+) -> tuple[Float[Tensor, "n d_head"], Float[Tensor, "n d_head"]]:
+    """The signal directions of each firing in the coordinates of its head's bases.
+
+    Following Franco & Crovella, component ``k`` of the selected set is weighted by
+    ``w_k = sign(x~_dest . u_k) sqrt(S_k)``; the source-side direction is ``sum_k w_k v_k`` and
+    the destination-side direction ``sum_k w_k u_k``. With ``v_k = k_basis V_c[:, k]`` and
+    ``u_k = q_basis U_c[:, k]`` these are ``k_basis t_src`` and ``q_basis t_dest``; this returns
+    ``(t_src, t_dest)`` = ``(V_c w, U_c w)`` (float64). :func:`basis_to_model` maps them to
+    ``d_model``.
+    """
+    selected = selected.to(proj.a.device)
+    w = torch.where(selected, torch.sign(proj.a) * proj.s.sqrt(), torch.zeros_like(proj.a))
+    t_src = torch.einsum("nik,nk->ni", proj.v_core, w)
+    t_dest = torch.einsum("nik,nk->ni", proj.u_core, w)
+    return t_src, t_dest
+
+
+def basis_to_model(
+    basis: Float[Tensor, "n_heads d_model_plus_1 d_head"],
+    coords: Float[Tensor, "n d_head"],
+    head: Int[Tensor, " n"],
+) -> Float[Tensor, "n d_model_plus_1"]:
+    """``basis[head[i]] @ coords[i]`` for every row: a direction in the augmented space.
+
+    The last coordinate is the bias coordinate of ``x~ = [x, 1]``; the first ``d_model`` are
+    the direction in the residual stream. The loop is over heads, never over rows.
+    """
+    out = coords.new_empty(len(head), basis.shape[1])
+    head = head.to(coords.device)
+    for h in head.unique().tolist():
+        rows = head == h
+        out[rows] = coords[rows] @ basis[h].T.to(coords.dtype)
+    return out
 
 
 def signal_directions(
@@ -164,35 +240,26 @@ def signal_directions(
 ) -> tuple[Float[Tensor, "n d_model"], Float[Tensor, "n d_model"]]:
     """The source-side and destination-side signal directions of each firing, in d_model.
 
-    Following Franco & Crovella, component ``k`` of the selected set is weighted by
-    ``sign(x~_dest . u_k) sqrt(S_k)``; the source direction is ``sum_k w_k v_k`` and the
-    destination direction ``sum_k w_k u_k`` (dropping the bias coordinate of ``x~``). An
-    upstream write ``y`` at that position carries ``(y . g) / ln1.hook_scale`` of the signal.
+    :func:`signal_coordinates` mapped by each head's key and query bases, dropping the bias
+    coordinate of ``x~``. An upstream write ``y`` at the source (destination) position carries
+    ``(y . g_src) / ln1.hook_scale`` (``g_dest``) of the signal.
 
     Returns:
         ``(g_src, g_dest)``, float64.
     """
-    selected = selected.to(proj.a.device)
-    w = torch.where(selected, torch.sign(proj.a) * proj.s.sqrt(), torch.zeros_like(proj.a))
-    t_src = torch.einsum("nik,nk->ni", proj.v_core, w)
-    t_dest = torch.einsum("nik,nk->ni", proj.u_core, w)
+    t_src, t_dest = signal_coordinates(proj, selected)
     d_model = qk.q_basis.shape[1] - 1
-    g_src = t_src.new_empty(len(head), d_model)
-    g_dest = t_src.new_empty(len(head), d_model)
-    head = head.cpu()
-    for h in head.unique().tolist():
-        rows = head == h
-        g_src[rows] = t_src[rows] @ qk.k_basis[h, :d_model].T
-        g_dest[rows] = t_dest[rows] @ qk.q_basis[h, :d_model].T
+    g_src = basis_to_model(qk.k_basis, t_src, head)[:, :d_model]
+    g_dest = basis_to_model(qk.q_basis, t_dest, head)[:, :d_model]
     return g_src, g_dest
 
 
 @dataclass
 class LayerFirings:
-    """The firings of one layer in one batch, each with its sparse decomposition.
+    """Firings (or any other places) of one layer in one batch, with their decomposition.
 
-    Every tensor has one entry (row) per firing and lives on the CPU; rows are in the order
-    of :func:`find_firings`.
+    Every tensor has one entry (row) per place and lives on the CPU; rows are in the order
+    of :func:`find_firings` (prompt, head, destination, source).
 
     Attributes:
         layer: the layer index.
@@ -205,7 +272,8 @@ class LayerFirings:
         order: ``[n, d_head]`` component indices in the order of selection (see
             :func:`shortest_prefix`).
         count: ``[n]`` size of the sparse set: its components are ``order[i, :count[i]]``.
-        traced: ``[n]`` whether the trace reached the firing (set by the tracing).
+        sig_src, sig_dest: ``[n, d_head]`` float64 signal directions of the sparse set in the
+            coordinates of the head's key and query bases (:func:`signal_coordinates`).
     """
 
     layer: int
@@ -218,10 +286,65 @@ class LayerFirings:
     contributions: Float[Tensor, "n d_head"]
     order: Int[Tensor, "n d_head"]
     count: Int[Tensor, " n"]
-    traced: Bool[Tensor, " n"]
+    sig_src: Float[Tensor, "n d_head"]
+    sig_dest: Float[Tensor, "n d_head"]
 
     def __len__(self) -> int:
         return len(self.prompt)
+
+
+def decompose_places(
+    qk: LayerQK,
+    x: Float[Tensor, "batch pos d_model"],
+    pattern: Float[Tensor, "batch n_heads dest src"],
+    scores: Float[Tensor, "batch n_heads dest src"],
+    places: tuple[Int[Tensor, " n"], Int[Tensor, " n"], Int[Tensor, " n"], Int[Tensor, " n"]],
+    thresh: float = 1.0,
+) -> LayerFirings:
+    """Decompose the scores of one layer at ``places = (batch, head, dest, src)``.
+
+    Each score is split into singular-component contributions (:func:`project`), its sparse
+    set is the shortest prefix reaching ``thresh x score`` (:func:`shortest_prefix`), and
+    its signal directions are those of the sparse set (:func:`signal_coordinates`).
+
+    Args:
+        qk: the layer's QK decomposition.
+        x: the layer's ``ln1.hook_normalized``.
+        pattern, scores: the layer's ``hook_pattern`` and ``hook_attn_scores``.
+        places: indices of the places (firings, or a sample of non-firings).
+        thresh: the sparse set reaches ``thresh x score``.
+    """
+    b, h, d, s = (t.cpu() for t in places)
+    dev = x.device
+    score = scores[b.to(dev), h.to(dev), d.to(dev), s.to(dev)].cpu()
+    d_head = qk.q_basis.shape[-1]
+    contrib = torch.empty(len(b), d_head, dtype=torch.float64)
+    sig_src, sig_dest = torch.empty_like(contrib), torch.empty_like(contrib)
+    order = torch.empty(len(b), d_head, dtype=torch.long)
+    count = torch.empty(len(b), dtype=torch.long)
+    for c0 in range(0, len(b), CHUNK):
+        sl = slice(c0, c0 + CHUNK)
+        bd, dd, sd = b[sl].to(dev), d[sl].to(dev), s[sl].to(dev)
+        proj = project(qk, x[bd, dd], x[bd, sd], h[sl], d[sl] - s[sl])
+        c = proj.contributions
+        o, n = shortest_prefix(c, score[sl].to(c) * thresh)
+        t_src, t_dest = signal_coordinates(proj, selected_mask(o, n))
+        contrib[sl], order[sl], count[sl] = c.cpu(), o.cpu(), n.cpu()
+        sig_src[sl], sig_dest[sl] = t_src.cpu(), t_dest.cpu()
+    return LayerFirings(
+        layer=qk.layer,
+        prompt=b,
+        head=h,
+        dest=d,
+        src=s,
+        score=score,
+        pattern=pattern[b.to(dev), h.to(dev), d.to(dev), s.to(dev)].cpu(),
+        contributions=contrib,
+        order=order,
+        count=count,
+        sig_src=sig_src,
+        sig_dest=sig_dest,
+    )
 
 
 def decompose_layer(
@@ -245,28 +368,7 @@ def decompose_layer(
         thresh: the sparse set reaches ``thresh x score`` (:func:`shortest_prefix`).
 
     Returns:
-        :class:`LayerFirings`, none of them traced yet.
+        :class:`LayerFirings` (:func:`decompose_places` at every firing).
     """
-    b, h, d, s = (
-        t.cpu() for t in find_firings(pattern, scores, lengths, pattern_thresh, exclude_first)
-    )
-    score = scores[b, h, d, s].cpu()
-    contrib = torch.empty(len(b), qk.q_basis.shape[-1], dtype=torch.float64)
-    for c0 in range(0, len(b), CHUNK):
-        sl = slice(c0, c0 + CHUNK)
-        proj = project(qk, x[b[sl], d[sl]], x[b[sl], s[sl]], h[sl], d[sl] - s[sl])
-        contrib[sl] = proj.contributions
-    order, count = shortest_prefix(contrib, score.to(torch.float64) * thresh)
-    return LayerFirings(
-        layer=qk.layer,
-        prompt=b,
-        head=h,
-        dest=d,
-        src=s,
-        score=score,
-        pattern=pattern[b, h, d, s].cpu(),
-        contributions=contrib,
-        order=order,
-        count=count,
-        traced=torch.zeros(len(b), dtype=torch.bool),
-    )
+    places = find_firings(pattern, scores, lengths, pattern_thresh, exclude_first)
+    return decompose_places(qk, x, pattern, scores, places, thresh)

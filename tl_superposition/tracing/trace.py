@@ -1,36 +1,42 @@
-"""Signal tracing through attention firings, on any prompts (Franco & Crovella 2024, Sec. 5).
+"""Signal tracing through attention firings, on any prompts, in one forward pass.
 
-:func:`trace` runs the model over the prompts in batches. Per batch, :func:`run_batch` caches
-the normalised residual stream, ``ln1.hook_scale``, scores, patterns, ``hook_z``, MLP outputs
-and embeddings of every layer (``run_with_cache`` up to the last block, no unembedding), and
-:func:`trace_batch` runs three steps on them:
+Follows Franco & Crovella 2024 (arXiv 2410.00340, Sec. 5). :func:`trace` runs the model once
+over the prompts, batch by batch. Per batch, :func:`run_batch` caches what the steps read
+(``run_with_cache`` up to the last block, no unembedding), and
 
-1. :func:`decompose_batch` finds every firing of every head and decomposes its score into
-   singular-component contributions, keeping the shortest set reaching ``thresh x score``
-   (:mod:`~tl_superposition.tracing.decompose`);
-2. :func:`mark_seeds` marks the seed firings as traced;
-3. :func:`walk_upstream` walks down the layers: for each traced firing it measures how much
-   every upstream component (each attention head, each MLP, the embeddings) writes into the
-   firing's selected singular directions at the source position (``side="src"``) and at the
-   destination position (``side="dest"``), keeps as edges the upstream components making up
-   the top ``edge_thresh`` of the positive contribution (:func:`select_edges`), and marks the
-   firings of the upstream heads at that position as traced in turn.
+1. :func:`decompose_batch` finds every firing of every head, decomposes its score into
+   singular-component contributions, keeps the shortest set reaching ``thresh x score`` and
+   its signal directions (:mod:`~tl_superposition.tracing.decompose`);
+2. :func:`signal_writes` measures, for *every* firing and both of its sides (the source
+   position through the key, ``side="src"``; the destination through the query,
+   ``side="dest"``), how much each upstream head, each MLP and the embeddings write into the
+   side's signal direction;
+3. :func:`batch_edges` applies the edge rule (:mod:`~tl_superposition.tracing.edges`) to the
+   head writes of every side: the candidate edges.
+
+Nothing in these steps depends on the seeds, so a seed chooser (:mod:`.seeds`) may pick them
+from statistics of the same pass, such as the direct logit attribution of every prompt.
+Once every batch is done, :func:`walk_upstream` follows the candidate edges from the seed
+firings down the layers, prompt by prompt: an upstream head selected as an edge at a
+position has its firings with that destination traced in turn. The batches' rows are
+streamed to parquet as they are found and the walk reads them back one row group at a time
+(:class:`~tl_superposition.tracing.store.TraceStore`), so memory does not grow with the
+number of prompts.
 
 Upstream write of component ``j`` at position ``p`` into a firing of layer ``L``:
-``(y_j[p] . g) / ln1.hook_scale_L[p]`` with ``g`` the signal direction of
-:func:`~tl_superposition.tracing.decompose.signal_directions` (centred for LayerNorm models,
-since LayerNorm subtracts the mean). Over all components, plus the attention output biases,
-these writes add up to ``x_p . g`` exactly (:func:`upstream_writes`).
-
-The tables and the graph of the result are built by :mod:`~tl_superposition.tracing.graph`.
+``(y_j[p] . g) / ln1.hook_scale_L[p]`` with ``g`` the side's signal direction (centred for
+LayerNorm models, since LayerNorm subtracts the mean). Over all components, plus the
+attention output biases, these writes add up to ``x_p . g`` exactly (:func:`upstream_writes`).
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from numbers import Integral
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
@@ -38,32 +44,31 @@ import networkx as nx
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from tl_superposition.tracing.decompose import (
-    CHUNK,
     LayerFirings,
+    basis_to_model,
     decompose_layer,
-    project,
-    selected_mask,
-    shortest_prefix,
-    signal_directions,
+    decompose_places,
+    sample_nonfirings,
 )
+from tl_superposition.tracing.edges import EDGE_RULES, select_edges
 from tl_superposition.tracing.graph import (
-    EdgeRecords,
     NodeKind,
     build_graph,
-    check_heads,
-    edges_table,
-    firing_columns,
-    firings_table,
-    parse_heads,
-    save_trace,
+    paper_graph,
 )
 from tl_superposition.tracing.qk_svd import QKSVDCache
+from tl_superposition.tracing.seeds import FixedSeeds, SeedChooser
+from tl_superposition.tracing.store import TraceStore
+
+# Prompts whose per-head outputs (``z W_O``, n_layers x n_heads x d_model per position) are
+# formed at once in :func:`signal_writes`: bounds that tensor (about 120 MB for SmolLM2).
+WRITE_PROMPTS = 8
 
 
 @dataclass
@@ -76,20 +81,28 @@ class TraceConfig:
     Attributes:
         pattern_thresh: a head *fires* on ``(dest, src)`` when its attention probability
             (``hook_pattern``) there is at least this and its score is positive. In (0, 1].
-            At 0.5 or above a destination fires on at most one source (ties at exactly 0.5
-            aside); below, several sources can fire and :func:`walk_upstream` traces one of
-            them per (prompt, head, destination).
+            Below 0.5 a destination can fire on several sources; the walk traces all of them.
         thresh: the sparse set of a firing is the shortest prefix of its singular components,
             sorted by contribution, whose sum reaches ``thresh x score``. Greater than 0; 1.0
             is the whole score. Above 1 the target may be out of reach: the set is then every
             component.
-        edge_thresh: an upstream component is an edge into a firing when it is among the
-            largest positive writes that together make up this fraction of the summed positive
-            writes. In (0, 1].
+        edge_thresh: the fraction of the upstream contribution the edges make up, in (0, 1]
+            (:mod:`~tl_superposition.tracing.edges`).
+        edge_rule: ``"paper"`` (the authors' rule: net sum, ties kept, firings from layer 1)
+            or ``"positive"`` (the largest positive writes, firings from layer 0). Both rank
+            attention heads only; MLP and embedding writes are reported beside them
+            (``writers.csv`` and the firings' ``*_from_*`` columns).
+        augmented_bias: add to every head's value the bias-coordinate term
+            ``g~[-1] / ln1.hook_scale`` before the rule, as the authors' code does (their
+            head output is augmented with a constant 1).
         batch_size: prompts per forward pass (at least 1). Memory grows with it: the
             activations of every layer of a batch are cached at once.
         exclude_first: skip firings whose source is position 0 (BOS, or the attention sink of
             prompts without BOS), as the paper does.
+        nonfiring_frac: share of the non-firing places (causal, source not excluded) that are
+            sampled and decomposed the same way, for the firing vs non-firing comparison
+            (``nonfirings.parquet``); in [0, 1], 0 samples none.
+        seed: seed of the non-firing sample.
 
     Raises:
         ValueError: a field outside its range; the message starts with the field's name.
@@ -98,8 +111,12 @@ class TraceConfig:
     pattern_thresh: float = 0.5
     thresh: float = 1.0
     edge_thresh: float = 0.7
+    edge_rule: str = "positive"
+    augmented_bias: bool = False
     batch_size: int = 32
     exclude_first: bool = True
+    nonfiring_frac: float = 0.001
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if not 0 < self.pattern_thresh <= 1:
@@ -117,43 +134,102 @@ class TraceConfig:
                 f"edge_thresh must be in (0, 1] (a fraction of the upstream contribution), "
                 f"got {self.edge_thresh}"
             )
+        if self.edge_rule not in EDGE_RULES:
+            raise ValueError(f"edge_rule must be one of {EDGE_RULES}, got {self.edge_rule!r}")
+        for name in ("augmented_bias", "exclude_first"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, Integral):
             raise ValueError(f"batch_size must be an int, got {self.batch_size!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not isinstance(self.exclude_first, bool):
-            raise ValueError(f"exclude_first must be True or False, got {self.exclude_first!r}")
+        if not isinstance(self.nonfiring_frac, Real) or not 0 <= self.nonfiring_frac <= 1:
+            raise ValueError(
+                f"nonfiring_frac must be in [0, 1] (a share of the non-firing places), "
+                f"got {self.nonfiring_frac!r}"
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, Integral) or self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+
+    @property
+    def first_layer(self) -> int:
+        """The lowest layer whose firings are traced: 1 for the paper's rule, else 0."""
+        return 1 if self.edge_rule == "paper" else 0
 
 
 @dataclass
 class TraceResult:
-    """What :func:`trace` found.
+    """What :func:`trace` found: files in ``out_dir``, read into pandas on first access.
 
     Attributes:
-        firings: one row per firing (see :func:`trace`).
-        edges: one row per (upstream, downstream, side) edge with its summed ``weight`` and
-            the number of firings ``n_firings`` in which it was selected
-            (:func:`~tl_superposition.tracing.graph.edges_table`).
+        out_dir: the folder holding the files (a temporary folder, removed with this object,
+            when :func:`trace` was given none).
         seeds: the seed heads.
         config: the hyperparameters.
-        seconds: wall time.
+        seconds: wall time of the trace.
         model_name: ``model.cfg.model_name``.
+        stats: counts written by :meth:`TraceStore.finalize` (``n_firings``,
+            ``n_traced_firings``, ``n_edges``, ``n_edge_records``, ``n_nonfirings``,
+            ``max_abs_residual``, ``median_n_components``).
     """
 
-    firings: pd.DataFrame
-    edges: pd.DataFrame
+    out_dir: Path
     seeds: list[tuple[int, int]]
     config: TraceConfig
     seconds: float
     model_name: str = ""
+    stats: dict[str, Any] = field(default_factory=dict)
+    tmpdir: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+
+    def path(self, name: str) -> Path:
+        """The path of file ``name`` of the trace (see :data:`TraceStore.FILES`)."""
+        return self.out_dir / name
+
+    @cached_property
+    def firings(self) -> pd.DataFrame:
+        """Every firing (``firings.parquet``, see :meth:`TraceStore.firing_table`)."""
+        return pd.read_parquet(self.path(TraceStore.FIRINGS))
+
+    @cached_property
+    def edges(self) -> pd.DataFrame:
+        """Head-to-head edges aggregated over traced firings (``edges.csv``)."""
+        return pd.read_csv(self.path(TraceStore.EDGES))
+
+    @cached_property
+    def edge_records(self) -> pd.DataFrame:
+        """One row per edge of a traced firing (``edge_records.parquet``)."""
+        return pd.read_parquet(self.path(TraceStore.EDGE_RECORDS))
+
+    @cached_property
+    def writers(self) -> pd.DataFrame:
+        """MLP and embedding writes into traced firings, aggregated (``writers.csv``)."""
+        return pd.read_csv(self.path(TraceStore.WRITERS))
+
+    @cached_property
+    def heads(self) -> pd.DataFrame:
+        """One row per head: firing counts and median components (``heads.csv``)."""
+        return pd.read_csv(self.path(TraceStore.HEADS))
+
+    @cached_property
+    def nonfirings(self) -> pd.DataFrame:
+        """The decomposed sample of non-firings (``nonfirings.parquet``)."""
+        return pd.read_parquet(self.path(TraceStore.NONFIRINGS))
 
     def graph(self, min_firings: int = 1) -> nx.MultiDiGraph:
         """The communication graph (:func:`~tl_superposition.tracing.graph.build_graph`)."""
-        return build_graph(self.firings, self.edges, self.seeds, min_firings)
+        return build_graph(self.heads, self.edges, self.seeds, min_firings)
+
+    def paper_graph(self) -> nx.DiGraph:
+        """The graph in the authors' shape (:func:`~tl_superposition.tracing.graph.paper_graph`)."""
+        return paper_graph(self.edge_records, self.firings, self.config.first_layer)
 
     def save(self, out_dir: str | Path) -> dict[str, Path]:
-        """Write firings.parquet, edges.csv and graph.graphml atomically; return their paths."""
-        return save_trace(out_dir, self.firings, self.edges, self.graph())
+        """Copy the trace's files into ``out_dir`` (atomically) and write ``graph.graphml``.
+
+        Returns:
+            ``{file name: path}``.
+        """
+        return TraceStore.copy(self.out_dir, Path(out_dir), self.graph())
 
 
 # --------------------------------------------------------------------------- activations
@@ -185,6 +261,8 @@ class BatchCache:
         z: ``blocks.{L}.attn.hook_z``.
         mlp: ``blocks.{L}.hook_mlp_out``.
         embed: ``hook_embed`` plus ``hook_pos_embed`` where positions are learned.
+        resid: the residual stream after the last block (``blocks.{n-1}.hook_resid_post``),
+            from which ``ln_final`` and the unembedding give the logits.
         pattern, scores: per layer, ``attn.hook_pattern`` and ``attn.hook_attn_scores``
             (``[batch, n_heads, dest, src]``).
     """
@@ -194,13 +272,17 @@ class BatchCache:
     z: Float[Tensor, "batch pos n_layers n_heads d_head"]
     mlp: Float[Tensor, "batch pos n_layers d_model"]
     embed: Float[Tensor, "batch pos d_model"]
+    resid: Float[Tensor, "batch pos d_model"]
     pattern: list[Tensor]
     scores: list[Tensor]
 
 
 @torch.inference_mode()
 def run_batch(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -> BatchCache:
-    """Run ``model`` on ``tokens`` (up to its last block) and keep what the trace reads.
+    """Run ``model`` on ``tokens`` up to its last block and keep what the trace reads.
+
+    The unembedding is not run: the logits a caller needs (for example at one position)
+    come from ``resid`` (:func:`end_logits`).
 
     Args:
         model: a processed ``HookedTransformer`` (:func:`tl_superposition.load_model`).
@@ -208,9 +290,10 @@ def run_batch(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -> Bat
     """
     n = model.cfg.n_layers
     names = _hook_names(n, model.cfg.positional_embedding_type == "standard")
-    _, cache = model.run_with_cache(
+    resid, cache = model.run_with_cache(
         tokens, names_filter=lambda name: name in names, stop_at_layer=n
     )
+    assert isinstance(resid, Tensor)
     embed = cache["hook_embed"]
     if "hook_pos_embed" in cache:
         embed = embed + cache["hook_pos_embed"]
@@ -220,9 +303,30 @@ def run_batch(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -> Bat
         z=torch.stack([cache[f"blocks.{L}.attn.hook_z"] for L in range(n)], 2),
         mlp=torch.stack([cache[f"blocks.{L}.hook_mlp_out"] for L in range(n)], 2),
         embed=embed,
+        resid=resid,
         pattern=[cache[f"blocks.{L}.attn.hook_pattern"] for L in range(n)],
         scores=[cache[f"blocks.{L}.attn.hook_attn_scores"] for L in range(n)],
     )
+
+
+@torch.inference_mode()
+def end_logits(
+    model: HookedTransformer,
+    cache: BatchCache,
+    pos: Int[Tensor, " batch"],
+    tokens: Int[Tensor, "batch k"],
+) -> Float[Tensor, "batch k"]:
+    """The logits of ``tokens`` at position ``pos`` of each prompt, from ``cache.resid``.
+
+    Equal to ``model(tokens)[b, pos[b], tokens[b]]`` up to float rounding, without the full
+    unembedding: ``ln_final`` and ``W_U`` are applied to one position and ``k`` columns.
+    """
+    rows = torch.arange(len(pos), device=cache.resid.device)
+    resid = cache.resid[rows, pos.to(rows.device)][:, None, :]  # [batch, 1, d_model]
+    normed = model.ln_final(resid)[:, 0] if model.cfg.normalization_type else resid[:, 0]
+    tok = tokens.to(rows.device)
+    w = model.W_U[:, tok].permute(1, 0, 2)  # [batch, d_model, k]
+    return torch.einsum("bd,bdk->bk", normed, w) + model.b_U[tok]
 
 
 # --------------------------------------------------------------------------- upstream writes
@@ -230,16 +334,19 @@ def run_batch(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -> Bat
 
 @dataclass
 class ResidualWriters:
-    """Float64 copies of the weights that write to the residual stream (made once per trace).
+    """The weights that write to the residual stream (made once per trace).
 
     Attributes:
-        W_O: every head's output matrix.
-        b_O_cumsum: row ``L`` is the sum of ``b_O`` over the layers before ``L``.
+        W_O: every head's output matrix (float64, for :func:`upstream_writes`).
+        W_O_model: the same, flattened over heads, in the model's dtype and device
+            (for :func:`signal_writes`).
+        b_O_cumsum: row ``L`` is the sum of ``b_O`` over the layers before ``L`` (float64).
         centred: whether the model normalises with LayerNorm (which subtracts the mean, so
             signal directions are centred before the writes are measured).
     """
 
     W_O: Float[Tensor, "n_layers n_heads d_head d_model"]
+    W_O_model: Float[Tensor, "n_layers_x_n_heads d_head d_model"]
     b_O_cumsum: Float[Tensor, "n_layers_plus_1 d_model"]
     centred: bool
 
@@ -249,6 +356,7 @@ class ResidualWriters:
         b_O = model.b_O.detach().to(torch.float64)
         return cls(
             W_O=model.W_O.detach().to(torch.float64),
+            W_O_model=model.W_O.detach().flatten(0, 1),
             b_O_cumsum=torch.cat([torch.zeros_like(b_O[:1]), b_O.cumsum(0)]),
             centred=model.cfg.normalization_type in ("LN", "LNPre"),
         )
@@ -264,11 +372,11 @@ def upstream_writes(
 ) -> Float[Tensor, "n n_upstream_plus_1"]:
     """What each component upstream of ``layer`` writes along ``g`` at ``(batch, pos)``.
 
-    Columns (see :func:`upstream_columns`): every head of layers ``< layer`` (layer-major),
-    every MLP of layers ``< layer``, the embeddings, and last the summed attention output
-    biases ``b_O`` (not a node). Each write is divided by ``blocks.{layer}.ln1.hook_scale`` at
-    that position; for LayerNorm models ``g`` is centred first. The columns sum to
-    ``ln1.hook_normalized . g``.
+    The float64 reference for :func:`signal_writes`. Columns (see :func:`upstream_columns`):
+    every head of layers ``< layer`` (layer-major), every MLP of layers ``< layer``, the
+    embeddings, and last the summed attention output biases ``b_O`` (not a node). Each write
+    is divided by ``blocks.{layer}.ln1.hook_scale`` at that position; for LayerNorm models
+    ``g`` is centred first. The columns sum to ``ln1.hook_normalized . g``.
 
     Args:
         writers: :meth:`ResidualWriters.from_model` (or the model, copied on each call).
@@ -281,16 +389,18 @@ def upstream_writes(
         float64 writes, in score units of the downstream firing.
     """
     w = writers if isinstance(writers, ResidualWriters) else ResidualWriters.from_model(writers)
-    g = g.to(torch.float64)
+    dev = cache.z.device
+    batch, pos = batch.to(dev), pos.to(dev)
+    g = g.to(device=dev, dtype=torch.float64)
     if w.centred:
         g = g - g.mean(1, keepdim=True)
     # project W_O on g first: [n, L, H, d_head], then dot with z
-    wog = torch.einsum("lhed,nd->nlhe", w.W_O[:layer], g)
+    wog = torch.einsum("lhed,nd->nlhe", w.W_O[:layer].to(dev), g)
     zg = cache.z[batch, pos, :layer].to(torch.float64)  # [n, L, H, d_head]
     heads = (zg * wog).sum(-1).flatten(1)
     mlps = torch.einsum("nld,nd->nl", cache.mlp[batch, pos, :layer].to(torch.float64), g)
     emb = (cache.embed[batch, pos].to(torch.float64) * g).sum(1, keepdim=True)
-    bias = (g @ w.b_O_cumsum[layer])[:, None]
+    bias = (g @ w.b_O_cumsum[layer].to(dev))[:, None]
     scale = cache.scale[batch, pos, layer].to(torch.float64)[:, None]
     return torch.cat([heads, mlps, emb, bias], 1) / scale
 
@@ -307,69 +417,71 @@ def upstream_columns(layer: int, n_heads: int) -> tuple[np.ndarray, np.ndarray, 
     return np.array([int(k) for k in kinds]), np.array(layers), np.array(heads)
 
 
-def select_edges(writes: Float[Tensor, "n m"], edge_thresh: float) -> Bool[Tensor, "n m"]:
-    """The edges into each firing: the largest positive writes making up ``edge_thresh``.
-
-    Row ``i`` keeps the shortest prefix of its positive writes, sorted descending, whose sum
-    reaches ``edge_thresh`` times the sum of its positive writes; a row without a positive
-    write keeps nothing.
-    """
-    positive = writes.clamp(min=0)
-    total = positive.sum(1)
-    order, count = shortest_prefix(positive, edge_thresh * total)
-    count = torch.where(total > 0, count, torch.zeros_like(count))
-    return selected_mask(order, count) & (writes > 0)
-
-
 # --------------------------------------------------------------------------- the steps
 
 
 @dataclass
 class BatchFirings:
-    """Every firing of one batch, layer by layer, and where to find each one.
+    """The firings (or sampled non-firings) of one batch, every layer in one set of rows.
 
-    Attributes:
-        layers: one :class:`~tl_superposition.tracing.decompose.LayerFirings` per layer.
-        index: ``index[b, L, h, d]`` is the row in ``layers[L]`` of the firing of head
-            ``(L, h)`` at destination ``d`` of prompt ``b``; -1 where none. Where a
-            destination fires on several sources (possible when ``pattern_thresh`` is 0.5 or
-            less) it holds one of them, and only that one can be marked traced.
+    Rows are layer-major, then in the order of
+    :func:`~tl_superposition.tracing.decompose.find_firings`; tensors are on the CPU. The
+    fields are those of :class:`~tl_superposition.tracing.decompose.LayerFirings`, with
+    ``layer`` one entry per row.
     """
 
-    layers: list[LayerFirings]
-    index: Int[Tensor, "batch n_layers n_heads pos"]
+    layer: Int[Tensor, " n"]
+    prompt: Int[Tensor, " n"]
+    head: Int[Tensor, " n"]
+    dest: Int[Tensor, " n"]
+    src: Int[Tensor, " n"]
+    score: Float[Tensor, " n"]
+    pattern: Float[Tensor, " n"]
+    contributions: Float[Tensor, "n d_head"]
+    order: Int[Tensor, "n d_head"]
+    count: Int[Tensor, " n"]
+    sig_src: Float[Tensor, "n d_head"]
+    sig_dest: Float[Tensor, "n d_head"]
 
-    def mark_traced(
-        self,
-        batch: Int[Tensor, " n"],
-        layer: Int[Tensor, " n"],
-        head: Int[Tensor, " n"],
-        dest: Int[Tensor, " n"],
-        src: Int[Tensor, " n"] | None = None,
-    ) -> None:
-        """Mark as traced the firings at ``(batch, layer, head, dest)`` that exist.
+    def __len__(self) -> int:
+        return len(self.prompt)
 
-        With ``src``, only those whose source is ``src``.
-        """
-        rows = self.index[batch, layer, head, dest]
-        found = rows >= 0
-        for L in layer[found].unique().tolist():
-            here = found & (layer == L)
-            if src is not None:
-                here &= self.layers[L].src[rows.clamp(min=0)] == src
-            self.layers[L].traced[rows[here]] = True
+    @classmethod
+    def concat(cls, layers: Sequence[LayerFirings], d_head: int) -> BatchFirings:
+        """The rows of ``layers`` (one :class:`LayerFirings` per layer), in order."""
+        if not layers:
+            ints, floats = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
+            mat = torch.zeros(0, d_head, dtype=torch.float64)
+            return cls(ints, ints, ints, ints, ints, floats, floats, mat, ints[:, None], ints,
+                       mat, mat)  # fmt: skip
+        cat = lambda key: torch.cat([getattr(fl, key) for fl in layers])  # noqa: E731
+        return cls(
+            layer=torch.cat([torch.full((len(fl),), fl.layer) for fl in layers]),
+            **{
+                k: cat(k)
+                for k in (
+                    "prompt",
+                    "head",
+                    "dest",
+                    "src",
+                    "score",
+                    "pattern",
+                    "contributions",
+                    "order",
+                    "count",
+                    "sig_src",
+                    "sig_dest",
+                )
+            },
+        )
 
 
 def decompose_batch(
     qk: QKSVDCache, cache: BatchCache, lengths: Int[Tensor, " batch"], cfg: TraceConfig
 ) -> BatchFirings:
     """Step 1: find and decompose the firings of every layer (:func:`decompose_layer`)."""
-    B, P, n_layers = cache.x.shape[:3]
-    n_heads = cache.z.shape[3]
-    index = torch.full((B, n_layers, n_heads, P), -1, dtype=torch.long)
-    layers = []
-    for L in range(n_layers):
-        fl = decompose_layer(
+    layers = [
+        decompose_layer(
             qk[L],
             cache.x[:, :, L],
             cache.pattern[L],
@@ -379,109 +491,287 @@ def decompose_batch(
             cfg.thresh,
             cfg.exclude_first,
         )
-        index[fl.prompt, L, fl.head, fl.dest] = torch.arange(len(fl))
-        layers.append(fl)
-    return BatchFirings(layers, index)
+        for L in range(cache.x.shape[2])
+    ]
+    return BatchFirings.concat(layers, cache.z.shape[-1])
 
 
-def mark_seeds(
-    firings: BatchFirings,
+def decompose_nonfirings(
+    qk: QKSVDCache,
+    cache: BatchCache,
+    lengths: Int[Tensor, " batch"],
+    prompt_ids: Int[Tensor, " batch"],
+    cfg: TraceConfig,
+) -> BatchFirings:
+    """A sample of the non-firings of every layer (``cfg.nonfiring_frac``), decomposed.
+
+    See :func:`~tl_superposition.tracing.decompose.sample_nonfirings`.
+    """
+    layers = []
+    for L in range(cache.x.shape[2]):
+        places = sample_nonfirings(
+            cache.pattern[L],
+            cache.scores[L],
+            lengths,
+            prompt_ids,
+            L,
+            cfg.nonfiring_frac,
+            cfg.seed,
+            cfg.pattern_thresh,
+            cfg.exclude_first,
+        )
+        if len(places[0]):
+            x, pat, sc = cache.x[:, :, L], cache.pattern[L], cache.scores[L]
+            layers.append(decompose_places(qk[L], x, pat, sc, places, cfg.thresh))
+    return BatchFirings.concat(layers, cache.z.shape[-1])
+
+
+@dataclass
+class SideWrites:
+    """What the upstream components write into each firing side of a batch (score units).
+
+    Rows: the source side of every firing (in the order of :class:`BatchFirings`), then the
+    destination side of every firing. Writes from components at or above the firing's layer
+    are 0.
+
+    Attributes:
+        heads: ``[2n, n_layers * n_heads]`` per upstream head (layer-major), float32.
+        mlps: ``[2n, n_layers]`` per MLP.
+        embed: ``[2n]`` the embeddings.
+        bias: ``[2n]`` the summed attention output biases of the layers below.
+        bias_coord: ``[2n]`` the bias-coordinate term ``g~[-1] / scale`` the authors add to
+            every head (:attr:`TraceConfig.augmented_bias`).
+    """
+
+    heads: Float[Tensor, "n_sides n_upstream_heads"]
+    mlps: Float[Tensor, "n_sides n_layers"]
+    embed: Float[Tensor, " n_sides"]
+    bias: Float[Tensor, " n_sides"]
+    bias_coord: Float[Tensor, " n_sides"]
+
+
+def side_directions(
+    qk: QKSVDCache, firings: BatchFirings, centred: bool
+) -> Float[Tensor, "n_sides d_model_plus_1"]:
+    """Every firing's source-side then destination-side signal direction, float64.
+
+    In the augmented space: the first ``d_model`` coordinates are the direction in the
+    residual stream (centred for LayerNorm models), the last one the bias coordinate.
+    """
+    n = len(firings)
+    d_aug = qk[0].q_basis.shape[1]
+    dev = qk[0].q_basis.device
+    g = torch.zeros(2 * n, d_aug, dtype=torch.float64, device=dev)
+    for L in firings.layer.unique().tolist():
+        rows = (firings.layer == L).nonzero()[:, 0]
+        head = firings.head[rows]
+        g[rows] = basis_to_model(qk[L].k_basis, firings.sig_src[rows].to(dev), head)
+        g[rows + n] = basis_to_model(qk[L].q_basis, firings.sig_dest[rows].to(dev), head)
+    if centred:
+        g[:, :-1] -= g[:, :-1].mean(1, keepdim=True)
+    return g
+
+
+@torch.inference_mode()
+def signal_writes(
+    qk: QKSVDCache, writers: ResidualWriters, cache: BatchCache, firings: BatchFirings
+) -> SideWrites:
+    """Step 2: the writes of every upstream component into every firing side.
+
+    The head outputs ``y_j = z_j W_O_j`` of :data:`WRITE_PROMPTS` prompts are formed at once,
+    and all the sides that read a position are served by one product with that position's
+    ``y``, so the cost is one ``n_layers n_heads d_head d_model`` product per position plus
+    ``n_layers n_heads d_model`` per side. Values agree with :func:`upstream_writes` up to
+    float32 rounding.
+    """
+    n, n_layers = len(firings), cache.x.shape[2]
+    dev, dtype = cache.z.device, cache.z.dtype
+    b = torch.cat([firings.prompt, firings.prompt]).to(dev)
+    pos = torch.cat([firings.src, firings.dest]).to(dev)
+    layer = torch.cat([firings.layer, firings.layer]).to(dev)
+    g_aug = side_directions(qk, firings, writers.centred)
+    g = g_aug[:, :-1].to(dtype)
+    n_up = writers.W_O_model.shape[0]
+    heads = torch.zeros(2 * n, n_up, dtype=dtype, device=dev)
+    mlps = torch.zeros(2 * n, n_layers, dtype=dtype, device=dev)
+    embed = torch.zeros(2 * n, dtype=dtype, device=dev)
+    P = cache.z.shape[1]
+    order = torch.argsort(b * P + pos, stable=True)
+    keys, counts = torch.unique_consecutive((b * P + pos)[order], return_counts=True)
+    ends = counts.cumsum(0).tolist()
+    starts = [0, *ends[:-1]]
+    B = cache.z.shape[0]
+    for c0 in range(0, B, WRITE_PROMPTS):
+        c1 = min(c0 + WRITE_PROMPTS, B)
+        z = cache.z[c0:c1].flatten(2, 3)  # [b, pos, n_up, d_head]
+        y = torch.einsum("bpje,jed->bpjd", z, writers.W_O_model)
+        for key, lo, hi in zip(keys.tolist(), starts, ends):
+            bi, p = divmod(key, P)
+            if not c0 <= bi < c1:
+                continue
+            rows = order[lo:hi]
+            gr = g[rows]
+            heads[rows] = gr @ y[bi - c0, p].T
+            mlps[rows] = gr @ cache.mlp[bi, p].T
+            embed[rows] = gr @ cache.embed[bi, p]
+    scale = cache.scale[b, pos, layer].to(torch.float64)
+    bias = (g_aug[:, :-1] * writers.b_O_cumsum.to(dev)[layer]).sum(1) / scale
+    scale_m = scale.to(dtype)[:, None]
+    col = torch.arange(n_up, device=dev)[None, :] // cache.z.shape[3]
+    heads = torch.where(col < layer[:, None], heads / scale_m, torch.zeros_like(heads))
+    up = torch.arange(n_layers, device=dev)[None, :]
+    mlps = torch.where(up < layer[:, None], mlps / scale_m, torch.zeros_like(mlps))
+    return SideWrites(
+        heads=heads.float().cpu(),
+        mlps=mlps.float().cpu(),
+        embed=(embed / scale_m[:, 0]).float().cpu(),
+        bias=bias.float().cpu(),
+        bias_coord=(g_aug[:, -1] / scale).float().cpu(),
+    )
+
+
+@dataclass
+class CandidateEdges:
+    """The edges the rule selects for every firing side of one batch (before any walk).
+
+    Attributes:
+        firing: row of the downstream firing in the batch's :class:`BatchFirings`.
+        side: 0 for the source side, 1 for the destination side.
+        up_layer, up_head: the upstream head.
+        weight: its value in the rule (the write, score units; plus the bias-coordinate term
+            under :attr:`TraceConfig.augmented_bias`).
+    """
+
+    firing: np.ndarray
+    side: np.ndarray
+    up_layer: np.ndarray
+    up_head: np.ndarray
+    weight: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.firing)
+
+
+def batch_edges(
+    firings: BatchFirings, writes: SideWrites, cfg: TraceConfig, n_heads: int
+) -> CandidateEdges:
+    """Step 3: the edge rule applied to the head writes of every firing side.
+
+    Candidates are the heads of the layers below the firing; firings below
+    :attr:`TraceConfig.first_layer` get none.
+    """
+    n = len(firings)
+    layer = torch.cat([firings.layer, firings.layer])
+    values = writes.heads
+    if cfg.augmented_bias:
+        values = values + writes.bias_coord[:, None]
+    col_layer = torch.arange(values.shape[1])[None, :] // n_heads
+    valid = (col_layer < layer[:, None]) & (layer[:, None] >= cfg.first_layer)
+    mask = select_edges(values, cfg.edge_rule, cfg.edge_thresh, valid)  # type: ignore[arg-type]
+    side_row, col = mask.nonzero(as_tuple=True)
+    return CandidateEdges(
+        firing=(side_row % max(n, 1)).numpy(),
+        side=(side_row >= n).to(torch.int8).numpy(),
+        up_layer=(col // n_heads).numpy(),
+        up_head=(col % n_heads).numpy(),
+        weight=values[side_row, col].numpy(),
+    )
+
+
+def seed_firings(
+    prompt: np.ndarray,
+    layer: np.ndarray,
+    head: np.ndarray,
+    dest: np.ndarray,
+    src: np.ndarray,
     seeds: Sequence[tuple[int, int]],
-    seed_dest: Int[Tensor, " batch"],
-    seed_src: Int[Tensor, " batch"] | None,
-) -> None:
-    """Step 2: mark the firings of each seed head at ``seed_dest`` (from ``seed_src``)."""
-    rows = torch.arange(len(seed_dest))
-    for L, H in seeds:
-        layer, head = torch.full_like(rows, L), torch.full_like(rows, H)
-        firings.mark_traced(rows, layer, head, seed_dest, seed_src)
+    seed_dest: np.ndarray,
+    seed_src: np.ndarray | None,
+) -> np.ndarray:
+    """Mask of the firings that start the walk: a seed head at ``seed_dest[prompt]``.
+
+    Args:
+        prompt, layer, head, dest, src: one entry per firing (``prompt`` indexes the seed
+            position arrays).
+        seeds: the seed heads.
+        seed_dest: per prompt, the destination of the seed firings.
+        seed_src: per prompt, the required source (``None``: any).
+    """
+    is_seed = np.zeros(len(prompt), dtype=bool)
+    for L, h in seeds:
+        is_seed |= (layer == L) & (head == h)
+    is_seed &= dest == seed_dest[prompt]
+    if seed_src is not None:
+        is_seed &= src == seed_src[prompt]
+    return is_seed
+
+
+def _expand_ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """The concatenation of ``range(lo[i], hi[i])`` over ``i``, without a Python loop."""
+    counts = hi - lo
+    starts = np.repeat(lo - (np.cumsum(counts) - counts), counts)
+    return starts + np.arange(int(counts.sum()))
 
 
 def walk_upstream(
-    firings: BatchFirings,
-    qk: QKSVDCache,
-    writers: ResidualWriters,
-    cache: BatchCache,
-    edge_thresh: float,
-) -> EdgeRecords:
-    """Step 3: from the top layer down, find the edges into every traced firing.
+    prompt: np.ndarray,
+    layer: np.ndarray,
+    head: np.ndarray,
+    dest: np.ndarray,
+    src: np.ndarray,
+    edges: CandidateEdges,
+    start: np.ndarray,
+    first_layer: int = 0,
+) -> np.ndarray:
+    """Follow the candidate edges from the ``start`` firings down the layers.
 
-    The firings of upstream heads selected as edges are marked traced before their own layer
-    is reached, so the trace recurses down to the embeddings.
+    An edge of a traced firing, from head ``(l, h)`` at position ``p`` (the firing's source
+    for ``side`` 0, its destination for 1), traces every firing of head ``(l, h)`` in the same
+    prompt whose destination is ``p``, unless ``l < first_layer``. Layers are visited from the
+    top, so each firing's edges are followed once, whatever the number of paths reaching it.
+
+    Args:
+        prompt, layer, head, dest, src: one entry per firing.
+        edges: the candidate edges (``edges.firing`` indexes these arrays).
+        start: mask of the firings the walk starts from (:func:`seed_firings`).
+        first_layer: firings below this layer are never traced.
+
+    Returns:
+        The mask of traced firings (``start`` included).
     """
-    parts = []
-    for L in range(len(firings.layers) - 1, -1, -1):
-        todo = firings.layers[L].traced.nonzero()[:, 0]
-        for c0 in range(0, len(todo), CHUNK):
-            parts += _trace_chunk(
-                firings, qk, writers, cache, L, todo[c0 : c0 + CHUNK], edge_thresh
-            )
-    return EdgeRecords.concat(parts)
+    traced = start.copy()
+    if len(edges) == 0 or len(prompt) == 0:
+        return traced
+    n_layers = int(layer.max()) + 1
+    n_heads = int(head.max()) + 1
+    n_pos = int(max(dest.max(), src.max())) + 1
 
+    def key(p: np.ndarray, ly: np.ndarray, h: np.ndarray, d: np.ndarray) -> np.ndarray:
+        return ((p.astype(np.int64) * n_layers + ly) * n_heads + h) * n_pos + d
 
-def _trace_chunk(
-    firings: BatchFirings,
-    qk: QKSVDCache,
-    writers: ResidualWriters,
-    cache: BatchCache,
-    L: int,
-    ids: Int[Tensor, " n"],
-    edge_thresh: float,
-) -> list[EdgeRecords]:
-    """Edges into firings ``ids`` of layer ``L``, source side then destination side."""
-    fl = firings.layers[L]
-    b, h, d, s = fl.prompt[ids], fl.head[ids], fl.dest[ids], fl.src[ids]
-    x = cache.x[:, :, L]
-    proj = project(qk[L], x[b, d], x[b, s], h, d - s)
-    sel = selected_mask(fl.order[ids], fl.count[ids])
-    g_src, g_dest = signal_directions(qk[L], proj, sel, h)
-    kinds, up_layers, up_heads = upstream_columns(L, writers.W_O.shape[1])
-    out = []
-    for side, g, p in (("src", g_src, s), ("dest", g_dest, d)):
-        writes = upstream_writes(writers, cache, L, b, p, g.to(cache.x.device)).cpu()[:, :-1]
-        n_i, col = select_edges(writes, edge_thresh).nonzero(as_tuple=True)
-        col_np = col.numpy()
-        out.append(
-            EdgeRecords(
-                prompt_id=b[n_i].numpy(),
-                down_layer=np.full(len(n_i), L),
-                down_head=h[n_i].numpy(),
-                up_kind=kinds[col_np],
-                up_layer=up_layers[col_np],
-                up_head=up_heads[col_np],
-                side=np.full(len(n_i), side),
-                weight=writes[n_i, col].numpy(),
-            )
-        )
-        # the upstream heads' own firings at this position are traced next
-        is_head = kinds[col_np] == NodeKind.ATTN
-        firings.mark_traced(
-            b[n_i][is_head],
-            torch.as_tensor(up_layers[col_np][is_head]),
-            torch.as_tensor(up_heads[col_np][is_head]),
-            p[n_i][is_head],
-        )
-    return out
-
-
-def trace_batch(
-    qk: QKSVDCache,
-    writers: ResidualWriters,
-    cache: BatchCache,
-    lengths: Int[Tensor, " batch"],
-    seeds: Sequence[tuple[int, int]],
-    seed_dest: Int[Tensor, " batch"],
-    seed_src: Int[Tensor, " batch"] | None,
-    cfg: TraceConfig,
-) -> tuple[BatchFirings, EdgeRecords]:
-    """Decompose one batch's firings, mark the seeds, and walk upstream (steps 1-3).
-
-    Prompt indices in the result are within the batch.
-    """
-    firings = decompose_batch(qk, cache, lengths, cfg)
-    mark_seeds(firings, seeds, seed_dest, seed_src)
-    edges = walk_upstream(firings, qk, writers, cache, cfg.edge_thresh)
-    return firings, edges
+    firing_keys = key(prompt, layer, head, dest)
+    order = np.argsort(firing_keys, kind="stable")
+    sorted_keys = firing_keys[order]
+    f = edges.firing
+    e_layer = layer[f]
+    e_pos = np.where(edges.side == 0, src[f], dest[f])
+    # the upstream head must be a head the key can name (the walk never needs others)
+    ok = (edges.up_layer < n_layers) & (edges.up_head < n_heads)
+    target = np.where(ok, key(prompt[f], edges.up_layer, edges.up_head, e_pos), -1)
+    by_layer = np.argsort(-e_layer, kind="stable")
+    bounds = np.searchsorted(-e_layer[by_layer], -np.arange(n_layers), side="left")
+    bounds = np.append(bounds, len(by_layer))
+    for L in range(n_layers - 1, -1, -1):
+        here = by_layer[bounds[n_layers - 1 - L] : bounds[n_layers - L]]
+        here = here[traced[f[here]]]
+        if not len(here):
+            continue
+        tk = target[here]
+        lo = np.searchsorted(sorted_keys, tk, side="left")
+        hi = np.searchsorted(sorted_keys, tk, side="right")
+        hits = order[_expand_ranges(lo, hi)]
+        traced[hits[layer[hits] >= first_layer]] = True
+    return traced
 
 
 def _check_positions(name: str, positions: Tensor, lengths: Tensor) -> Tensor:
@@ -496,83 +786,116 @@ def _check_positions(name: str, positions: Tensor, lengths: Tensor) -> Tensor:
     return positions
 
 
+def _seed_chooser(seeds: Any, n_layers: int, n_heads: int) -> SeedChooser:
+    if isinstance(seeds, SeedChooser):
+        return seeds
+    return FixedSeeds.from_spec(seeds, n_layers, n_heads)
+
+
 @torch.no_grad()
 def trace(
     model: HookedTransformer,
     tokens: Int[Tensor, "n_prompts pos"],
-    seeds: Iterable[Any] | str,
+    seeds: Iterable[Any] | str | SeedChooser,
     seed_dest: Int[Tensor, " n_prompts"],
     seed_src: Int[Tensor, " n_prompts"] | None = None,
     lengths: Int[Tensor, " n_prompts"] | None = None,
     config: TraceConfig | None = None,
     progress: bool = True,
+    out_dir: str | Path | None = None,
+    roles: Mapping[str, Tensor] | None = None,
 ) -> TraceResult:
-    """Decompose every firing and trace signals upstream from seed firings.
+    """Decompose every firing and trace signals upstream from seed firings, in one pass.
 
     Args:
         model: a ``HookedTransformer`` with folded normalisation weights (see
             :func:`tl_superposition.load_model`); absolute or rotary positions, MHA or GQA.
         tokens: right-padded prompts.
         seeds: heads ``[(layer, head), ...]`` (or ``"9.6,9.9"``, see
-            :func:`~tl_superposition.tracing.graph.parse_heads`) whose firings start the trace.
+            :func:`~tl_superposition.tracing.graph.parse_heads`) whose firings start the
+            trace, or a :class:`~tl_superposition.tracing.seeds.SeedChooser` that picks them
+            from the same forward pass.
         seed_dest: per prompt, the destination position of the seed firings (IOI: END).
         seed_src: per prompt, the required source position (IOI: IO); ``None`` accepts any.
         lengths: real length of each prompt (default: all of ``tokens``).
-        config: thresholds and batch size (:class:`TraceConfig`).
+        config: thresholds, edge rule and batch size (:class:`TraceConfig`).
         progress: show a tqdm bar over batches.
+        out_dir: folder the files are streamed to (created if missing; files already there
+            are replaced only once the trace is complete). ``None``: a temporary folder that
+            lives as long as the result.
+        roles: named positions per prompt (``{"IO": io_pos, ...}``): the firings table gets
+            ``dest_role`` and ``src_role`` columns.
 
     Returns:
-        :class:`TraceResult`. ``firings`` has one row per firing: prompt_id, layer, head,
-        dest_pos, src_pos, score (``hook_attn_scores``), pattern, n_components, components
-        (component indices, by descending singular value, in the order of selection),
-        contributions (their contributions to the score, same order), residual (score minus
-        the sum of all components: rounding only), traced (reached from a seed).
+        :class:`TraceResult`; its files are described by
+        :class:`~tl_superposition.tracing.store.TraceStore`.
 
     Raises:
         ValueError: a seed head or a seed position is out of range, or no prompts.
         NotImplementedError: an attention variant the decomposition does not cover.
     """
     cfg = config or TraceConfig()
-    seed_heads = parse_heads(seeds) or []
-    check_heads(seed_heads, model.cfg.n_layers, model.cfg.n_heads)
+    chooser = _seed_chooser(seeds, model.cfg.n_layers, model.cfg.n_heads)
     n_prompts = tokens.shape[0]
     if n_prompts == 0:
         raise ValueError("trace needs at least one prompt")
     lengths = torch.full((n_prompts,), tokens.shape[1]) if lengths is None else lengths.cpu()
     dest = _check_positions("seed_dest", seed_dest, lengths)
     src = None if seed_src is None else _check_positions("seed_src", seed_src, lengths)
+    role_pos = {k: _check_positions(f"roles[{k!r}]", v, lengths) for k, v in (roles or {}).items()}
     qk = QKSVDCache(model)
     writers = ResidualWriters.from_model(model)
     device = next(model.parameters()).device
+    tmpdir = tempfile.TemporaryDirectory(prefix="tl-trace-") if out_dir is None else None
+    out = Path(tmpdir.name if tmpdir is not None else out_dir)  # type: ignore[arg-type]
 
     t0 = time.time()
-    firing_parts: list[dict[str, Any]] = []
-    edge_parts: list[EdgeRecords] = []
-    for lo in tqdm(
-        range(0, n_prompts, cfg.batch_size), desc="trace", unit="batch", disable=not progress
-    ):
-        hi = min(lo + cfg.batch_size, n_prompts)
-        cache = run_batch(model, tokens[lo:hi, : int(lengths[lo:hi].max())].to(device))
-        f, e = trace_batch(
-            qk,
-            writers,
-            cache,
-            lengths[lo:hi],
-            seed_heads,
-            dest[lo:hi],
-            None if src is None else src[lo:hi],
-            cfg,
+    with TraceStore(out, model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_head) as store:
+        for lo in tqdm(
+            range(0, n_prompts, cfg.batch_size), desc="trace", unit="batch", disable=not progress
+        ):
+            hi = min(lo + cfg.batch_size, n_prompts)
+            cache = run_batch(model, tokens[lo:hi, : int(lengths[lo:hi].max())].to(device))
+            chooser.observe(model, cache, lo, hi)
+            firings = decompose_batch(qk, cache, lengths[lo:hi], cfg)
+            nonfirings = decompose_nonfirings(qk, cache, lengths[lo:hi], torch.arange(lo, hi), cfg)
+            writes = signal_writes(qk, writers, cache, firings)
+            edges = batch_edges(firings, writes, cfg, model.cfg.n_heads)
+            del cache
+            store.add_batch(lo, firings, writes, edges, nonfirings, role_pos)
+        seed_heads = chooser.choose()
+        stats = store.finalize(
+            seed_heads, dest.numpy(), None if src is None else src.numpy(), cfg.first_layer
         )
-        firing_parts.append(firing_columns(f.layers, prompt_offset=lo))
-        e.prompt_id = e.prompt_id + lo
-        edge_parts.append(e)
-        del cache
-
     return TraceResult(
-        firings=firings_table(firing_parts).to_pandas(),
-        edges=edges_table(EdgeRecords.concat(edge_parts)),
+        out_dir=out,
         seeds=list(seed_heads),
         config=cfg,
         seconds=time.time() - t0,
         model_name=model.cfg.model_name,
+        stats=stats,
+        tmpdir=tmpdir,
     )
+
+
+__all__ = [
+    "TraceConfig",
+    "TraceResult",
+    "BatchCache",
+    "run_batch",
+    "end_logits",
+    "ResidualWriters",
+    "upstream_writes",
+    "upstream_columns",
+    "BatchFirings",
+    "decompose_batch",
+    "decompose_nonfirings",
+    "SideWrites",
+    "side_directions",
+    "signal_writes",
+    "CandidateEdges",
+    "batch_edges",
+    "seed_firings",
+    "walk_upstream",
+    "trace",
+]
