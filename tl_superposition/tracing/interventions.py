@@ -19,13 +19,81 @@ lies in that span.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
+
+from tl_superposition.tracing.decompose import project
+from tl_superposition.tracing.qk_svd import LayerQK, QKSVDCache
+
+
+def singular_directions(
+    qk: QKSVDCache | Mapping[int, LayerQK],
+    layer: Int[Tensor, " n"],
+    head: Int[Tensor, " n"],
+    offset: Int[Tensor, " n"],
+    side: Int[Tensor, " n"],
+) -> Float[Tensor, "n d_model d_head"]:
+    """Every singular direction of each firing's form, ``d_model`` part, float64.
+
+    Column ``k`` is ``v_k`` (source side, ``side == 0``) or ``u_k`` (destination side) of
+    head ``head`` of layer ``layer`` at offset ``offset``, without the bias coordinate.
+    """
+    n = len(layer)
+    q0 = qk[int(layer[0])] if n else None
+    d_aug, d_head = (q0.q_basis.shape[1], q0.q_basis.shape[2]) if q0 is not None else (1, 1)
+    out = torch.zeros(n, d_aug - 1, d_head, dtype=torch.float64)
+    for L in layer.unique().tolist():
+        rows = (layer == L).nonzero()[:, 0]
+        lq = qk[L]
+        uc, _, vc = lq.cores(offset[rows])
+        h = head[rows].to(uc.device)
+        i = torch.arange(len(rows), device=uc.device)
+        is_src = (side[rows] == 0).to(uc.device)
+        core = torch.where(is_src[:, None, None], vc[i, h], uc[i, h])
+        basis = torch.where(is_src[:, None, None], lq.k_basis[h], lq.q_basis[h])
+        out[rows] = (basis @ core)[:, :-1].cpu()
+    return out
+
+
+def component_removal(
+    qk: LayerQK,
+    x_dest: Float[Tensor, "n d_model"],
+    x_src: Float[Tensor, "n d_model"],
+    head: Int[Tensor, " n"],
+    offset: Int[Tensor, " n"],
+    selected: Tensor,
+    side: int,
+) -> Float[Tensor, "n d_model"]:
+    """The least-norm ``delta`` whose removal from the normalised input zeroes components.
+
+    On the source side (``side=0``), ``x_src - delta`` has ``(x~ . v_k) = 0`` for every
+    selected ``k`` and keeps ``(x~ . v_k)`` of the others (the ``d_model`` parts of the
+    ``v_k`` are linearly independent), so the score becomes exactly the sum of the
+    contributions of the unselected components; on the destination side the same with
+    ``u_k`` and ``x_dest``. Used with :func:`run_input_edits` (scale frozen).
+
+    Args:
+        qk: the layer's QK decomposition.
+        x_dest, x_src: ``ln1.hook_normalized`` at the firings' positions.
+        head, offset: each firing's head and ``dest - src``.
+        selected: ``[n, d_head]`` boolean, the components to remove.
+        side: 0 (source) or 1 (destination).
+
+    Returns:
+        ``delta`` (float64); add ``-delta`` at the edited position.
+    """
+    proj = project(qk, x_dest, x_src, head, offset)
+    coords = (proj.b if side == 0 else proj.a) * selected.to(proj.a.device)
+    layer = torch.full_like(head, qk.layer)
+    dirs = singular_directions({qk.layer: qk}, layer, head, offset, torch.full_like(head, side))
+    dirs = dirs.to(coords.device)
+    gram = dirs.transpose(1, 2) @ dirs
+    return (dirs @ torch.linalg.solve(gram, coords[:, :, None]))[:, :, 0]
 
 
 def span_basis(

@@ -259,7 +259,7 @@ class BatchCache:
         x: ``blocks.{L}.ln1.hook_normalized``, the input of W_Q/W_K of layer L.
         scale: ``blocks.{L}.ln1.hook_scale``.
         z: ``blocks.{L}.attn.hook_z``.
-        mlp: ``blocks.{L}.hook_mlp_out``.
+        mlp: ``blocks.{L}.hook_mlp_out`` (zeros for attention-only models).
         embed: ``hook_embed`` plus ``hook_pos_embed`` where positions are learned.
         resid: the residual stream after the last block (``blocks.{n-1}.hook_resid_post``),
             from which ``ln_final`` and the unembedding give the logits.
@@ -297,11 +297,17 @@ def run_batch(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -> Bat
     embed = cache["hook_embed"]
     if "hook_pos_embed" in cache:
         embed = embed + cache["hook_pos_embed"]
+    if model.cfg.attn_only:
+        mlp = torch.zeros(
+            *resid.shape[:2], n, resid.shape[2], dtype=resid.dtype, device=resid.device
+        )
+    else:
+        mlp = torch.stack([cache[f"blocks.{L}.hook_mlp_out"] for L in range(n)], 2)
     return BatchCache(
         x=torch.stack([cache[f"blocks.{L}.ln1.hook_normalized"] for L in range(n)], 2),
         scale=torch.stack([cache[f"blocks.{L}.ln1.hook_scale"][..., 0] for L in range(n)], 2),
         z=torch.stack([cache[f"blocks.{L}.attn.hook_z"] for L in range(n)], 2),
-        mlp=torch.stack([cache[f"blocks.{L}.hook_mlp_out"] for L in range(n)], 2),
+        mlp=mlp,
         embed=embed,
         resid=resid,
         pattern=[cache[f"blocks.{L}.attn.hook_pattern"] for L in range(n)],
@@ -758,11 +764,11 @@ def walk_upstream(
     # the upstream head must be a head the key can name (the walk never needs others)
     ok = (edges.up_layer < n_layers) & (edges.up_head < n_heads)
     target = np.where(ok, key(prompt[f], edges.up_layer, edges.up_head, e_pos), -1)
-    by_layer = np.argsort(-e_layer, kind="stable")
-    bounds = np.searchsorted(-e_layer[by_layer], -np.arange(n_layers), side="left")
-    bounds = np.append(bounds, len(by_layer))
+    by_layer = np.argsort(e_layer, kind="stable")
+    sorted_layer = e_layer[by_layer]
     for L in range(n_layers - 1, -1, -1):
-        here = by_layer[bounds[n_layers - 1 - L] : bounds[n_layers - L]]
+        lo_e, hi_e = np.searchsorted(sorted_layer, [L, L + 1], side="left")
+        here = by_layer[lo_e:hi_e]
         here = here[traced[f[here]]]
         if not len(here):
             continue

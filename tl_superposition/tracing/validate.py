@@ -46,6 +46,7 @@ from tl_superposition.tracing.interventions import (
     project_onto,
     resid_pre_cache,
     run_output_edits,
+    singular_directions,
     span_basis,
 )
 from tl_superposition.tracing.qk_svd import QKSVDCache
@@ -112,35 +113,6 @@ def sample_instances(
     rank[order] = np.arange(len(rec)) - np.searchsorted(group[order], group[order])
     keep = (rank < max_instances) & (size >= min_firings)
     return rec[keep].sort_values(["prompt_id", "firing_id"], kind="mergesort", ignore_index=True)
-
-
-def singular_directions(
-    qk: QKSVDCache,
-    layer: Int[Tensor, " n"],
-    head: Int[Tensor, " n"],
-    offset: Int[Tensor, " n"],
-    side: Int[Tensor, " n"],
-) -> Float[Tensor, "n d_model d_head"]:
-    """Every singular direction of each firing's form, ``d_model`` part, float64.
-
-    Column ``k`` is ``v_k`` (source side, ``side == 0``) or ``u_k`` (destination side) of
-    head ``head`` of layer ``layer`` at offset ``offset``, without the bias coordinate.
-    """
-    n = len(layer)
-    q0 = qk[int(layer[0])] if n else None
-    d_aug, d_head = (q0.q_basis.shape[1], q0.q_basis.shape[2]) if q0 is not None else (1, 1)
-    out = torch.zeros(n, d_aug - 1, d_head, dtype=torch.float64)
-    for L in layer.unique().tolist():
-        rows = (layer == L).nonzero()[:, 0]
-        lq = qk[L]
-        uc, _, vc = lq.cores(offset[rows])
-        h = head[rows].to(uc.device)
-        i = torch.arange(len(rows), device=uc.device)
-        is_src = (side[rows] == 0).to(uc.device)
-        core = torch.where(is_src[:, None, None], vc[i, h], uc[i, h])
-        basis = torch.where(is_src[:, None, None], lq.k_basis[h], lq.q_basis[h])
-        out[rows] = (basis @ core)[:, :-1].cpu()
-    return out
 
 
 def _compact_columns(
@@ -218,12 +190,14 @@ def edit_vectors(
     z: Float[Tensor, "batch pos n_layers n_heads d_head"],
     it: InstanceBatch,
     generator: torch.Generator,
+    chunk: int = 256,
 ) -> tuple[Tensor, Tensor, Tensor, Bool[Tensor, "n d_head"]]:
     """``P y`` on the selected span and on a random span of the same size, per instance.
 
     ``y = z W_O`` is the upstream head's output at the instance's position; the spans are
     those of the firing's singular directions on the instance's side (centred for LayerNorm
-    models), the random one drawn by :func:`random_complement`.
+    models), the random one drawn by :func:`random_complement`. Instances are taken
+    ``chunk`` at a time (each needs a ``d_model x d_head`` float64 matrix).
 
     Returns:
         ``(y, p_selected, p_random, random_mask)``, float64 on the CPU (``[n, d_model]``).
@@ -232,11 +206,15 @@ def edit_vectors(
     zi = z[it.prompt.to(dev), it.pos.to(dev), it.up_layer.to(dev), it.up_head.to(dev)]
     w_o = model.W_O[it.up_layer.to(dev), it.up_head.to(dev)]
     y = torch.einsum("ne,ned->nd", zi.to(torch.float64), w_o.to(torch.float64)).cpu()
-    dirs = singular_directions(qk, it.layer, it.head, it.dest - it.src, it.side)
     rand = random_complement(it.selected, generator)
     centred = model.cfg.normalization_type in ("LN", "LNPre")
-    p_sel = project_onto(span_basis(_compact_columns(dirs, it.selected), centred), y)
-    p_rand = project_onto(span_basis(_compact_columns(dirs, rand), centred), y)
+    p_sel, p_rand = torch.zeros_like(y), torch.zeros_like(y)
+    for c0 in range(0, len(y), chunk):
+        r = slice(c0, c0 + chunk)
+        offset = it.dest[r] - it.src[r]
+        dirs = singular_directions(qk, it.layer[r], it.head[r], offset, it.side[r])
+        p_sel[r] = project_onto(span_basis(_compact_columns(dirs, it.selected[r]), centred), y[r])
+        p_rand[r] = project_onto(span_basis(_compact_columns(dirs, rand[r]), centred), y[r])
     return y, p_sel, p_rand, rand
 
 
