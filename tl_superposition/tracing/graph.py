@@ -160,14 +160,16 @@ def aggregate_edges(records: pd.DataFrame, n_heads: int, partial: bool = False) 
     if "n_firings" not in records.columns:
         records = records.rename(columns={"layer": "down_layer", "head": "down_head"})
         grouped = records.groupby(keys, sort=True)
-        out = grouped.agg(
-            weight=("weight", "sum"),
-            n_firings=("weight", "size"),
-            n_prompts=("prompt_id", "nunique"),
+        out = pd.DataFrame(
+            grouped.agg(
+                weight=("weight", "sum"),
+                n_firings=("weight", "size"),
+                n_prompts=("prompt_id", "nunique"),
+            )
         ).reset_index()
     else:
-        out = records.groupby(keys, sort=True)[["weight", "n_firings", "n_prompts"]].sum()
-        out = out.reset_index()
+        sums = records.groupby(keys, sort=True)[["weight", "n_firings", "n_prompts"]].sum()
+        out = pd.DataFrame(sums).reset_index()
     if partial:
         return out
     out["upstream"] = [head_name(L, h) for L, h in zip(out.up_layer, out.up_head)]
@@ -196,12 +198,12 @@ def aggregate_writers(parts: pd.DataFrame) -> pd.DataFrame:
     if parts.empty:
         return pd.DataFrame(columns=WRITER_COLUMNS)
     keys = ["down_layer", "down_head", "side"]
-    sums = parts.groupby(keys, sort=True).sum().reset_index()
+    sums = pd.DataFrame(parts.groupby(keys, sort=True).sum()).reset_index()
     writers = [c for c in sums.columns if c not in (*keys, "n_firings")]
     long = sums.melt(id_vars=[*keys, "n_firings"], value_vars=writers, var_name="upstream")
     up_layer = long.upstream.map(lambda name: Node.parse(name).layer)
-    long = long[(long.upstream == "E") | (up_layer < long.down_layer)]
-    long = long.rename(columns={"value": "weight"})
+    long = pd.DataFrame(long[(long.upstream == "E") | (up_layer < long.down_layer)])
+    long.columns = [("weight" if c == "value" else c) for c in long.columns]
     long["downstream"] = [head_name(L, h) for L, h in zip(long.down_layer, long.down_head)]
     long = long.sort_values(
         ["n_firings", "weight", "upstream", "downstream", "side"],

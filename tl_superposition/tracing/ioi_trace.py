@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import networkx as nx
 import numpy as np
@@ -99,11 +99,11 @@ def head_logit_attribution(
         resid, cache = model.run_with_cache(
             part.tokens.to(device), names_filter=lambda n: n in names, stop_at_layer=n_layers
         )
-        assert isinstance(resid, Tensor)
         rows = torch.arange(len(part), device=device)
         end = part.end_pos.to(device)
         z = torch.stack([cache[f"blocks.{L}.attn.hook_z"][rows, end] for L in range(n_layers)], 1)
-        ld, dla = logit_attribution(model, z, resid[rows, end], part.io_tokens, part.s_tokens)
+        resid_end = cast(Tensor, resid)[rows, end]
+        ld, dla = logit_attribution(model, z, resid_end, part.io_tokens, part.s_tokens)
         lds.append(ld)
         dlas.append(dla)
     return torch.cat(lds), torch.cat(dlas)

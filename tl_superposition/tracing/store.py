@@ -252,9 +252,11 @@ class TraceStore:
                 up_head=c.up_head.to_numpy(),
                 weight=c.weight.to_numpy(),
             )
-            args = [cols[k] for k in ("prompt_id", "layer", "head", "dest_pos", "src_pos")]
-            start = seed_firings(*args, seeds, seed_dest, seed_src)
-            traced = walk_upstream(*args, cand, start, first_layer)
+            p, ly, h, d, s = (
+                cols[k] for k in ("prompt_id", "layer", "head", "dest_pos", "src_pos")
+            )
+            start = seed_firings(p, ly, h, d, s, seeds, seed_dest, seed_src)
+            traced = walk_upstream(p, ly, h, d, s, cand, start, first_layer)
             f = f.append_column("traced", pa.array(traced))
             self._write(self.FIRINGS, f)
             stats.add_firings(f)
@@ -291,7 +293,7 @@ class TraceStore:
         self, f: pa.Table, c: pd.DataFrame, traced: np.ndarray, first: int
     ) -> pd.DataFrame:
         """The candidate edges of traced firings, with their downstream firing's columns."""
-        c = c[traced]
+        c = pd.DataFrame(c[traced])
         row = c.firing_id.to_numpy() - first
         take = lambda k: f.column(k).to_numpy()[row]  # noqa: E731
         side = c.side.to_numpy()
@@ -328,7 +330,8 @@ class TraceStore:
             frame["E"] = embed[rows][traced]
             frame["down_layer"], frame["down_head"] = layer[traced], head[traced]
             frame["side"], frame["n_firings"] = side, 1
-            parts.append(frame.groupby(["down_layer", "down_head", "side"]).sum().reset_index())
+            sums = frame.groupby(["down_layer", "down_head", "side"]).sum()
+            parts.append(pd.DataFrame(sums).reset_index())
         return pd.concat(parts, ignore_index=True)
 
     def _publish(self) -> None:

@@ -112,7 +112,8 @@ def sample_instances(
     order = np.lexsort((noise, group))
     rank[order] = np.arange(len(rec)) - np.searchsorted(group[order], group[order])
     keep = (rank < max_instances) & (size >= min_firings)
-    return rec[keep].sort_values(["prompt_id", "firing_id"], kind="mergesort", ignore_index=True)
+    kept = pd.DataFrame(rec[keep])
+    return kept.sort_values(["prompt_id", "firing_id"], kind="mergesort", ignore_index=True)
 
 
 def _compact_columns(
@@ -368,11 +369,11 @@ def summarise_edges(instances: pd.DataFrame) -> pd.DataFrame:
     keys = ["up_layer", "up_head", "layer", "head", "side"]
     means = [c for c in instances.columns if c.startswith("d_")] + ["score_clean"]
     g = instances.assign(abs_score=instances.score_clean.abs()).groupby(keys, sort=True)
-    out = g[means].mean()
+    out = pd.DataFrame(g[means].mean())
     out["n_instances"] = g.size()
     out["abs_score"] = g.abs_score.mean()
     out["frac_instances_validated"] = g.validated.mean()
-    out = out.reset_index()
+    out = pd.DataFrame(out.reset_index())
     out["upstream"] = [head_name(L, h) for L, h in zip(out.up_layer, out.up_head)]
     out["downstream"] = [head_name(L, h) for L, h in zip(out.layer, out["head"])]
     out["rel_drop"] = out.d_score_ablate / out.abs_score.clip(lower=1e-30)
@@ -393,7 +394,9 @@ def summarise(edges: pd.DataFrame, instances: pd.DataFrame, n_edges: int) -> dic
     """
 
     def mean(frame: pd.DataFrame, col: str) -> float:
-        return float(frame[col].mean()) if len(frame) else float("nan")
+        values = frame[col].to_numpy(dtype=np.float64)
+        values = values[~np.isnan(values)]
+        return float(values.mean()) if len(values) else float("nan")
 
     return {
         "n_edges": int(n_edges),
@@ -405,7 +408,9 @@ def summarise(edges: pd.DataFrame, instances: pd.DataFrame, n_edges: int) -> dic
         "mean_d_score_ablate": mean(instances, "d_score_ablate"),
         "mean_d_score_random": mean(instances, "d_score_random"),
         "mean_d_score_boost": mean(instances, "d_score_boost"),
-        "median_rel_drop_edges": float(edges.rel_drop.median()) if len(edges) else float("nan"),
+        "median_rel_drop_edges": float(np.median(edges.rel_drop.to_numpy()))
+        if len(edges)
+        else float("nan"),
         "mean_d_pattern_ablate": mean(instances, "d_pattern_ablate"),
         "mean_d_pattern_random": mean(instances, "d_pattern_random"),
         "mean_d_logit_diff_ablate": mean(instances, "d_logit_diff_ablate"),
@@ -462,6 +467,7 @@ def validate_edges(
         if dataset is None:
             raise ValueError("validate_edges needs tokens=... for a plain TraceResult")
         tokens = dataset.tokens
+    assert tokens is not None
     inst = sample_instances(result.edge_records, max_instances, seed, min_firings)
     firings = pq.read_table(
         result.path("firings.parquet"),
@@ -469,14 +475,14 @@ def validate_edges(
         filters=[("firing_id", "in", sorted(set(inst.firing_id.tolist())) or [-1])],
     ).to_pandas()
     inst = inst.merge(firings, on="firing_id", how="left")
-    ioi = dataset is not None and logit_diff
+    ioi = dataset if logit_diff else None
     table = validate_instances(
         model,
         tokens,
         inst,
-        end_pos=dataset.end_pos if ioi else None,
-        io_tokens=dataset.io_tokens if ioi else None,
-        s_tokens=dataset.s_tokens if ioi else None,
+        end_pos=None if ioi is None else ioi.end_pos,
+        io_tokens=None if ioi is None else ioi.io_tokens,
+        s_tokens=None if ioi is None else ioi.s_tokens,
         prompts_per_batch=prompts_per_batch,
         rows_per_pass=rows_per_pass,
         seed=seed,
