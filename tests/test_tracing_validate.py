@@ -16,6 +16,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from tl_superposition.ioi import make_ioi_dataset
 from tl_superposition.tracing import QKSVDCache, TraceConfig, trace, trace_ioi, validate_edges
+from tl_superposition.tracing.cache import run_batch
 from tl_superposition.tracing.decompose import decompose_layer, selected_mask
 from tl_superposition.tracing.interventions import (
     Readout,
@@ -24,7 +25,6 @@ from tl_superposition.tracing.interventions import (
     run_input_edits,
     run_output_edits,
 )
-from tl_superposition.tracing.trace import run_batch
 from tl_superposition.tracing.validate import validate_instances
 
 

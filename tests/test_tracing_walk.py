@@ -20,15 +20,13 @@ from tl_superposition.tracing import (
     upstream_writes,
     walk_upstream,
 )
+from tl_superposition.tracing.cache import run_batch
+from tl_superposition.tracing.decompose import decompose_batch
 from tl_superposition.tracing.graph import paper_graph
-from tl_superposition.tracing.trace import (
-    CandidateEdges,
-    decompose_batch,
-    run_batch,
-    seed_firings,
-    side_directions,
-    signal_writes,
-)
+from tl_superposition.tracing.seeds import SeedChooser
+from tl_superposition.tracing.trace import start_bits
+from tl_superposition.tracing.walk import CandidateEdges, batch_edges, seed_firings, walk_batch
+from tl_superposition.tracing.writes import side_directions, signal_writes
 
 CFG = TraceConfig(pattern_thresh=0.3, batch_size=4)
 # the module (the package's attribute ``trace`` is the function of the same name)
@@ -76,9 +74,9 @@ def test_batched_writes_equal_the_float64_reference(model):
     ds = make_ioi_dataset(model, 6, seed=3)
     cache = run_batch(model, ds.tokens)
     qk, writers = QKSVDCache(model), ResidualWriters.from_model(model)
-    f = decompose_batch(qk, cache, ds.lengths, CFG)
+    f, _ = decompose_batch(qk, cache, ds.lengths, CFG)
     w = signal_writes(qk, writers, cache, f)
-    g = side_directions(qk, f, centred=False)[:, :-1]
+    g = side_directions(qk, f, torch.arange(len(f)), centred=False)[:, :-1]
     n, H = len(f), model.cfg.n_heads
     for L in range(1, model.cfg.n_layers):
         rows = (f.layer == L).nonzero()[:, 0][:30]
@@ -204,3 +202,55 @@ def test_an_interrupted_trace_leaves_the_folder_as_it_was(tiny_gpt2, tmp_path, m
         trace_ioi(tiny_gpt2, ds, seeds="2.0", config=CFG, progress=False, out_dir=out)
     assert [p.name for p in out.iterdir()] == ["firings.parquet"]
     assert (out / "firings.parquet").read_bytes() == b"an earlier trace"
+
+
+def test_the_batch_walk_reaches_what_the_walk_over_all_edges_reaches(model):
+    """Measuring only reached firings changes nothing: same reach as with every edge known."""
+    ds = make_ioi_dataset(model, 6, seed=8)
+    cache = run_batch(model, ds.tokens)
+    qk, writers = QKSVDCache(model), ResidualWriters.from_model(model)
+    for rule in ("paper", "positive"):
+        cfg = dataclasses.replace(CFG, edge_rule=rule)
+        f, _ = decompose_batch(qk, cache, ds.lengths, cfg)
+        rows = torch.arange(len(f))
+        every = batch_edges(f, signal_writes(qk, writers, cache, f), rows, cfg, model.cfg.n_heads)
+        cols = [getattr(f, k).numpy() for k in ("prompt", "layer", "head", "dest", "src")]
+        top = model.cfg.n_layers - 1
+        heads = [((top, 0), 0), ((top, 1), 1)]
+        start = start_bits(f, heads, ds.end_pos.numpy(), None)
+        walk = walk_batch(qk, writers, cache, f, start, cfg)
+        for head, bit in heads:
+            seeds = seed_firings(*cols, [head], ds.end_pos.numpy(), None)
+            want = walk_upstream(*cols, every, seeds, cfg.first_layer)
+            assert ((walk.reach >> bit) & 1).astype(bool).tolist() == want.tolist()
+        # the walk measured exactly the reached firings, and found their edges
+        assert walk.rows.tolist() == np.nonzero(walk.reach)[0].tolist()
+        reached = set(walk.rows.tolist())
+        keep = np.array([i in reached for i in every.firing], dtype=bool)
+        assert walk.edges.firing.tolist() == every.firing[keep].tolist()
+        assert walk.edges.up_head.tolist() == every.up_head[keep].tolist()
+
+
+class LateSeeds(SeedChooser):
+    """Candidates that never include the final seed: every batch is walked again."""
+
+    def __init__(self, final, decoy):
+        self.final, self.decoy = final, decoy
+
+    def candidates(self):
+        return [self.decoy]
+
+    def choose(self):
+        return [self.final]
+
+
+def test_batches_whose_candidates_missed_a_seed_are_walked_again(tiny_llama):
+    ds = make_ioi_dataset(tiny_llama, 9, seed=9)
+    top = tiny_llama.cfg.n_layers - 1
+    kwargs = dict(seed_dest=ds.end_pos, lengths=ds.lengths, config=CFG, progress=False)
+    late = trace(tiny_llama, ds.tokens, LateSeeds((top, 1), (top, 0)), **kwargs)
+    direct = trace(tiny_llama, ds.tokens, [(top, 1)], **kwargs)
+    assert late.stats["n_batches_walked_again"] == 3 and direct.stats["n_batches_walked_again"] == 0
+    assert late.firings.traced.sum() > 0
+    pd.testing.assert_frame_equal(late.firings, direct.firings)
+    pd.testing.assert_frame_equal(late.edge_records, direct.edge_records)

@@ -3,12 +3,14 @@
 Data flow, one module per step:
 
 - :mod:`.qk_svd` -- each head's QK bilinear form as an exact thin SVD (per RoPE offset).
+- :mod:`.config` -- :class:`TraceConfig`; :mod:`.cache` -- the one forward pass per batch.
 - :mod:`.decompose` -- firings, per-component contributions to each score, sparse sets,
-  signal directions; a sample of non-firings decomposed the same way.
+  signal directions; a sample of non-firings decomposed the same way (step 1).
+- :mod:`.writes` -- upstream writes into a firing's signal directions (step 2).
 - :mod:`.edges` -- the edge rules (the paper's and ours) as pure functions.
-- :mod:`.trace` -- one forward pass: decomposition, upstream writes into every firing's
-  signal, candidate edges; then the walk from the seeds (:func:`trace` works on any prompts
-  and seeds; :mod:`.seeds` picks seeds from the same pass).
+- :mod:`.walk` -- edges by the rule and the walk from seed firings (step 3).
+- :mod:`.seeds` -- seed choosers fed by the same forward pass.
+- :mod:`.trace` -- :func:`trace` runs the steps batch by batch on any prompts and seeds.
 - :mod:`.store` -- the trace's files, streamed to parquet batch by batch.
 - :mod:`.graph` -- node names (``A9.6``, ``M3``, ``E``), aggregated tables, networkx graphs
   (ours and the paper's shape).
@@ -21,6 +23,8 @@ Data flow, one module per step:
 - :mod:`.plots`, :mod:`.html` -- figures and the self-contained interactive view.
 """
 
+from tl_superposition.tracing.cache import BatchCache, run_batch
+from tl_superposition.tracing.config import TraceConfig
 from tl_superposition.tracing.decompose import (
     LayerFirings,
     find_firings,
@@ -39,17 +43,10 @@ from tl_superposition.tracing.ioi_trace import (
 )
 from tl_superposition.tracing.qk_svd import LayerQK, QKSVDCache
 from tl_superposition.tracing.seeds import FixedSeeds, SeedChooser
-from tl_superposition.tracing.trace import (
-    BatchCache,
-    ResidualWriters,
-    TraceConfig,
-    TraceResult,
-    run_batch,
-    trace,
-    upstream_writes,
-    walk_upstream,
-)
+from tl_superposition.tracing.trace import TraceResult, trace
 from tl_superposition.tracing.validate import EdgeValidation, validate_edges
+from tl_superposition.tracing.walk import walk_upstream
+from tl_superposition.tracing.writes import ResidualWriters, upstream_writes
 
 __all__ = [
     "find_firings",

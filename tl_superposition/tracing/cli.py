@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from tl_superposition.tracing.trace import TraceConfig
+from tl_superposition.tracing.config import TraceConfig
 
 _DEFAULTS = TraceConfig()
 # TraceConfig fields set from the command line (option --pattern-thresh sets pattern_thresh)

@@ -14,14 +14,20 @@ any kind reaching the target.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from tl_superposition.tracing.qk_svd import LayerQK
+from tl_superposition.tracing.qk_svd import LayerQK, QKSVDCache
+
+if TYPE_CHECKING:
+    from tl_superposition.tracing.cache import BatchCache
+    from tl_superposition.tracing.config import TraceConfig
 
 # Relative tolerance (of sum |c_k|) when testing "the cumulative sum reaches the target":
 # float rounding must not make a prefix that reaches the score exactly look one short.
@@ -60,40 +66,51 @@ def find_firings(
 
 
 def sample_nonfirings(
-    pattern: Float[Tensor, "batch n_heads dest src"],
-    scores: Float[Tensor, "batch n_heads dest src"],
+    patterns: Sequence[Float[Tensor, "batch n_heads dest src"]],
+    scores: Sequence[Float[Tensor, "batch n_heads dest src"]],
     lengths: Int[Tensor, " batch"],
     prompt_ids: Int[Tensor, " batch"],
-    layer: int,
     frac: float,
     seed: int = 0,
     pattern_thresh: float = 0.5,
     exclude_first: bool = True,
-) -> tuple[Int[Tensor, " n"], Int[Tensor, " n"], Int[Tensor, " n"], Int[Tensor, " n"]]:
-    """A random share ``frac`` of the places where a layer's heads do *not* fire.
+) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """A random share ``frac`` of the places where each layer's heads do *not* fire.
 
     The candidates are the causal places ``src <= dest < length`` (``src >= 1`` with
     ``exclude_first``) that are not firings (:func:`find_firings`). Each prompt draws from its
-    own ``torch.Generator``, seeded by ``(seed, prompt id, layer)``, so the sample of a prompt
-    does not depend on the batches it is traced in.
+    own ``torch.Generator``, seeded by ``(seed, prompt id)``, so its sample does not depend on
+    the batches it is traced in.
+
+    Args:
+        patterns, scores: every layer's ``hook_pattern`` and ``hook_attn_scores``.
+        lengths: real length of each prompt.
+        prompt_ids: each prompt's index over the whole trace.
+        frac: share of the candidates kept, in [0, 1].
+        seed: seed of the draws.
+        pattern_thresh, exclude_first: the firing rule.
 
     Returns:
-        ``(batch, head, dest, src)`` indices, as :func:`find_firings`.
+        Per layer, ``(batch, head, dest, src)`` indices as :func:`find_firings`.
     """
-    B, H, P, _ = pattern.shape
-    keep = torch.zeros(B, H, P, P, dtype=torch.bool)
+    n_layers = len(patterns)
+    B, H, P, _ = patterns[0].shape
+    draw = torch.ones(B, n_layers, H, P, P)
     if frac > 0:
         for i, (pid, n) in enumerate(zip(prompt_ids.tolist(), lengths.tolist())):
-            state = np.random.SeedSequence([seed, pid, layer]).generate_state(2)
+            state = np.random.SeedSequence([seed, pid]).generate_state(2)
             gen = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-            keep[i, :, :n, :n] = torch.rand(H, n, n, generator=gen) < frac
+            draw[i, :, :, :n, :n] = torch.rand(n_layers, H, n, n, generator=gen)
     causal = torch.ones(P, P, dtype=torch.bool).tril()
     if exclude_first:
         causal[:, 0] = False
-    fire = (pattern >= pattern_thresh) & (scores > 0)
-    keep &= causal & ~fire.cpu()
-    b, h, d, s = keep.nonzero(as_tuple=True)
-    return b, h, d, s
+    out = []
+    for L in range(n_layers):
+        fire = ((patterns[L] >= pattern_thresh) & (scores[L] > 0)).cpu()
+        keep = (draw[:, L] < frac) & causal & ~fire
+        b, h, d, s = keep.nonzero(as_tuple=True)
+        out.append((b, h, d, s))
+    return out
 
 
 def shortest_prefix(
@@ -132,20 +149,64 @@ def selected_mask(order: Int[Tensor, "n m"], count: Int[Tensor, " n"]) -> Bool[T
     return rank < count[:, None]
 
 
+class RowCores:
+    """The core factors ``U_c``, ``V_c`` of each row's (head, offset), applied group by group.
+
+    Rows sharing a (head, offset) share their ``d_head x d_head`` factors, so instead of
+    gathering one pair of matrices per row (64 KiB per firing in float64), rows are sorted by
+    (offset, head) once and every product is one matrix product per group, on contiguous
+    slices.
+
+    Args:
+        qk: the layer's QK decomposition.
+        head, offset: per row (``offset`` is ignored by non-rotary models).
+    """
+
+    def __init__(self, qk: LayerQK, head: Int[Tensor, " n"], offset: Int[Tensor, " n"]):
+        n_heads = qk.q_basis.shape[0]
+        offset = offset.long().cpu() if qk.rotary else torch.zeros(len(head), dtype=torch.long)
+        head = head.long().cpu()
+        top = int(offset.max()) + 1 if len(offset) else 1
+        self.u, s, self.v = qk.extend_to(top)
+        self.s = s[offset.to(s.device), head.to(s.device)]
+        key = offset * n_heads + head
+        self.order = torch.argsort(key, stable=True)
+        keys, counts = torch.unique_consecutive(key[self.order], return_counts=True)
+        self.groups = [divmod(int(k), n_heads) for k in keys.tolist()]
+        self.bounds = [0, *counts.cumsum(0).tolist()]
+
+    def apply(self, x: Float[Tensor, "n d_head"], which: str, transpose: bool = False) -> Tensor:
+        """``x[i] @ M_i`` per row; ``M_i`` is row ``i``'s ``U_c`` (``which="u"``) or ``V_c``.
+
+        With ``transpose``, ``x[i] @ M_i^T`` (that is ``M_i x[i]``).
+        """
+        if not len(x):
+            return x.clone()
+        mats = self.u if which == "u" else self.v
+        dev = mats.device
+        order = self.order.to(dev)
+        xs = x.to(dev)[order]
+        out = torch.empty_like(xs)
+        for (t, h), lo, hi in zip(self.groups, self.bounds[:-1], self.bounds[1:]):
+            m = mats[t, h]
+            torch.mm(xs[lo:hi], m.T if transpose else m, out=out[lo:hi])
+        result = torch.empty_like(out)
+        result[order] = out
+        return result
+
+
 @dataclass
 class Projections:
     """Per-firing projections of the two residual vectors on a head's singular directions.
 
     ``a[:, k] = x~_dest . u_k`` and ``b[:, k] = x~_src . v_k`` (float64); ``s[:, k] = S_k`` in
-    score units. ``u_core``/``v_core`` are the gathered ``d_head x d_head`` core factors, kept
-    for building signal directions.
+    score units. ``cores`` applies each row's core factors (for signal directions).
     """
 
     a: Float[Tensor, "n d_head"]
     b: Float[Tensor, "n d_head"]
     s: Float[Tensor, "n d_head"]
-    u_core: Float[Tensor, "n d_head d_head"]
-    v_core: Float[Tensor, "n d_head d_head"]
+    cores: RowCores
 
     @property
     def contributions(self) -> Float[Tensor, "n d_head"]:
@@ -153,9 +214,26 @@ class Projections:
         return self.s * self.a * self.b
 
 
-def _augment(x: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_model_plus_1"]:
-    x = x.to(torch.float64)
-    return torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+def _on_basis(
+    x: Float[Tensor, "n d_model"],
+    basis: Float[Tensor, "n_heads d_model_plus_1 d_head"],
+    head: Int[Tensor, " n"],
+) -> Float[Tensor, "n d_head"]:
+    """``[x, 1] @ basis[head]`` per row (float64), one matrix product per head."""
+    head = head.to(basis.device)
+    order = torch.argsort(head, stable=True)
+    counts = torch.bincount(head, minlength=basis.shape[0]).tolist()
+    xs = x.to(device=basis.device, dtype=torch.float64)[order]
+    out = xs.new_empty(len(head), basis.shape[2])
+    start = 0
+    for h, c in enumerate(counts):
+        if c:
+            rows = slice(start, start + c)
+            torch.addmm(basis[h, -1], xs[rows], basis[h, :-1], out=out[rows])
+            start += c
+    result = torch.empty_like(out)
+    result[order] = out
+    return result
 
 
 def project(
@@ -173,26 +251,15 @@ def project(
         head: query head of each firing.
         offset: ``dest - src`` (ignored by non-rotary models).
 
-    The loop is over the heads of the layer (the orthonormal bases differ per head), never
-    over firings.
+    The loops are over heads and (head, offset) groups (:class:`RowCores`), never over
+    firings.
     """
-    n = head.shape[0]
-    d_head = qk.q_basis.shape[-1]
-    xd, xs = _augment(x_dest), _augment(x_src)
-    pd = xd.new_empty(n, d_head)
-    ps = xd.new_empty(n, d_head)
-    head = head.to(xd.device)
-    for h in head.unique().tolist():
-        rows = head == h
-        pd[rows] = xd[rows] @ qk.q_basis[h]
-        ps[rows] = xs[rows] @ qk.k_basis[h]
-    uniq, inv = torch.unique(offset.cpu(), return_inverse=True)
-    uc, s, vc = qk.cores(uniq)  # [n_offsets, n_heads, ...]
-    inv, head = inv.to(uc.device), head.to(uc.device)
-    uc, s, vc = uc[inv, head], s[inv, head], vc[inv, head]
-    a = torch.einsum("ni,nik->nk", pd, uc)
-    b = torch.einsum("ni,nik->nk", ps, vc)
-    return Projections(a=a, b=b, s=s, u_core=uc, v_core=vc)
+    pd = _on_basis(x_dest, qk.q_basis, head)
+    ps = _on_basis(x_src, qk.k_basis, head)
+    cores = RowCores(qk, head, offset)
+    a = cores.apply(pd, "u")
+    b = cores.apply(ps, "v")
+    return Projections(a=a, b=b, s=cores.s.to(a.device), cores=cores)
 
 
 def signal_coordinates(
@@ -209,8 +276,8 @@ def signal_coordinates(
     """
     selected = selected.to(proj.a.device)
     w = torch.where(selected, torch.sign(proj.a) * proj.s.sqrt(), torch.zeros_like(proj.a))
-    t_src = torch.einsum("nik,nk->ni", proj.v_core, w)
-    t_dest = torch.einsum("nik,nk->ni", proj.u_core, w)
+    t_src = proj.cores.apply(w, "v", transpose=True)
+    t_dest = proj.cores.apply(w, "u", transpose=True)
     return t_src, t_dest
 
 
@@ -292,6 +359,11 @@ class LayerFirings:
     def __len__(self) -> int:
         return len(self.prompt)
 
+    def rows(self, sl: slice) -> LayerFirings:
+        """The rows ``sl`` of every field."""
+        fields = {k: v[sl] for k, v in vars(self).items() if isinstance(v, Tensor)}
+        return LayerFirings(layer=self.layer, **fields)
+
 
 def decompose_places(
     qk: LayerQK,
@@ -372,3 +444,105 @@ def decompose_layer(
     """
     places = find_firings(pattern, scores, lengths, pattern_thresh, exclude_first)
     return decompose_places(qk, x, pattern, scores, places, thresh)
+
+
+@dataclass
+class BatchFirings:
+    """The firings (or sampled non-firings) of one batch, every layer in one set of rows.
+
+    Rows are layer-major, then in the order of
+    :func:`~tl_superposition.tracing.decompose.find_firings`; tensors are on the CPU. The
+    fields are those of :class:`~tl_superposition.tracing.decompose.LayerFirings`, with
+    ``layer`` one entry per row.
+    """
+
+    layer: Int[Tensor, " n"]
+    prompt: Int[Tensor, " n"]
+    head: Int[Tensor, " n"]
+    dest: Int[Tensor, " n"]
+    src: Int[Tensor, " n"]
+    score: Float[Tensor, " n"]
+    pattern: Float[Tensor, " n"]
+    contributions: Float[Tensor, "n d_head"]
+    order: Int[Tensor, "n d_head"]
+    count: Int[Tensor, " n"]
+    sig_src: Float[Tensor, "n d_head"]
+    sig_dest: Float[Tensor, "n d_head"]
+
+    def __len__(self) -> int:
+        return len(self.prompt)
+
+    @classmethod
+    def concat(cls, layers: Sequence[LayerFirings], d_head: int) -> BatchFirings:
+        """The rows of ``layers`` (one :class:`LayerFirings` per layer), in order."""
+        if not layers:
+            ints, floats = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
+            mat = torch.zeros(0, d_head, dtype=torch.float64)
+            return cls(ints, ints, ints, ints, ints, floats, floats, mat, ints[:, None], ints,
+                       mat, mat)  # fmt: skip
+        cat = lambda key: torch.cat([getattr(fl, key) for fl in layers])  # noqa: E731
+        return cls(
+            layer=torch.cat([torch.full((len(fl),), fl.layer) for fl in layers]),
+            **{
+                k: cat(k)
+                for k in (
+                    "prompt",
+                    "head",
+                    "dest",
+                    "src",
+                    "score",
+                    "pattern",
+                    "contributions",
+                    "order",
+                    "count",
+                    "sig_src",
+                    "sig_dest",
+                )
+            },
+        )
+
+
+def decompose_batch(
+    qk: QKSVDCache,
+    cache: BatchCache,
+    lengths: Int[Tensor, " batch"],
+    cfg: TraceConfig,
+    prompt_ids: Int[Tensor, " batch"] | None = None,
+) -> tuple[BatchFirings, BatchFirings]:
+    """Step 1: find and decompose the firings of every layer, and a sample of non-firings.
+
+    Firings: :func:`~tl_superposition.tracing.decompose.find_firings`; non-firings: a share
+    ``cfg.nonfiring_frac`` of the other places
+    (:func:`~tl_superposition.tracing.decompose.sample_nonfirings`, drawn per prompt from
+    ``prompt_ids``, default ``0 .. batch - 1``). Both are decomposed in one call per layer
+    (:func:`~tl_superposition.tracing.decompose.decompose_places`).
+
+    Returns:
+        ``(firings, nonfirings)``.
+    """
+    n_layers, B = cache.x.shape[2], cache.x.shape[0]
+    ids = torch.arange(B) if prompt_ids is None else prompt_ids
+    samples = sample_nonfirings(
+        cache.pattern,
+        cache.scores,
+        lengths,
+        ids,
+        cfg.nonfiring_frac,
+        cfg.seed,
+        cfg.pattern_thresh,
+        cfg.exclude_first,
+    )
+    fire_layers, non_layers = [], []
+    for L in range(n_layers):
+        fire = find_firings(
+            cache.pattern[L], cache.scores[L], lengths, cfg.pattern_thresh, cfg.exclude_first
+        )
+        n_fire = len(fire[0])
+        places = tuple(torch.cat([a.cpu(), b]) for a, b in zip(fire, samples[L]))
+        fl = decompose_places(
+            qk[L], cache.x[:, :, L], cache.pattern[L], cache.scores[L], places, cfg.thresh
+        )
+        fire_layers.append(fl.rows(slice(0, n_fire)))
+        non_layers.append(fl.rows(slice(n_fire, None)))
+    d_head = cache.z.shape[-1]
+    return BatchFirings.concat(fire_layers, d_head), BatchFirings.concat(non_layers, d_head)

@@ -28,9 +28,11 @@ from transformer_lens import HookedTransformer
 
 from tl_superposition._atomic import atomic_path, write_json_atomic
 from tl_superposition.ioi import IOIDataset
+from tl_superposition.tracing.cache import BatchCache
+from tl_superposition.tracing.config import TraceConfig
 from tl_superposition.tracing.graph import check_heads, head_name, parse_heads
 from tl_superposition.tracing.seeds import SeedChooser
-from tl_superposition.tracing.trace import BatchCache, TraceConfig, TraceResult, trace
+from tl_superposition.tracing.trace import TraceResult, trace
 
 GPT2_NAME_MOVERS: list[tuple[int, int]] = [(9, 6), (9, 9), (10, 0)]
 
@@ -192,6 +194,8 @@ class DLASeeds(SeedChooser):
         dataset: the prompts being traced.
         seeds, n_seeds: as :func:`resolve_seeds` (checked at once).
         n_layers, n_heads: the model's shape.
+        margin: heads walked beyond ``n_seeds`` while the seeds are not known yet
+            (:meth:`candidates`; default ``n_seeds``).
 
     Attributes:
         logit_diff: ``[n_prompts]`` logit(IO) - logit(S) at END (filled as batches pass).
@@ -205,9 +209,11 @@ class DLASeeds(SeedChooser):
         n_seeds: int,
         n_layers: int,
         n_heads: int,
+        margin: int | None = None,
     ):
         self.fixed = resolve_seeds(seeds, n_seeds, n_layers, n_heads)
         self.dataset, self.n_seeds = dataset, n_seeds
+        self.margin = min(n_seeds if margin is None else margin, n_layers * n_heads - n_seeds)
         self.logit_diff = torch.full((len(dataset),), float("nan"))
         self.dla = torch.full((len(dataset), n_layers, n_heads), float("nan"))
 
@@ -226,6 +232,14 @@ class DLASeeds(SeedChooser):
         if self.fixed is not None:
             return list(self.fixed)
         return top_heads(self.dla, self.n_seeds)
+
+    def candidates(self) -> list[tuple[int, int]]:
+        """The given seeds, or the ``n_seeds + margin`` heads with the largest mean DLA over
+        the prompts observed so far (a margin against a late change of the ranking)."""
+        if self.fixed is not None:
+            return list(self.fixed)
+        seen = ~torch.isnan(self.logit_diff)
+        return top_heads(self.dla[seen], self.n_seeds + self.margin)
 
 
 def top_heads(dla: Float[Tensor, "n_prompts n_layers n_heads"], k: int) -> list[tuple[int, int]]:

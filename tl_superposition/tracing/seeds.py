@@ -4,7 +4,10 @@
 (:meth:`SeedChooser.observe`) before the activations are dropped, and asks for the seeds
 (:meth:`SeedChooser.choose`) once every batch is decomposed, so seeds chosen from statistics
 of all prompts (such as the direct logit attribution of the IOI trace,
-:class:`~tl_superposition.tracing.ioi_trace.DLASeeds`) cost no second forward pass.
+:class:`~tl_superposition.tracing.ioi_trace.DLASeeds`) cost no second forward pass. Each
+batch is walked from the chooser's current :meth:`SeedChooser.candidates`; a batch whose
+candidates turn out to miss a final seed is walked again (the only second pass, and only of
+that batch).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from transformer_lens import HookedTransformer
 from tl_superposition.tracing.graph import check_heads, parse_heads
 
 if TYPE_CHECKING:
-    from tl_superposition.tracing.trace import BatchCache
+    from tl_superposition.tracing.cache import BatchCache
 
 
 class SeedChooser(ABC):
@@ -31,6 +34,15 @@ class SeedChooser(ABC):
     @abstractmethod
     def choose(self) -> list[tuple[int, int]]:
         """The seed heads ``[(layer, head), ...]``, once every batch has been observed."""
+
+    def candidates(self) -> list[tuple[int, int]]:
+        """Heads the current batch is walked from, before the seeds are known.
+
+        They should include the final seeds: a batch whose candidates miss one is walked
+        again at the end (a second forward pass of that batch). By default, the seeds
+        :meth:`choose` would give now.
+        """
+        return self.choose()
 
 
 class FixedSeeds(SeedChooser):

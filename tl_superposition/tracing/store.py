@@ -52,7 +52,8 @@ from tl_superposition.tracing.graph import (
 )
 
 if TYPE_CHECKING:
-    from tl_superposition.tracing.trace import BatchFirings, CandidateEdges, SideWrites
+    from tl_superposition.tracing.decompose import BatchFirings
+    from tl_superposition.tracing.walk import WalkResult
 
 SIDES = ("src", "dest")
 KINDS = ("heads", "mlps", "embed", "bias")
@@ -70,13 +71,14 @@ def firing_table(
     prompt_offset: int,
     id_offset: int,
     role_pos: Mapping[str, Tensor],
-    writes: SideWrites | None = None,
+    sums: np.ndarray | None = None,
 ) -> pa.Table:
-    """One batch's firings (or non-firings, without ``writes``) as an arrow table.
+    """One batch's firings (or non-firings, without ``sums``) as an arrow table.
 
     Columns: see the module docstring; components and contributions are list columns in
     the order of selection. Roles are looked up in ``role_pos`` (name -> position per
-    prompt, prompts numbered from 0 over the whole trace).
+    prompt, prompts numbered from 0 over the whole trace). ``sums`` (``[n, 2, 4]``, NaN for
+    firings not measured) gives the ``*_from_*`` columns.
     """
     n = len(f)
     keep = torch.arange(f.order.shape[1])[None, :] < f.count[:, None]
@@ -106,16 +108,10 @@ def firing_table(
         ),
         "residual": pa.array((f.score.to(torch.float64) - f.contributions.sum(1)).numpy()),
     }
-    if writes is not None:
-        sums = {
-            "heads": writes.heads.sum(1),
-            "mlps": writes.mlps.sum(1),
-            "embed": writes.embed,
-            "bias": writes.bias,
-        }
+    if sums is not None:
         for i, side in enumerate(SIDES):
-            for kind in KINDS:
-                cols[f"{side}_from_{kind}"] = pa.array(sums[kind][i * n : (i + 1) * n].numpy())
+            for j, kind in enumerate(KINDS):
+                cols[f"{side}_from_{kind}"] = pa.array(sums[:, i, j].astype(np.float32))
     return pa.table(cols)
 
 
@@ -147,6 +143,8 @@ class TraceStore:
         self.n_firings = 0
         self.n_batches = 0
         self.has_roles = False
+        self.first_ids: list[int] = []
+        self.prompt_offsets: list[int] = []
 
     def __enter__(self) -> TraceStore:
         return self
@@ -165,113 +163,115 @@ class TraceStore:
             self._writers[name] = pq.ParquetWriter(self.tmp / name, table.schema)
         self._writers[name].write_table(table, row_group_size=max(len(table), 1))
 
+    def _tables(
+        self,
+        prompt_offset: int,
+        first: int,
+        firings: BatchFirings,
+        walk: WalkResult,
+        role_pos: Mapping[str, Tensor],
+    ) -> dict[str, pa.Table]:
+        """The temporary tables of one batch: firings (with reach bits), edges, writes."""
+        n, n_layers = len(firings), self.shape[0]
+        sums = np.full((n, 2, len(KINDS)), np.nan, dtype=np.float32)
+        sums[walk.rows] = walk.sums
+        table = firing_table(firings, prompt_offset, first, role_pos, sums)
+        table = table.append_column("reach", pa.array(walk.reach.astype(np.int64)))
+        e = walk.edges
+        candidates = pa.table(
+            {
+                "firing_id": pa.array(e.firing.astype(np.int64) + first),
+                "side": pa.array(e.side.astype(np.int8)),
+                "up_layer": pa.array(e.up_layer.astype(np.int32)),
+                "up_head": pa.array(e.up_head.astype(np.int32)),
+                "weight": pa.array(e.weight.astype(np.float32)),
+            }
+        )
+        width = 2 * (n_layers + 1)
+        leaf = pa.table(
+            {
+                "firing_id": pa.array(walk.rows.astype(np.int64) + first),
+                "leaf": pa.FixedSizeListArray.from_arrays(
+                    pa.array(walk.leaf.astype(np.float32).ravel()), width
+                ),
+            }
+        )
+        return {"firings": table, "candidates": candidates, "leaf": leaf}
+
     def add_batch(
         self,
         prompt_offset: int,
         firings: BatchFirings,
-        writes: SideWrites,
-        edges: CandidateEdges,
+        walk: WalkResult,
         nonfirings: BatchFirings,
         role_pos: Mapping[str, Tensor],
     ) -> None:
-        """Append one batch: its firings, candidate edges, MLP/embedding writes, non-firings.
+        """Append one batch: its firings, the walk's edges and writes, the non-firings.
 
         Every call writes exactly one row group to each temporary file, so row group ``i``
         of every file belongs to batch ``i``.
         """
-        n, first = len(firings), self.n_firings
+        first = self.n_firings
         self.has_roles = bool(role_pos)
-        self._write("firings", firing_table(firings, prompt_offset, first, role_pos, writes))
-        self._write(
-            "candidates",
-            pa.table(
-                {
-                    "firing_id": pa.array(edges.firing.astype(np.int64) + first),
-                    "side": pa.array(edges.side.astype(np.int8)),
-                    "up_layer": pa.array(edges.up_layer.astype(np.int32)),
-                    "up_head": pa.array(edges.up_head.astype(np.int32)),
-                    "weight": pa.array(edges.weight.astype(np.float32)),
-                }
-            ),
-        )
-        n_layers = self.shape[0]
-        mlps = writes.mlps.numpy().astype(np.float32)
-        self._write(
-            "leaf",
-            pa.table(
-                {
-                    "mlps": pa.FixedSizeListArray.from_arrays(pa.array(mlps.ravel()), n_layers),
-                    "embed": pa.array(writes.embed.numpy().astype(np.float32)),
-                }
-            ),
-        )
-        self._write(
-            self.NONFIRINGS,
-            firing_table(nonfirings, prompt_offset, 0, role_pos).drop(["firing_id"]),
-        )
-        self.n_firings += n
+        self.first_ids.append(first)
+        for name, table in self._tables(prompt_offset, first, firings, walk, role_pos).items():
+            self._write(name, table)
+        table = firing_table(nonfirings, prompt_offset, 0, role_pos).drop(["firing_id"])
+        self._write(self.NONFIRINGS, table)
+        self.prompt_offsets.append(prompt_offset)
+        self.n_firings += len(firings)
         self.n_batches += 1
+
+    def replace_batch(
+        self, i: int, firings: BatchFirings, walk: WalkResult, role_pos: Mapping[str, Tensor]
+    ) -> None:
+        """Replace batch ``i``'s firings, edges and writes (a batch walked again)."""
+        tables = self._tables(self.prompt_offsets[i], self.first_ids[i], firings, walk, role_pos)
+        for name, table in tables.items():
+            pq.write_table(table, self.tmp / f"replaced-{i}-{name}")
+
+    def _read(self, name: str, i: int, replaced: Sequence[int]) -> pa.Table:
+        if i in replaced:
+            return pq.read_table(self.tmp / f"replaced-{i}-{name}")
+        return pq.ParquetFile(self.tmp / name).read_row_group(i)
 
     # ------------------------------------------------------------------ finalize
 
-    def finalize(
-        self,
-        seeds: Sequence[tuple[int, int]],
-        seed_dest: np.ndarray,
-        seed_src: np.ndarray | None,
-        first_layer: int,
-    ) -> dict[str, Any]:
-        """Walk from the seeds batch by batch and write the final files.
+    def finalize(self, mask: int, replaced: Sequence[int] = ()) -> dict[str, Any]:
+        """Keep the firings reached from the seeds and write the final files.
 
         Args:
-            seeds: the seed heads.
-            seed_dest, seed_src: per prompt (over the whole trace), the seed positions.
-            first_layer: firings below it are never traced.
+            mask: the reach bits of the chosen seeds: a firing is traced when its reach
+                mask shares a bit with it.
+            replaced: batches whose tables :meth:`replace_batch` replaced.
 
         Returns:
             Counts for :attr:`~tl_superposition.tracing.trace.TraceResult.stats`.
         """
-        from tl_superposition.tracing.trace import CandidateEdges, seed_firings, walk_upstream
-
         self._close()
-        src = {name: pq.ParquetFile(self.tmp / name) for name in ("firings", "candidates", "leaf")}
         stats = HeadStats(*self.shape)
         edge_parts: list[pd.DataFrame] = []
         writer_parts: list[pd.DataFrame] = []
         n_traced = n_records = 0
         for i in range(self.n_batches):
-            f = src["firings"].read_row_group(i)
-            c = src["candidates"].read_row_group(i).to_pandas()
-            cols = {k: f.column(k).to_numpy() for k in ("prompt_id", "layer", "head")}
-            cols |= {k: f.column(k).to_numpy() for k in ("dest_pos", "src_pos", "firing_id")}
-            first = int(cols["firing_id"][0]) if len(f) else 0
-            cand = CandidateEdges(
-                firing=c.firing_id.to_numpy() - first,
-                side=c.side.to_numpy(),
-                up_layer=c.up_layer.to_numpy(),
-                up_head=c.up_head.to_numpy(),
-                weight=c.weight.to_numpy(),
-            )
-            p, ly, h, d, s = (
-                cols[k] for k in ("prompt_id", "layer", "head", "dest_pos", "src_pos")
-            )
-            start = seed_firings(p, ly, h, d, s, seeds, seed_dest, seed_src)
-            traced = walk_upstream(p, ly, h, d, s, cand, start, first_layer)
-            f = f.append_column("traced", pa.array(traced))
+            f = self._read("firings", i, replaced)
+            traced = (f.column("reach").to_numpy() & np.int64(mask)) != 0
+            f = self._final_firings(f, traced)
             self._write(self.FIRINGS, f)
             stats.add_firings(f)
-            records = self._edge_records(f, c, traced[cand.firing], first)
+            c = self._read("candidates", i, replaced).to_pandas()
+            first = self.first_ids[i]
+            records = self._edge_records(f, c, traced[c.firing_id.to_numpy() - first], first)
             self._write(self.EDGE_RECORDS, pa.Table.from_pandas(records, preserve_index=False))
             edge_parts.append(aggregate_edges(records, self.shape[1], partial=True))
-            leaf = src["leaf"].read_row_group(i)
-            writer_parts.append(self._writer_part(f, leaf, traced))
+            leaf = self._read("leaf", i, replaced)
+            writer_parts.append(self._writer_part(f, leaf, traced, first))
             n_traced += int(traced.sum())
             n_records += len(records)
         nonfirings = self.tmp / self.NONFIRINGS
         if nonfirings.exists():
-            stats.add_nonfirings(
-                pq.read_table(nonfirings, columns=["layer", "head", "n_components"])
-            )
+            columns = ["layer", "head", "n_components"]
+            stats.add_nonfirings(pq.read_table(nonfirings, columns=columns))
         self._close()
         edges = aggregate_edges(pd.concat(edge_parts, ignore_index=True), self.shape[1])
         writers = aggregate_writers(pd.concat(writer_parts, ignore_index=True))
@@ -288,6 +288,17 @@ class TraceStore:
             "max_abs_residual": stats.max_abs_residual,
             "median_n_components": stats.median_components(),
         }
+
+    @staticmethod
+    def _final_firings(f: pa.Table, traced: np.ndarray) -> pa.Table:
+        """Drop the reach bits, blank the writes of firings not traced, add ``traced``."""
+        f = f.drop(["reach"])
+        for i, name in enumerate(f.column_names):
+            if "_from_" in name:
+                values = f.column(name).to_numpy().copy()
+                values[~traced] = np.nan
+                f = f.set_column(i, name, pa.array(values))
+        return f.append_column("traced", pa.array(traced))
 
     def _edge_records(
         self, f: pa.Table, c: pd.DataFrame, traced: np.ndarray, first: int
@@ -317,18 +328,22 @@ class TraceStore:
         }
         return pd.DataFrame(out)
 
-    def _writer_part(self, f: pa.Table, leaf: pa.Table, traced: np.ndarray) -> pd.DataFrame:
+    def _writer_part(
+        self, f: pa.Table, leaf: pa.Table, traced: np.ndarray, first: int
+    ) -> pd.DataFrame:
         """Per (downstream head, side) of traced firings: summed MLP and embedding writes."""
-        n, n_layers = len(f), self.shape[0]
-        mlps = leaf.column("mlps").combine_chunks().flatten().to_numpy().reshape(-1, n_layers)
-        embed = leaf.column("embed").to_numpy()
-        layer, head = f.column("layer").to_numpy(), f.column("head").to_numpy()
+        n_layers = self.shape[0]
+        row = leaf.column("firing_id").to_numpy() - first
+        values = leaf.column("leaf").combine_chunks().flatten().to_numpy()
+        values = values.reshape(len(row), 2, n_layers + 1)
+        keep = traced[row]
+        row, values = row[keep], values[keep]
+        layer, head = f.column("layer").to_numpy()[row], f.column("head").to_numpy()[row]
         parts = []
+        names = [f"M{L}" for L in range(n_layers)] + ["E"]
         for i, side in enumerate(SIDES):
-            rows = slice(i * n, (i + 1) * n)
-            frame = pd.DataFrame(mlps[rows][traced], columns=[f"M{L}" for L in range(n_layers)])
-            frame["E"] = embed[rows][traced]
-            frame["down_layer"], frame["down_head"] = layer[traced], head[traced]
+            frame = pd.DataFrame(values[:, i], columns=names)
+            frame["down_layer"], frame["down_head"] = layer, head
             frame["side"], frame["n_firings"] = side, 1
             sums = frame.groupby(["down_layer", "down_head", "side"]).sum()
             parts.append(pd.DataFrame(sums).reset_index())
