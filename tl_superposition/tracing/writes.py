@@ -228,15 +228,21 @@ def signal_writes(
     g = g_aug[:, :-1].to(dtype)[order.to(dev)]
     keys, counts = torch.unique_consecutive(key[order], return_counts=True)
     bounds = [0, *counts.cumsum(0).tolist()]
-    heads = torch.empty(2 * k, n_up, dtype=dtype, device=dev)
+    heads = torch.zeros(2 * k, n_up, dtype=dtype, device=dev)
     leaf = torch.empty(2 * k, n_layers + 1, dtype=dtype, device=dev)
-    for i, key_i in enumerate(keys.tolist()):
+    # heads at or above a side's layer write nothing into it: each position reads only the
+    # outputs of the heads below the highest layer among its sides
+    segment = torch.repeat_interleave(torch.arange(len(keys)), counts)
+    top = torch.zeros(len(keys), dtype=torch.long).scatter_reduce_(
+        0, segment, layer[order].cpu().long(), "amax"
+    )
+    for i, (key_i, top_i) in enumerate(zip(keys.tolist(), top.tolist())):
         bi, p = divmod(key_i, P)
         if chunk is None or bi not in chunk:
             c0 = bi - bi % WRITE_PROMPTS
             chunk = ChunkWriters.build(writers, cache, c0, min(c0 + WRITE_PROMPTS, len(cache.z)))
-        lo, hi = bounds[i], bounds[i + 1]
-        torch.mm(g[lo:hi], chunk.heads[bi - chunk.lo, p].T, out=heads[lo:hi])
+        lo, hi, width = bounds[i], bounds[i + 1], top_i * n_heads
+        heads[lo:hi, :width] = g[lo:hi] @ chunk.heads[bi - chunk.lo, p, :width].T
         torch.mm(g[lo:hi], chunk.rest[bi - chunk.lo, p].T, out=leaf[lo:hi])
     # back to the order of the sides, scaled, writers at or above the firing's layer zeroed
     inverse = torch.empty_like(order)
