@@ -538,7 +538,8 @@ def decompose_batch(
             cache.pattern[L], cache.scores[L], lengths, cfg.pattern_thresh, cfg.exclude_first
         )
         n_fire = len(fire[0])
-        places = tuple(torch.cat([a.cpu(), b]) for a, b in zip(fire, samples[L]))
+        prompt, head, dest, src = (torch.cat([a.cpu(), b]) for a, b in zip(fire, samples[L]))
+        places = (prompt, head, dest, src)
         fl = decompose_places(
             qk[L], cache.x[:, :, L], cache.pattern[L], cache.scores[L], places, cfg.thresh
         )

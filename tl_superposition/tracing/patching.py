@@ -25,6 +25,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -35,6 +36,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.patching import get_act_patch_attn_head_out_all_pos
 
+from tl_superposition._atomic import atomic_path, write_json_atomic
 from tl_superposition.ioi import NAMES, IOIDataset, single_token_words
 from tl_superposition.tracing.graph import head_name, parse_heads
 
@@ -242,6 +244,18 @@ class PatchingComparison:
 
     effects: pd.DataFrame
     summary: dict[str, Any]
+
+    def save(self, out_dir: str | Path) -> dict[str, Path]:
+        """Write patching_heads.csv and patching.json (atomically)."""
+        out = Path(out_dir)
+        paths = {
+            "patching_heads.csv": out / "patching_heads.csv",
+            "patching.json": out / "patching.json",
+        }
+        with atomic_path(paths["patching_heads.csv"]) as tmp:
+            self.effects.to_csv(tmp, index=False)
+        write_json_atomic(paths["patching.json"], self.summary)
+        return paths
 
 
 def effects_table(
