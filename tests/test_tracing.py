@@ -382,3 +382,23 @@ def test_cli_rejects_an_unwritable_out_before_loading(tmp_path, capsys, no_model
         assert main(["trace-ioi", "--out", str(out)]) == 2
         assert "--out" in capsys.readouterr().err
     assert a_file.read_text() == "keep me"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_trace_on_the_gpu_matches_the_cpu(tiny_llama, tmp_path):
+    """--device cuda: every tensor follows the model; the trace equals the CPU one."""
+    import copy
+
+    ds = make_ioi_dataset(tiny_llama, 8, seed=0)
+    cfg = TraceConfig(edge_rule="paper")
+    cpu = trace_ioi(tiny_llama, ds, config=cfg, progress=False, out_dir=tmp_path / "cpu")
+    gpu_model = copy.deepcopy(tiny_llama).to("cuda")
+    gpu = trace_ioi(gpu_model, ds, config=cfg, progress=False, out_dir=tmp_path / "gpu")
+    keys = ["prompt_id", "layer", "head", "dest_pos", "src_pos"]
+    assert cpu.firings[keys].equals(gpu.firings[keys])
+    assert torch.allclose(
+        torch.tensor(cpu.firings.score.to_numpy()),
+        torch.tensor(gpu.firings.score.to_numpy()),
+        atol=1e-4,
+    )
+    assert cpu.summary["seeds"] == gpu.summary["seeds"]
