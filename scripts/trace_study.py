@@ -22,12 +22,14 @@ import torch
 
 from tl_superposition import load_model
 from tl_superposition.ioi import make_ioi_dataset
-from tl_superposition.tracing import TraceConfig, trace_ioi, validate_edges
+from tl_superposition.tracing import TraceConfig, parse_heads, trace_ioi, validate_edges
+from tl_superposition.tracing.ioi_trace import IOITrace
 from tl_superposition.tracing.patching import (
     abc_tokens,
     compare_with_patching,
     head_patching_effects,
 )
+from tl_superposition.tracing.trace import TraceResult
 
 
 @torch.inference_mode()
@@ -36,6 +38,21 @@ def bare_forward(model, tokens: torch.Tensor, batch_size: int) -> float:
     for lo in range(0, len(tokens), batch_size):
         model(tokens[lo : lo + batch_size])
     return time.perf_counter() - t0
+
+
+def load_trace(folder: Path, dataset, rule: str) -> IOITrace:
+    """An :class:`IOITrace` read back from the files of an earlier run of this script."""
+    summary = json.loads((folder / "summary.json").read_text())
+    result = TraceResult(
+        out_dir=folder,
+        seeds=parse_heads(summary["seeds"]) or [],
+        config=TraceConfig(edge_rule=rule),
+        seconds=summary.get("seconds", 0.0),
+    )
+    prompts = dataset.to_dataframe()
+    return IOITrace(
+        dataset=dataset, prompts=prompts, result=result, dla=torch.empty(0), summary=summary
+    )
 
 
 def main() -> None:
@@ -48,6 +65,10 @@ def main() -> None:
     p.add_argument("--n-random", type=int, default=5)
     p.add_argument("--threshold", type=float, default=0.05)
     p.add_argument("--rules", default="paper,positive")
+    p.add_argument("--max-edges", type=int, default=None, help="validate a sample of edges")
+    p.add_argument(
+        "--reuse", action="store_true", help="read traces already written to OUT/<rule>/"
+    )
     args = p.parse_args()
     out = Path(args.out)
     model = load_model(args.model)
@@ -56,6 +77,12 @@ def main() -> None:
     report["threads"] = torch.get_num_threads()
     traces = {}
     for rule in args.rules.split(","):
+        if args.reuse and (out / rule / "summary.json").exists():
+            traces[rule] = load_trace(out / rule, dataset, rule)
+            prior = json.loads((out / rule / "study.json").read_text())
+            report[rule] = prior
+            print(json.dumps({rule: prior}), flush=True)
+            continue
         bare_forward(model, dataset.tokens[:32], 32)
         fwd = bare_forward(model, dataset.tokens, 32)
         t0 = time.perf_counter()
@@ -72,7 +99,20 @@ def main() -> None:
             "seeds": res.summary["seeds"],
         }
         res.save(out / rule)
+        (out / rule / "study.json").write_text(json.dumps(report[rule]))
         print(json.dumps({rule: report[rule]}), flush=True)
+    for rule, res in traces.items():
+        t0 = time.perf_counter()
+        val = validate_edges(
+            model,
+            res,
+            max_instances=args.max_instances,
+            max_edges=args.max_edges,
+            progress=False,
+        )
+        res.save(out / rule, validation=val)
+        report[rule]["validation"] = {**val.summary, "seconds": round(time.perf_counter() - t0, 1)}
+        print(json.dumps({rule: report[rule]["validation"]}), flush=True)
     small = dataset[: args.patching_prompts]
     t0 = time.perf_counter()
     effects, m_clean, m_corrupt = head_patching_effects(model, small, abc_tokens(model, small))
@@ -90,12 +130,6 @@ def main() -> None:
         cmp.save(out / rule)
         report[rule]["patching"] = cmp.summary
         print(json.dumps({rule: cmp.summary}), flush=True)
-    for rule, res in traces.items():
-        t0 = time.perf_counter()
-        val = validate_edges(model, res, max_instances=args.max_instances, progress=False)
-        res.save(out / rule, validation=val)
-        report[rule]["validation"] = {**val.summary, "seconds": round(time.perf_counter() - t0, 1)}
-        print(json.dumps({rule: report[rule]["validation"]}), flush=True)
     (out / "study.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report))
 

@@ -188,3 +188,33 @@ def test_validate_edges_on_an_ioi_trace(tiny_llama, tmp_path):
     html = paths["circuit.html"].read_text()
     assert "validated" in html and "http" not in html.replace("http://www.w3.org/2000/svg", "")
     assert pd.read_csv(paths["validation_edges.csv"]).shape[0] == len(v.edges)
+
+
+def test_sample_instances_keeps_edges_and_records_as_asked():
+    from tl_superposition.tracing.validate import sample_instances
+
+    rows = []
+    for edge in range(6):  # edge e has e + 1 records
+        for r in range(edge + 1):
+            rows.append(
+                {
+                    "up_layer": 0,
+                    "up_head": edge,
+                    "layer": 1,
+                    "head": 0,
+                    "side": "src",
+                    "firing_id": 10 * edge + r,
+                    "prompt_id": r,
+                }
+            )
+    rec = pd.DataFrame(rows)
+    keys = ["up_layer", "up_head", "layer", "head", "side"]
+    got = sample_instances(rec, max_instances=2, seed=0)
+    assert got.groupby(keys).size().tolist() == [1, 2, 2, 2, 2, 2]
+    got = sample_instances(rec, max_instances=2, seed=0, min_firings=3)
+    assert sorted(got.up_head.unique().tolist()) == [2, 3, 4, 5]
+    got = sample_instances(rec, max_instances=9, seed=1, min_firings=3, max_edges=2)
+    heads = got.up_head.unique().tolist()
+    assert len(heads) == 2 and set(heads) <= {2, 3, 4, 5}
+    assert all((got.up_head == h).sum() == h + 1 for h in heads)  # every record kept
+    assert got.equals(sample_instances(rec, max_instances=9, seed=1, min_firings=3, max_edges=2))

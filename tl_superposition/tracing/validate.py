@@ -87,7 +87,11 @@ class EdgeValidation:
 
 
 def sample_instances(
-    edge_records: pd.DataFrame, max_instances: int, seed: int = 0, min_firings: int = 1
+    edge_records: pd.DataFrame,
+    max_instances: int,
+    seed: int = 0,
+    min_firings: int = 1,
+    max_edges: int | None = None,
 ) -> pd.DataFrame:
     """Up to ``max_instances`` records of every edge (upstream, downstream, side), at random.
 
@@ -96,6 +100,8 @@ def sample_instances(
         max_instances: records kept per edge (all when fewer).
         seed: seed of the draw (a ``numpy`` generator of its own).
         min_firings: only edges selected in at least this many firings.
+        max_edges: keep a uniform random sample of this many of those edges (``None``: all),
+            an unbiased estimate of the shares for traces with many edges.
 
     Returns:
         The kept records, sorted by prompt then firing.
@@ -112,6 +118,10 @@ def sample_instances(
     order = np.lexsort((noise, group))
     rank[order] = np.arange(len(rec)) - np.searchsorted(group[order], group[order])
     keep = (rank < max_instances) & (size >= min_firings)
+    eligible = np.unique(group[size >= min_firings])
+    if max_edges is not None and len(eligible) > max_edges:
+        chosen = rng.choice(eligible, size=max_edges, replace=False)
+        keep &= np.isin(group, chosen)
     kept = pd.DataFrame(rec[keep])
     return kept.sort_values(["prompt_id", "firing_id"], kind="mergesort", ignore_index=True)
 
@@ -429,6 +439,7 @@ def validate_edges(
     trace: Any,
     max_instances: int = 8,
     min_firings: int = 1,
+    max_edges: int | None = None,
     logit_diff: bool = True,
     seed: int = 0,
     prompts_per_batch: int = 16,
@@ -448,6 +459,7 @@ def validate_edges(
             :class:`~tl_superposition.tracing.trace.TraceResult` with ``tokens``.
         max_instances: records intervened on per edge.
         min_firings: edges selected in fewer firings are skipped.
+        max_edges: validate a uniform random sample of this many edges (``None``: all).
         logit_diff: also measure ``logit(IO) - logit(S)`` (IOI traces only; runs then go
             through the whole model).
         seed: seed of the draws of instances and random controls.
@@ -468,7 +480,7 @@ def validate_edges(
             raise ValueError("validate_edges needs tokens=... for a plain TraceResult")
         tokens = dataset.tokens
     assert tokens is not None
-    inst = sample_instances(result.edge_records, max_instances, seed, min_firings)
+    inst = sample_instances(result.edge_records, max_instances, seed, min_firings, max_edges)
     firings = pq.read_table(
         result.path("firings.parquet"),
         columns=["firing_id", "components"],
@@ -493,6 +505,7 @@ def validate_edges(
         "edge_rule": result.config.edge_rule,
         "max_instances": max_instances,
         "min_firings": min_firings,
+        "max_edges": max_edges,
         "seed": seed,
         **summarise(edges, table, result.stats.get("n_edges", len(result.edges))),
     }
