@@ -97,3 +97,11 @@ def test_compare_with_patching_on_a_trace(tiny_gpt2):
     assert 0 <= s["f1"] <= 1
     with pytest.raises(ValueError, match="threshold"):
         compare_with_patching(tiny_gpt2, res, threshold=0)
+
+
+def test_circuit_heads_drops_rare_edges():
+    edges = pd.DataFrame(
+        {"upstream": ["A1.2", "A0.1"], "downstream": ["A3.0", "A2.2"], "n_firings": [9, 2]}
+    )
+    assert circuit_heads(edges, [], min_firings=3) == {(1, 2), (3, 0)}
+    assert circuit_heads(edges, []) == {(1, 2), (3, 0), (0, 1), (2, 2)}

@@ -134,13 +134,19 @@ def important_heads(effects: Float[Tensor, "n_layers n_heads"], threshold: float
     return set(zip(layers.tolist(), heads.tolist()))
 
 
-def circuit_heads(edges: pd.DataFrame, seeds: Iterable[str] = ()) -> set[Head]:
+def circuit_heads(
+    edges: pd.DataFrame, seeds: Iterable[str] = (), min_firings: int = 1
+) -> set[Head]:
     """The heads of a traced circuit: both ends of every head-to-head edge, and the seeds.
 
     Args:
-        edges: an ``edges.csv`` table (``upstream``/``downstream`` node names such as ``A9.6``).
+        edges: an ``edges.csv`` table (``upstream``/``downstream`` node names such as
+            ``A9.6``, and ``n_firings``).
         seeds: seed node names (``"A9.6"``), which belong to the circuit even without edges.
+        min_firings: only edges selected in at least this many traced firings count.
     """
+    if min_firings > 1:
+        edges = pd.DataFrame(edges[edges.n_firings >= min_firings])
     names = [*edges.upstream.tolist(), *edges.downstream.tolist(), *seeds]
     return set(parse_heads([n for n in names if isinstance(n, str) and n.startswith("A")]) or [])
 
@@ -285,6 +291,7 @@ def compare_with_patching(
     n_random: int = 5,
     seed: int = 0,
     effects: Float[Tensor, "n_layers n_heads"] | None = None,
+    min_edge_firings: int = 1,
 ) -> PatchingComparison:
     """Compare a traced IOI circuit with the heads activation patching finds important.
 
@@ -297,6 +304,8 @@ def compare_with_patching(
         n_random: random circuits of the traced circuit's size for the faithfulness baseline.
         seed: seed of the ABC names and of the random circuits.
         effects: reuse effects of an earlier call on the same prompts (another edge rule).
+        min_edge_firings: the circuit is made of the edges selected in at least this many
+            traced firings (:func:`circuit_heads`); 1 takes every edge.
 
     Returns:
         :class:`PatchingComparison`.
@@ -322,12 +331,13 @@ def compare_with_patching(
         with torch.inference_mode():
             m_clean = float(metric(cast(Tensor, model(dataset.tokens.to(model.cfg.device)))))
     important = important_heads(effects, threshold)
-    circuit = circuit_heads(trace.edges, trace.summary.get("seeds", ()))
+    circuit = circuit_heads(trace.edges, trace.summary.get("seeds", ()), min_edge_firings)
     faith = circuit_faithfulness(model, dataset, circuit, corrupted, m_clean, n_random, seed)
     summary = {
         "edge_rule": trace.result.config.edge_rule,
         "n_prompts": len(dataset),
         "threshold": threshold,
+        "min_edge_firings": min_edge_firings,
         "logit_diff_clean": m_clean,
         "logit_diff_corrupt": m_corrupt,
         "n_important": len(important),
