@@ -61,7 +61,8 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--n-prompts", type=int, default=256)
     p.add_argument("--patching-prompts", type=int, default=16)
-    p.add_argument("--max-instances", type=int, default=4)
+    p.add_argument("--max-instances", type=int, default=4, help="0 skips the validation")
+    p.add_argument("--min-edge-firings", type=int, default=1, help="circuit: edges this frequent")
     p.add_argument("--n-random", type=int, default=5)
     p.add_argument("--threshold", type=float, default=0.05)
     p.add_argument("--rules", default="paper,positive")
@@ -102,6 +103,8 @@ def main() -> None:
         (out / rule / "study.json").write_text(json.dumps(report[rule]))
         print(json.dumps({rule: report[rule]}), flush=True)
     for rule, res in traces.items():
+        if args.max_instances < 1:
+            break
         t0 = time.perf_counter()
         val = validate_edges(
             model,
@@ -117,6 +120,7 @@ def main() -> None:
     t0 = time.perf_counter()
     effects, m_clean, m_corrupt = head_patching_effects(model, small, abc_tokens(model, small))
     report["patching_seconds"] = round(time.perf_counter() - t0, 1)
+    torch.save(effects, out / "patching_effects.pt")
     report["logit_diff_clean"], report["logit_diff_corrupt"] = m_clean, m_corrupt
     for rule, res in traces.items():
         cmp = compare_with_patching(
@@ -126,6 +130,7 @@ def main() -> None:
             threshold=args.threshold,
             n_random=args.n_random,
             effects=effects,
+            min_edge_firings=args.min_edge_firings,
         )
         cmp.save(out / rule)
         report[rule]["patching"] = cmp.summary
