@@ -9,7 +9,8 @@ subprocess so that each peak RSS (``ru_maxrss``, whole process, model included) 
    parquet in a temporary folder), then the bare forward again; ``forward_seconds`` is the mean
    of the two bare passes, measured in the same process as the trace so that the ratio holds on
    a busy machine. Then :func:`~tl_superposition.tracing.validate_edges` on the trace
-   (``edges_validated_frac``; ``--max-instances`` records per edge).
+   (``edges_validated_frac``; ``--max-instances`` records of each of ``--max-edges`` edges
+   drawn at random).
 2. ``--n-prompts-large`` prompts (default 4096; 0 skips it): the trace only, for
    ``peak_rss_mb_4096`` (the key names the size asked for).
 
@@ -97,7 +98,13 @@ def child(args: argparse.Namespace) -> dict:
             )
             if args.max_instances > 0:
                 t0 = time.perf_counter()
-                val = validate_edges(model, res, max_instances=args.max_instances, progress=False)
+                val = validate_edges(
+                    model,
+                    res,
+                    max_instances=args.max_instances,
+                    max_edges=args.max_edges,
+                    progress=False,
+                )
                 out.update(
                     edges_validated_frac=round(val.summary["frac_edges_validated"], 3),
                     n_edges_intervened=val.summary["n_edges_intervened"],
@@ -115,6 +122,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--edge-rule", default="paper", choices=["paper", "positive"])
     parser.add_argument("--max-instances", type=int, default=4, help="0 skips the validation")
+    parser.add_argument("--max-edges", type=int, default=200, help="edges validated (a sample)")
     parser.add_argument(
         "--tokenizer",
         default=str(GPT2_TOKENIZER),

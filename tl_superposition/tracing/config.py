@@ -28,7 +28,9 @@ class TraceConfig:
         edge_rule: ``"paper"`` (the authors' rule: net sum, ties kept, firings from layer 1)
             or ``"positive"`` (the largest positive writes, firings from layer 0). Both rank
             attention heads only; MLP and embedding writes are reported beside them
-            (``writers.csv`` and the firings' ``*_from_*`` columns).
+            (``writers.csv`` and the firings' ``*_from_*`` columns). The default is
+            ``"paper"``: on SmolLM2 (256 IOI prompts) more of its edges pass the
+            intervention test (85% against 78.5%) with larger effects (docs/methods.md).
         augmented_bias: add to every head's value the bias-coordinate term
             ``g~[-1] / ln1.hook_scale`` before the rule, as the authors' code does (their
             head output is augmented with a constant 1).
@@ -48,7 +50,7 @@ class TraceConfig:
     pattern_thresh: float = 0.5
     thresh: float = 1.0
     edge_thresh: float = 0.7
-    edge_rule: str = "positive"
+    edge_rule: str = "paper"
     augmented_bias: bool = False
     batch_size: int = 32
     exclude_first: bool = True
