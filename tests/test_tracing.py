@@ -358,6 +358,8 @@ def test_plots_leave_the_matplotlib_backend_alone(tmp_path):
         (["--thresh", "0"], "--thresh must be > 0"),
         (["--edge-thresh", "-0.7"], "--edge-thresh must be in (0, 1]"),
         (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--validate", "-1"], "--validate must be >= 0"),
+        (["--patching-prompts", "-2"], "--patching-prompts must be >= 0"),
         (["--seeds", "9-6"], "LAYER.HEAD"),
         (["--model", "gtp2"], "Did you mean 'gpt2'"),
         (["--model", "/no/such/folder"], "no model folder"),

@@ -229,13 +229,15 @@ def run(args: argparse.Namespace) -> int:
 
         validation = validate_edges(model, result, max_instances=args.validate)
         result.summary["validation"] = validation.summary
+    patching = None
     if args.patching_prompts:
         from tl_superposition.tracing.patching import compare_with_patching
 
         patching = compare_with_patching(model, result, n_prompts=args.patching_prompts)
         result.summary["patching"] = patching.summary
-        patching.save(out)
     paths = result.save(out, plots=not args.no_plots, validation=validation)
+    if patching is not None:
+        paths.update(patching.save(out))
     print(format_summary(result.summary))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
