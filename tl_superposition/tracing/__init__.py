@@ -41,6 +41,7 @@ from tl_superposition.tracing.ioi_trace import (
     head_logit_attribution,
     trace_ioi,
 )
+from tl_superposition.tracing.patching import PatchingComparison, compare_with_patching
 from tl_superposition.tracing.qk_svd import LayerQK, QKSVDCache
 from tl_superposition.tracing.seeds import FixedSeeds, SeedChooser
 from tl_superposition.tracing.trace import TraceResult, trace
@@ -80,4 +81,6 @@ __all__ = [
     "head_logit_attribution",
     "validate_edges",
     "EdgeValidation",
+    "compare_with_patching",
+    "PatchingComparison",
 ]
