@@ -1,20 +1,25 @@
-"""Benchmark the IOI trace: prompts/s, firings/s and peak memory.
+"""Benchmark the IOI trace: time against one bare forward pass, peak memory, edges validated.
 
-Runs :func:`tl_superposition.tracing.trace_ioi` (logit attribution pass, decomposition of every
-firing, tracing from DLA seeds; no file output) on ``--n-prompts`` IOI prompts for
+For ``--model`` (default the real SmolLM2-135M-Instruct; ``gpt2-small-random`` is GPT-2 small's
+shape with random weights and the real GPT-2 tokenizer) this runs, each size in its own
+subprocess so that each peak RSS (``ru_maxrss``, whole process, model included) is its own:
 
-- ``gpt2-small-random``: GPT-2 small's shape (12 layers, 12 heads, d_model 768) with random
-  weights and the real GPT-2 tokenizer (pretrained GPT-2 cannot be downloaded here), and
-- ``smollm2-135m``: the real SmolLM2-135M-Instruct (RoPE, GQA).
+1. ``--n-prompts`` IOI prompts (default 256): one bare forward pass over the prompts (same
+   batches, logits only), then :func:`tl_superposition.tracing.trace_ioi` (firings streamed to
+   parquet in a temporary folder), then the bare forward again; ``forward_seconds`` is the mean
+   of the two bare passes, measured in the same process as the trace so that the ratio holds on
+   a busy machine. Then :func:`~tl_superposition.tracing.validate_edges` on the trace
+   (``edges_validated_frac``; ``--max-instances`` records of each of ``--max-edges`` edges
+   drawn at random).
+2. ``--n-prompts-large`` prompts (default 4096; 0 skips it): the trace only, for
+   ``peak_rss_mb_4096`` (the key names the size asked for).
 
-Each model runs in its own subprocess so that each peak RSS (``ru_maxrss``, whole process,
-model included) is its own. Model loading is timed apart from the trace. The last line
-printed is one JSON object with the SmolLM2 figures at top level and every run under ``runs``.
+    python benchmarks/bench_trace.py
+    python benchmarks/bench_trace.py --n-prompts 64 --n-prompts-large 256 --edge-rule positive
 
-    python benchmarks/bench_trace.py                       # both models, 256 prompts
-    python benchmarks/bench_trace.py --models smollm2-135m --n-prompts 64
-
-The GPT-2 tokenizer comes from ``tests/data/gpt2-tokenizer`` (``--tokenizer PATH`` for another).
+The last line printed is one JSON object: ``seconds``, ``forward_seconds``,
+``ratio_to_forward``, ``peak_rss_mb``, ``peak_rss_mb_<large>``, ``edges_validated_frac`` and
+the rest of both runs under ``runs``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,83 +50,124 @@ def load(name: str, tokenizer: str):
     return load_model(name)
 
 
-def child(name: str, n_prompts: int, batch_size: int, tokenizer: str) -> dict:
+@torch.inference_mode()
+def bare_forward(model, tokens: torch.Tensor, batch_size: int) -> float:
+    t0 = time.perf_counter()
+    for lo in range(0, len(tokens), batch_size):
+        model(tokens[lo : lo + batch_size])
+    return time.perf_counter() - t0
+
+
+def peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def child(args: argparse.Namespace) -> dict:
     from tl_superposition.ioi import make_ioi_dataset
-    from tl_superposition.tracing import TraceConfig, trace_ioi
+    from tl_superposition.tracing import TraceConfig, trace_ioi, validate_edges
 
     t0 = time.perf_counter()
-    model = load(name, tokenizer)
+    model = load(args.model, args.tokenizer)
     load_s = time.perf_counter() - t0
-    dataset = make_ioi_dataset(model, n_prompts, seed=0)
-    t0 = time.perf_counter()
-    res = trace_ioi(model, dataset, config=TraceConfig(batch_size=batch_size), progress=False)
-    seconds = time.perf_counter() - t0
-    n_firings = int(len(res.firings))
-    return {
-        "model": name,
-        "n_prompts": n_prompts,
-        "seconds": round(seconds, 2),
-        "prompts_per_s": round(n_prompts / seconds, 2),
-        "firings_per_s": round(n_firings / seconds, 1),
-        "n_firings": n_firings,
-        "n_traced_firings": int(res.firings.traced.sum()),
-        "n_edges": int(len(res.edges)),
-        "median_n_components": float(res.firings.n_components.median()) if n_firings else None,
-        "mean_logit_diff": round(float(res.prompts.logit_diff.mean()), 3),
-        "load_seconds": round(load_s, 2),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "threads": torch.get_num_threads(),
-    }
+    dataset = make_ioi_dataset(model, args.child_n, seed=0)
+    config = TraceConfig(batch_size=args.batch_size, edge_rule=args.edge_rule)
+    out: dict = {"model": args.model, "n_prompts": args.child_n, "edge_rule": args.edge_rule}
+    timed = args.child_n == args.n_prompts
+    if timed:
+        bare_forward(model, dataset.tokens[: args.batch_size], args.batch_size)  # warm-up
+        forward = [bare_forward(model, dataset.tokens, args.batch_size)]
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        res = trace_ioi(model, dataset, config=config, progress=False, out_dir=tmp)
+        seconds = time.perf_counter() - t0
+        out.update(
+            seconds=round(seconds, 2),
+            prompts_per_s=round(args.child_n / seconds, 2),
+            n_firings=int(res.result.stats.get("n_firings", len(res.firings))),
+            n_edges=int(len(res.edges)),
+            seeds=res.summary["seeds"],
+            peak_rss_mb=peak_rss_mb(),
+        )
+        if timed:
+            forward.append(bare_forward(model, dataset.tokens, args.batch_size))
+            fwd = sum(forward) / len(forward)
+            out.update(
+                forward_seconds=round(fwd, 2),
+                forward_seconds_each=[round(f, 2) for f in forward],
+                ratio_to_forward=round(seconds / fwd, 2),
+            )
+            if args.max_instances > 0:
+                t0 = time.perf_counter()
+                val = validate_edges(
+                    model,
+                    res,
+                    max_instances=args.max_instances,
+                    max_edges=args.max_edges,
+                    progress=False,
+                )
+                out.update(
+                    edges_validated_frac=round(val.summary["frac_edges_validated"], 3),
+                    n_edges_intervened=val.summary["n_edges_intervened"],
+                    validate_seconds=round(time.perf_counter() - t0, 2),
+                )
+    out.update(load_seconds=round(load_s, 2), threads=torch.get_num_threads())
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="gpt2-small-random,smollm2-135m")
+    parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--n-prompts", type=int, default=256)
+    parser.add_argument("--n-prompts-large", type=int, default=4096)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--edge-rule", default="paper", choices=["paper", "positive"])
+    parser.add_argument("--max-instances", type=int, default=4, help="0 skips the validation")
+    parser.add_argument("--max-edges", type=int, default=200, help="edges validated (a sample)")
     parser.add_argument(
         "--tokenizer",
         default=str(GPT2_TOKENIZER),
         help="GPT-2 tokenizer folder for gpt2-small-random (default: the copy in tests/data)",
     )
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-n", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    wanted = [args.child] if args.child else args.models.split(",")
-    if "gpt2-small-random" in wanted and not Path(args.tokenizer, "vocab.json").exists():
+    if args.model == "gpt2-small-random" and not Path(args.tokenizer, "vocab.json").exists():
         parser.error(f"--tokenizer {args.tokenizer}: no GPT-2 tokenizer (vocab.json) there")
-    if args.child:
-        print(json.dumps(child(args.child, args.n_prompts, args.batch_size, args.tokenizer)))
+    if args.n_prompts < 1 or args.n_prompts_large < 0:
+        parser.error("--n-prompts must be >= 1 and --n-prompts-large >= 0")
+    if args.child_n:
+        print(json.dumps(child(args)))
         return
     runs = []
-    for name in args.models.split(","):
-        out = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--child",
-                name,
-                "--n-prompts",
-                str(args.n_prompts),
-                "--batch-size",
-                str(args.batch_size),
-                "--tokenizer",
-                args.tokenizer,
-            ],
+    for n in [args.n_prompts] + ([args.n_prompts_large] if args.n_prompts_large else []):
+        proc = subprocess.run(
+            [sys.executable, __file__, *sys.argv[1:], "--child-n", str(n)],
             check=True,
             capture_output=True,
             text=True,
         )
-        run = json.loads(out.stdout.strip().splitlines()[-1])
+        run = json.loads(proc.stdout.strip().splitlines()[-1])
         runs.append(run)
-        print(
-            f"{name}: {run['n_prompts']} prompts in {run['seconds']} s "
-            f"({run['prompts_per_s']} prompts/s, {run['firings_per_s']} firings/s, "
-            f"{run['n_firings']} firings), peak RSS {run['peak_rss_mb']} MB, "
-            f"load {run['load_seconds']} s",
-            flush=True,
+        print(f"{n} prompts: {json.dumps(run)}", flush=True)
+    main_run = runs[0]
+    result = {
+        key: main_run.get(key)
+        for key in (
+            "model",
+            "edge_rule",
+            "n_prompts",
+            "seconds",
+            "forward_seconds",
+            "ratio_to_forward",
+            "peak_rss_mb",
+            "edges_validated_frac",
         )
-    main_run = next((r for r in runs if r["model"] == "smollm2-135m"), runs[-1])
-    print(json.dumps({**main_run, "runs": runs}))
+    }
+    if len(runs) > 1:
+        large = runs[1]
+        result[f"peak_rss_mb_{large['n_prompts']}"] = large["peak_rss_mb"]
+        result["rss_ratio"] = round(large["peak_rss_mb"] / main_run["peak_rss_mb"], 3)
+        result[f"seconds_{large['n_prompts']}"] = large["seconds"]
+    print(json.dumps({**result, "runs": runs}))
 
 
 if __name__ == "__main__":

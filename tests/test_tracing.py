@@ -209,7 +209,14 @@ def test_graph_is_non_empty_and_round_trips(model, prompts, tmp_path):
     ):
         assert col in firings.columns
     edges = pd.read_csv(paths["edges.csv"])
-    assert list(edges.columns) == ["upstream", "downstream", "side", "weight", "n_firings"]
+    assert list(edges.columns) == [
+        "upstream",
+        "downstream",
+        "side",
+        "weight",
+        "n_firings",
+        "n_prompts",
+    ]
     assert set(edges.side) <= {"src", "dest"}
     prompts_csv = pd.read_csv(paths["prompts.csv"])
     assert list(prompts_csv.columns[:9]) == [
@@ -301,6 +308,11 @@ def test_node_names_round_trip():
         ("batch_size", 0),
         ("batch_size", 2.5),
         ("exclude_first", "no"),
+        ("edge_rule", "largest"),
+        ("augmented_bias", 1),
+        ("nonfiring_frac", 1.5),
+        ("nonfiring_frac", -0.1),
+        ("seed", -1),
     ],
 )
 def test_trace_config_checks_its_fields(field, value):
@@ -346,6 +358,8 @@ def test_plots_leave_the_matplotlib_backend_alone(tmp_path):
         (["--thresh", "0"], "--thresh must be > 0"),
         (["--edge-thresh", "-0.7"], "--edge-thresh must be in (0, 1]"),
         (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--validate", "-1"], "--validate must be >= 0"),
+        (["--patching-prompts", "-2"], "--patching-prompts must be >= 0"),
         (["--seeds", "9-6"], "LAYER.HEAD"),
         (["--model", "gtp2"], "Did you mean 'gpt2'"),
         (["--model", "/no/such/folder"], "no model folder"),
@@ -370,3 +384,23 @@ def test_cli_rejects_an_unwritable_out_before_loading(tmp_path, capsys, no_model
         assert main(["trace-ioi", "--out", str(out)]) == 2
         assert "--out" in capsys.readouterr().err
     assert a_file.read_text() == "keep me"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_trace_on_the_gpu_matches_the_cpu(tiny_llama, tmp_path):
+    """--device cuda: every tensor follows the model; the trace equals the CPU one."""
+    import copy
+
+    ds = make_ioi_dataset(tiny_llama, 8, seed=0)
+    cfg = TraceConfig(edge_rule="paper")
+    cpu = trace_ioi(tiny_llama, ds, config=cfg, progress=False, out_dir=tmp_path / "cpu")
+    gpu_model = copy.deepcopy(tiny_llama).to("cuda")
+    gpu = trace_ioi(gpu_model, ds, config=cfg, progress=False, out_dir=tmp_path / "gpu")
+    keys = ["prompt_id", "layer", "head", "dest_pos", "src_pos"]
+    assert cpu.firings[keys].equals(gpu.firings[keys])
+    assert torch.allclose(
+        torch.tensor(cpu.firings.score.to_numpy()),
+        torch.tensor(gpu.firings.score.to_numpy()),
+        atol=1e-4,
+    )
+    assert cpu.summary["seeds"] == gpu.summary["seeds"]

@@ -3,15 +3,28 @@
 Data flow, one module per step:
 
 - :mod:`.qk_svd` -- each head's QK bilinear form as an exact thin SVD (per RoPE offset).
-- :mod:`.decompose` -- firings, per-component contributions to each score, sparse sets.
-- :mod:`.trace` -- upstream writes into the selected directions, edges, recursion
-  (:func:`trace` works on any prompts and seeds).
-- :mod:`.graph` -- node names (``A9.6``, ``M3``, ``E``), the firings and edges tables, the
-  networkx graph and the files they are saved to.
-- :mod:`.ioi_trace` -- the IOI job (:func:`trace_ioi`), its outputs and summary.
-- :mod:`.plots` -- circuit graph and component-usage figures.
+- :mod:`.config` -- :class:`TraceConfig`; :mod:`.cache` -- the one forward pass per batch.
+- :mod:`.decompose` -- firings, per-component contributions to each score, sparse sets,
+  signal directions; a sample of non-firings decomposed the same way (step 1).
+- :mod:`.writes` -- upstream writes into a firing's signal directions (step 2).
+- :mod:`.edges` -- the edge rules (the paper's and ours) as pure functions.
+- :mod:`.walk` -- edges by the rule and the walk from seed firings (step 3).
+- :mod:`.seeds` -- seed choosers fed by the same forward pass.
+- :mod:`.trace` -- :func:`trace` runs the steps batch by batch on any prompts and seeds.
+- :mod:`.store` -- the trace's files, streamed to parquet batch by batch.
+- :mod:`.graph` -- node names (``A9.6``, ``M3``, ``E``), aggregated tables, networkx graphs
+  (ours and the paper's shape).
+- :mod:`.ioi_trace` -- the IOI job (:func:`trace_ioi`), DLA seeds, its outputs and summary.
+- :mod:`.interventions` -- batched edits of the residual stream read out at scores and logits.
+- :mod:`.validate` -- every edge ablated, boosted and compared with a random control
+  (:func:`validate_edges`).
+- :mod:`.patching` -- head importance by TransformerLens activation patching, the traced
+  circuit's precision/recall/F1 against it, and faithfulness under mean ablation.
+- :mod:`.plots`, :mod:`.html` -- figures and the self-contained interactive view.
 """
 
+from tl_superposition.tracing.cache import BatchCache, run_batch
+from tl_superposition.tracing.config import TraceConfig
 from tl_superposition.tracing.decompose import (
     LayerFirings,
     find_firings,
@@ -19,23 +32,22 @@ from tl_superposition.tracing.decompose import (
     selected_mask,
     shortest_prefix,
 )
+from tl_superposition.tracing.edges import paper_rule, positive_rule, select_edges
 from tl_superposition.tracing.graph import Node, NodeKind, head_name, parse_heads
 from tl_superposition.tracing.ioi_trace import (
+    DLASeeds,
     IOITrace,
     choose_seeds,
     head_logit_attribution,
     trace_ioi,
 )
+from tl_superposition.tracing.patching import PatchingComparison, compare_with_patching
 from tl_superposition.tracing.qk_svd import LayerQK, QKSVDCache
-from tl_superposition.tracing.trace import (
-    BatchCache,
-    ResidualWriters,
-    TraceConfig,
-    TraceResult,
-    run_batch,
-    trace,
-    upstream_writes,
-)
+from tl_superposition.tracing.seeds import FixedSeeds, SeedChooser
+from tl_superposition.tracing.trace import TraceResult, trace
+from tl_superposition.tracing.validate import EdgeValidation, validate_edges
+from tl_superposition.tracing.walk import walk_upstream
+from tl_superposition.tracing.writes import ResidualWriters, upstream_writes
 
 __all__ = [
     "find_firings",
@@ -45,6 +57,9 @@ __all__ = [
     "LayerFirings",
     "LayerQK",
     "QKSVDCache",
+    "paper_rule",
+    "positive_rule",
+    "select_edges",
     "Node",
     "NodeKind",
     "head_name",
@@ -56,8 +71,16 @@ __all__ = [
     "run_batch",
     "trace",
     "upstream_writes",
+    "walk_upstream",
+    "SeedChooser",
+    "FixedSeeds",
     "trace_ioi",
     "IOITrace",
+    "DLASeeds",
     "choose_seeds",
     "head_logit_attribution",
+    "validate_edges",
+    "EdgeValidation",
+    "compare_with_patching",
+    "PatchingComparison",
 ]

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from tl_superposition.tracing.trace import TraceConfig
+from tl_superposition.tracing.config import TraceConfig
 
 _DEFAULTS = TraceConfig()
 # TraceConfig fields set from the command line (option --pattern-thresh sets pattern_thresh)
-_CONFIG_OPTIONS = ("pattern_thresh", "thresh", "edge_thresh", "batch_size")
+_CONFIG_OPTIONS = ("pattern_thresh", "thresh", "edge_thresh", "edge_rule", "batch_size")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -75,6 +75,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=_DEFAULTS.edge_thresh,
         help="edges make up this fraction of the upstream contribution (default: %(default)s)",
+    )
+    p.add_argument(
+        "--edge-rule",
+        choices=["paper", "positive"],
+        default=_DEFAULTS.edge_rule,
+        help="'paper': the authors' rule (net sum, ties kept, heads only, layers from 1); "
+        "'positive': positive writes only (default: %(default)s)",
+    )
+    p.add_argument(
+        "--validate",
+        type=int,
+        default=0,
+        metavar="N",
+        help="validate every edge by interventions on up to N of its records "
+        "(validation.json; 0: skip, the default)",
+    )
+    p.add_argument(
+        "--patching-prompts",
+        type=int,
+        default=0,
+        metavar="N",
+        help="compare the circuit with activation patching on the first N prompts "
+        "(patching.json; one forward pass per head; 0: skip, the default)",
     )
     p.add_argument(
         "--batch-size",
@@ -158,6 +181,9 @@ def check_arguments(args: argparse.Namespace) -> tuple[TraceConfig, Path]:
 
     if args.n_prompts < 1:
         raise ValueError(f"--n-prompts must be >= 1, got {args.n_prompts}")
+    for option in ("validate", "patching_prompts"):
+        if getattr(args, option, 0) < 0:
+            raise ValueError(f"{_option(option)} must be >= 0, got {getattr(args, option)}")
     config = trace_config(args)
     if args.seeds not in ("dla", "name-movers"):
         parse_heads(args.seeds)  # the syntax now; the range once the model's shape is known
@@ -197,7 +223,21 @@ def run(args: argparse.Namespace) -> int:
         config=config,
     )
     result.summary["model_arg"] = args.model
-    paths = result.save(out, plots=not args.no_plots)
+    validation = None
+    if args.validate:
+        from tl_superposition.tracing.validate import validate_edges
+
+        validation = validate_edges(model, result, max_instances=args.validate)
+        result.summary["validation"] = validation.summary
+    patching = None
+    if args.patching_prompts:
+        from tl_superposition.tracing.patching import compare_with_patching
+
+        patching = compare_with_patching(model, result, n_prompts=args.patching_prompts)
+        result.summary["patching"] = patching.summary
+    paths = result.save(out, plots=not args.no_plots, validation=validation)
+    if patching is not None:
+        paths.update(patching.save(out))
     print(format_summary(result.summary))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

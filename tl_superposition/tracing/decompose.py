@@ -14,13 +14,20 @@ any kind reaching the target.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from tl_superposition.tracing.qk_svd import LayerQK
+from tl_superposition.tracing.qk_svd import LayerQK, QKSVDCache
+
+if TYPE_CHECKING:
+    from tl_superposition.tracing.cache import BatchCache
+    from tl_superposition.tracing.config import TraceConfig
 
 # Relative tolerance (of sum |c_k|) when testing "the cumulative sum reaches the target":
 # float rounding must not make a prefix that reaches the score exactly look one short.
@@ -56,6 +63,54 @@ def find_firings(
         fire &= dest_ok[:, None, :, None]
     b, h, d, s = fire.nonzero(as_tuple=True)
     return b, h, d, s
+
+
+def sample_nonfirings(
+    patterns: Sequence[Float[Tensor, "batch n_heads dest src"]],
+    scores: Sequence[Float[Tensor, "batch n_heads dest src"]],
+    lengths: Int[Tensor, " batch"],
+    prompt_ids: Int[Tensor, " batch"],
+    frac: float,
+    seed: int = 0,
+    pattern_thresh: float = 0.5,
+    exclude_first: bool = True,
+) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """A random share ``frac`` of the places where each layer's heads do *not* fire.
+
+    The candidates are the causal places ``src <= dest < length`` (``src >= 1`` with
+    ``exclude_first``) that are not firings (:func:`find_firings`). Each prompt draws from its
+    own ``torch.Generator``, seeded by ``(seed, prompt id)``, so its sample does not depend on
+    the batches it is traced in.
+
+    Args:
+        patterns, scores: every layer's ``hook_pattern`` and ``hook_attn_scores``.
+        lengths: real length of each prompt.
+        prompt_ids: each prompt's index over the whole trace.
+        frac: share of the candidates kept, in [0, 1].
+        seed: seed of the draws.
+        pattern_thresh, exclude_first: the firing rule.
+
+    Returns:
+        Per layer, ``(batch, head, dest, src)`` indices as :func:`find_firings`.
+    """
+    n_layers = len(patterns)
+    B, H, P, _ = patterns[0].shape
+    draw = torch.ones(B, n_layers, H, P, P)
+    if frac > 0:
+        for i, (pid, n) in enumerate(zip(prompt_ids.tolist(), lengths.tolist())):
+            state = np.random.SeedSequence([seed, pid]).generate_state(2)
+            gen = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+            draw[i, :, :, :n, :n] = torch.rand(n_layers, H, n, n, generator=gen)
+    causal = torch.ones(P, P, dtype=torch.bool).tril()
+    if exclude_first:
+        causal[:, 0] = False
+    out = []
+    for L in range(n_layers):
+        fire = ((patterns[L] >= pattern_thresh) & (scores[L] > 0)).cpu()
+        keep = (draw[:, L] < frac) & causal & ~fire
+        b, h, d, s = keep.nonzero(as_tuple=True)
+        out.append((b, h, d, s))
+    return out
 
 
 def shortest_prefix(
@@ -94,20 +149,64 @@ def selected_mask(order: Int[Tensor, "n m"], count: Int[Tensor, " n"]) -> Bool[T
     return rank < count[:, None]
 
 
+class RowCores:
+    """The core factors ``U_c``, ``V_c`` of each row's (head, offset), applied group by group.
+
+    Rows sharing a (head, offset) share their ``d_head x d_head`` factors, so instead of
+    gathering one pair of matrices per row (64 KiB per firing in float64), rows are sorted by
+    (offset, head) once and every product is one matrix product per group, on contiguous
+    slices.
+
+    Args:
+        qk: the layer's QK decomposition.
+        head, offset: per row (``offset`` is ignored by non-rotary models).
+    """
+
+    def __init__(self, qk: LayerQK, head: Int[Tensor, " n"], offset: Int[Tensor, " n"]):
+        n_heads = qk.q_basis.shape[0]
+        offset = offset.long().cpu() if qk.rotary else torch.zeros(len(head), dtype=torch.long)
+        head = head.long().cpu()
+        top = int(offset.max()) + 1 if len(offset) else 1
+        self.u, s, self.v = qk.extend_to(top)
+        self.s = s[offset.to(s.device), head.to(s.device)]
+        key = offset * n_heads + head
+        self.order = torch.argsort(key, stable=True)
+        keys, counts = torch.unique_consecutive(key[self.order], return_counts=True)
+        self.groups = [divmod(int(k), n_heads) for k in keys.tolist()]
+        self.bounds = [0, *counts.cumsum(0).tolist()]
+
+    def apply(self, x: Float[Tensor, "n d_head"], which: str, transpose: bool = False) -> Tensor:
+        """``x[i] @ M_i`` per row; ``M_i`` is row ``i``'s ``U_c`` (``which="u"``) or ``V_c``.
+
+        With ``transpose``, ``x[i] @ M_i^T`` (that is ``M_i x[i]``).
+        """
+        if not len(x):
+            return x.clone()
+        mats = self.u if which == "u" else self.v
+        dev = mats.device
+        order = self.order.to(dev)
+        xs = x.to(dev)[order]
+        out = torch.empty_like(xs)
+        for (t, h), lo, hi in zip(self.groups, self.bounds[:-1], self.bounds[1:]):
+            m = mats[t, h]
+            torch.mm(xs[lo:hi], m.T if transpose else m, out=out[lo:hi])
+        result = torch.empty_like(out)
+        result[order] = out
+        return result
+
+
 @dataclass
 class Projections:
     """Per-firing projections of the two residual vectors on a head's singular directions.
 
     ``a[:, k] = x~_dest . u_k`` and ``b[:, k] = x~_src . v_k`` (float64); ``s[:, k] = S_k`` in
-    score units. ``u_core``/``v_core`` are the gathered ``d_head x d_head`` core factors, kept
-    for building signal directions.
+    score units. ``cores`` applies each row's core factors (for signal directions).
     """
 
     a: Float[Tensor, "n d_head"]
     b: Float[Tensor, "n d_head"]
     s: Float[Tensor, "n d_head"]
-    u_core: Float[Tensor, "n d_head d_head"]
-    v_core: Float[Tensor, "n d_head d_head"]
+    cores: RowCores
 
     @property
     def contributions(self) -> Float[Tensor, "n d_head"]:
@@ -115,9 +214,26 @@ class Projections:
         return self.s * self.a * self.b
 
 
-def _augment(x: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_model_plus_1"]:
-    x = x.to(torch.float64)
-    return torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+def _on_basis(
+    x: Float[Tensor, "n d_model"],
+    basis: Float[Tensor, "n_heads d_model_plus_1 d_head"],
+    head: Int[Tensor, " n"],
+) -> Float[Tensor, "n d_head"]:
+    """``[x, 1] @ basis[head]`` per row (float64), one matrix product per head."""
+    head = head.to(basis.device)
+    order = torch.argsort(head, stable=True)
+    counts = torch.bincount(head, minlength=basis.shape[0]).tolist()
+    xs = x.to(device=basis.device, dtype=torch.float64)[order]
+    out = xs.new_empty(len(head), basis.shape[2])
+    start = 0
+    for h, c in enumerate(counts):
+        if c:
+            rows = slice(start, start + c)
+            torch.addmm(basis[h, -1], xs[rows], basis[h, :-1], out=out[rows])
+            start += c
+    result = torch.empty_like(out)
+    result[order] = out
+    return result
 
 
 def project(
@@ -135,25 +251,52 @@ def project(
         head: query head of each firing.
         offset: ``dest - src`` (ignored by non-rotary models).
 
-    The loop is over the heads of the layer (the orthonormal bases differ per head), never
-    over firings.
+    The loops are over heads and (head, offset) groups (:class:`RowCores`), never over
+    firings.
     """
-    n = head.shape[0]
-    d_head = qk.q_basis.shape[-1]
-    xd, xs = _augment(x_dest), _augment(x_src)
-    pd = xd.new_empty(n, d_head)
-    ps = xd.new_empty(n, d_head)
-    head = head.cpu()
+    pd = _on_basis(x_dest, qk.q_basis, head)
+    ps = _on_basis(x_src, qk.k_basis, head)
+    cores = RowCores(qk, head, offset)
+    a = cores.apply(pd, "u")
+    b = cores.apply(ps, "v")
+    return Projections(a=a, b=b, s=cores.s.to(a.device), cores=cores)
+
+
+def signal_coordinates(
+    proj: Projections, selected: Bool[Tensor, "n d_head"]
+) -> tuple[Float[Tensor, "n d_head"], Float[Tensor, "n d_head"]]:
+    """The signal directions of each firing in the coordinates of its head's bases.
+
+    Following Franco & Crovella, component ``k`` of the selected set is weighted by
+    ``w_k = sign(x~_dest . u_k) sqrt(S_k)``; the source-side direction is ``sum_k w_k v_k`` and
+    the destination-side direction ``sum_k w_k u_k``. With ``v_k = k_basis V_c[:, k]`` and
+    ``u_k = q_basis U_c[:, k]`` these are ``k_basis t_src`` and ``q_basis t_dest``; this returns
+    ``(t_src, t_dest)`` = ``(V_c w, U_c w)`` (float64). :func:`basis_to_model` maps them to
+    ``d_model``.
+    """
+    selected = selected.to(proj.a.device)
+    w = torch.where(selected, torch.sign(proj.a) * proj.s.sqrt(), torch.zeros_like(proj.a))
+    t_src = proj.cores.apply(w, "v", transpose=True)
+    t_dest = proj.cores.apply(w, "u", transpose=True)
+    return t_src, t_dest
+
+
+def basis_to_model(
+    basis: Float[Tensor, "n_heads d_model_plus_1 d_head"],
+    coords: Float[Tensor, "n d_head"],
+    head: Int[Tensor, " n"],
+) -> Float[Tensor, "n d_model_plus_1"]:
+    """``basis[head[i]] @ coords[i]`` for every row: a direction in the augmented space.
+
+    The last coordinate is the bias coordinate of ``x~ = [x, 1]``; the first ``d_model`` are
+    the direction in the residual stream. The loop is over heads, never over rows.
+    """
+    out = coords.new_empty(len(head), basis.shape[1])
+    head = head.to(coords.device)
     for h in head.unique().tolist():
         rows = head == h
-        pd[rows] = xd[rows] @ qk.q_basis[h]
-        ps[rows] = xs[rows] @ qk.k_basis[h]
-    uniq, inv = torch.unique(offset.cpu(), return_inverse=True)
-    uc, s, vc = qk.cores(uniq)  # [n_offsets, n_heads, ...]
-    uc, s, vc = uc[inv, head], s[inv, head], vc[inv, head]
-    a = torch.einsum("ni,nik->nk", pd, uc)
-    b = torch.einsum("ni,nik->nk", ps, vc)
-    return Projections(a=a, b=b, s=s, u_core=uc, v_core=vc)
+        out[rows] = coords[rows] @ basis[h].T.to(coords.dtype)
+    return out
 
 
 def signal_directions(
@@ -164,35 +307,26 @@ def signal_directions(
 ) -> tuple[Float[Tensor, "n d_model"], Float[Tensor, "n d_model"]]:
     """The source-side and destination-side signal directions of each firing, in d_model.
 
-    Following Franco & Crovella, component ``k`` of the selected set is weighted by
-    ``sign(x~_dest . u_k) sqrt(S_k)``; the source direction is ``sum_k w_k v_k`` and the
-    destination direction ``sum_k w_k u_k`` (dropping the bias coordinate of ``x~``). An
-    upstream write ``y`` at that position carries ``(y . g) / ln1.hook_scale`` of the signal.
+    :func:`signal_coordinates` mapped by each head's key and query bases, dropping the bias
+    coordinate of ``x~``. An upstream write ``y`` at the source (destination) position carries
+    ``(y . g_src) / ln1.hook_scale`` (``g_dest``) of the signal.
 
     Returns:
         ``(g_src, g_dest)``, float64.
     """
-    selected = selected.to(proj.a.device)
-    w = torch.where(selected, torch.sign(proj.a) * proj.s.sqrt(), torch.zeros_like(proj.a))
-    t_src = torch.einsum("nik,nk->ni", proj.v_core, w)
-    t_dest = torch.einsum("nik,nk->ni", proj.u_core, w)
+    t_src, t_dest = signal_coordinates(proj, selected)
     d_model = qk.q_basis.shape[1] - 1
-    g_src = t_src.new_empty(len(head), d_model)
-    g_dest = t_src.new_empty(len(head), d_model)
-    head = head.cpu()
-    for h in head.unique().tolist():
-        rows = head == h
-        g_src[rows] = t_src[rows] @ qk.k_basis[h, :d_model].T
-        g_dest[rows] = t_dest[rows] @ qk.q_basis[h, :d_model].T
+    g_src = basis_to_model(qk.k_basis, t_src, head)[:, :d_model]
+    g_dest = basis_to_model(qk.q_basis, t_dest, head)[:, :d_model]
     return g_src, g_dest
 
 
 @dataclass
 class LayerFirings:
-    """The firings of one layer in one batch, each with its sparse decomposition.
+    """Firings (or any other places) of one layer in one batch, with their decomposition.
 
-    Every tensor has one entry (row) per firing and lives on the CPU; rows are in the order
-    of :func:`find_firings`.
+    Every tensor has one entry (row) per place and lives on the CPU; rows are in the order
+    of :func:`find_firings` (prompt, head, destination, source).
 
     Attributes:
         layer: the layer index.
@@ -205,7 +339,8 @@ class LayerFirings:
         order: ``[n, d_head]`` component indices in the order of selection (see
             :func:`shortest_prefix`).
         count: ``[n]`` size of the sparse set: its components are ``order[i, :count[i]]``.
-        traced: ``[n]`` whether the trace reached the firing (set by the tracing).
+        sig_src, sig_dest: ``[n, d_head]`` float64 signal directions of the sparse set in the
+            coordinates of the head's key and query bases (:func:`signal_coordinates`).
     """
 
     layer: int
@@ -218,10 +353,70 @@ class LayerFirings:
     contributions: Float[Tensor, "n d_head"]
     order: Int[Tensor, "n d_head"]
     count: Int[Tensor, " n"]
-    traced: Bool[Tensor, " n"]
+    sig_src: Float[Tensor, "n d_head"]
+    sig_dest: Float[Tensor, "n d_head"]
 
     def __len__(self) -> int:
         return len(self.prompt)
+
+    def rows(self, sl: slice) -> LayerFirings:
+        """The rows ``sl`` of every field."""
+        fields = {k: v[sl] for k, v in vars(self).items() if isinstance(v, Tensor)}
+        return LayerFirings(layer=self.layer, **fields)
+
+
+def decompose_places(
+    qk: LayerQK,
+    x: Float[Tensor, "batch pos d_model"],
+    pattern: Float[Tensor, "batch n_heads dest src"],
+    scores: Float[Tensor, "batch n_heads dest src"],
+    places: tuple[Int[Tensor, " n"], Int[Tensor, " n"], Int[Tensor, " n"], Int[Tensor, " n"]],
+    thresh: float = 1.0,
+) -> LayerFirings:
+    """Decompose the scores of one layer at ``places = (batch, head, dest, src)``.
+
+    Each score is split into singular-component contributions (:func:`project`), its sparse
+    set is the shortest prefix reaching ``thresh x score`` (:func:`shortest_prefix`), and
+    its signal directions are those of the sparse set (:func:`signal_coordinates`).
+
+    Args:
+        qk: the layer's QK decomposition.
+        x: the layer's ``ln1.hook_normalized``.
+        pattern, scores: the layer's ``hook_pattern`` and ``hook_attn_scores``.
+        places: indices of the places (firings, or a sample of non-firings).
+        thresh: the sparse set reaches ``thresh x score``.
+    """
+    b, h, d, s = (t.cpu() for t in places)
+    dev = x.device
+    score = scores[b.to(dev), h.to(dev), d.to(dev), s.to(dev)].cpu()
+    d_head = qk.q_basis.shape[-1]
+    contrib = torch.empty(len(b), d_head, dtype=torch.float64)
+    sig_src, sig_dest = torch.empty_like(contrib), torch.empty_like(contrib)
+    order = torch.empty(len(b), d_head, dtype=torch.long)
+    count = torch.empty(len(b), dtype=torch.long)
+    for c0 in range(0, len(b), CHUNK):
+        sl = slice(c0, c0 + CHUNK)
+        bd, dd, sd = b[sl].to(dev), d[sl].to(dev), s[sl].to(dev)
+        proj = project(qk, x[bd, dd], x[bd, sd], h[sl], d[sl] - s[sl])
+        c = proj.contributions
+        o, n = shortest_prefix(c, score[sl].to(c) * thresh)
+        t_src, t_dest = signal_coordinates(proj, selected_mask(o, n))
+        contrib[sl], order[sl], count[sl] = c.cpu(), o.cpu(), n.cpu()
+        sig_src[sl], sig_dest[sl] = t_src.cpu(), t_dest.cpu()
+    return LayerFirings(
+        layer=qk.layer,
+        prompt=b,
+        head=h,
+        dest=d,
+        src=s,
+        score=score,
+        pattern=pattern[b.to(dev), h.to(dev), d.to(dev), s.to(dev)].cpu(),
+        contributions=contrib,
+        order=order,
+        count=count,
+        sig_src=sig_src,
+        sig_dest=sig_dest,
+    )
 
 
 def decompose_layer(
@@ -245,28 +440,110 @@ def decompose_layer(
         thresh: the sparse set reaches ``thresh x score`` (:func:`shortest_prefix`).
 
     Returns:
-        :class:`LayerFirings`, none of them traced yet.
+        :class:`LayerFirings` (:func:`decompose_places` at every firing).
     """
-    b, h, d, s = (
-        t.cpu() for t in find_firings(pattern, scores, lengths, pattern_thresh, exclude_first)
+    places = find_firings(pattern, scores, lengths, pattern_thresh, exclude_first)
+    return decompose_places(qk, x, pattern, scores, places, thresh)
+
+
+@dataclass
+class BatchFirings:
+    """The firings (or sampled non-firings) of one batch, every layer in one set of rows.
+
+    Rows are layer-major, then in the order of
+    :func:`~tl_superposition.tracing.decompose.find_firings`; tensors are on the CPU. The
+    fields are those of :class:`~tl_superposition.tracing.decompose.LayerFirings`, with
+    ``layer`` one entry per row.
+    """
+
+    layer: Int[Tensor, " n"]
+    prompt: Int[Tensor, " n"]
+    head: Int[Tensor, " n"]
+    dest: Int[Tensor, " n"]
+    src: Int[Tensor, " n"]
+    score: Float[Tensor, " n"]
+    pattern: Float[Tensor, " n"]
+    contributions: Float[Tensor, "n d_head"]
+    order: Int[Tensor, "n d_head"]
+    count: Int[Tensor, " n"]
+    sig_src: Float[Tensor, "n d_head"]
+    sig_dest: Float[Tensor, "n d_head"]
+
+    def __len__(self) -> int:
+        return len(self.prompt)
+
+    @classmethod
+    def concat(cls, layers: Sequence[LayerFirings], d_head: int) -> BatchFirings:
+        """The rows of ``layers`` (one :class:`LayerFirings` per layer), in order."""
+        if not layers:
+            ints, floats = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
+            mat = torch.zeros(0, d_head, dtype=torch.float64)
+            return cls(ints, ints, ints, ints, ints, floats, floats, mat, ints[:, None], ints,
+                       mat, mat)  # fmt: skip
+        cat = lambda key: torch.cat([getattr(fl, key) for fl in layers])  # noqa: E731
+        return cls(
+            layer=torch.cat([torch.full((len(fl),), fl.layer) for fl in layers]),
+            **{
+                k: cat(k)
+                for k in (
+                    "prompt",
+                    "head",
+                    "dest",
+                    "src",
+                    "score",
+                    "pattern",
+                    "contributions",
+                    "order",
+                    "count",
+                    "sig_src",
+                    "sig_dest",
+                )
+            },
+        )
+
+
+def decompose_batch(
+    qk: QKSVDCache,
+    cache: BatchCache,
+    lengths: Int[Tensor, " batch"],
+    cfg: TraceConfig,
+    prompt_ids: Int[Tensor, " batch"] | None = None,
+) -> tuple[BatchFirings, BatchFirings]:
+    """Step 1: find and decompose the firings of every layer, and a sample of non-firings.
+
+    Firings: :func:`~tl_superposition.tracing.decompose.find_firings`; non-firings: a share
+    ``cfg.nonfiring_frac`` of the other places
+    (:func:`~tl_superposition.tracing.decompose.sample_nonfirings`, drawn per prompt from
+    ``prompt_ids``, default ``0 .. batch - 1``). Both are decomposed in one call per layer
+    (:func:`~tl_superposition.tracing.decompose.decompose_places`).
+
+    Returns:
+        ``(firings, nonfirings)``.
+    """
+    n_layers, B = cache.x.shape[2], cache.x.shape[0]
+    ids = torch.arange(B) if prompt_ids is None else prompt_ids
+    samples = sample_nonfirings(
+        cache.pattern,
+        cache.scores,
+        lengths,
+        ids,
+        cfg.nonfiring_frac,
+        cfg.seed,
+        cfg.pattern_thresh,
+        cfg.exclude_first,
     )
-    score = scores[b, h, d, s].cpu()
-    contrib = torch.empty(len(b), qk.q_basis.shape[-1], dtype=torch.float64)
-    for c0 in range(0, len(b), CHUNK):
-        sl = slice(c0, c0 + CHUNK)
-        proj = project(qk, x[b[sl], d[sl]], x[b[sl], s[sl]], h[sl], d[sl] - s[sl])
-        contrib[sl] = proj.contributions
-    order, count = shortest_prefix(contrib, score.to(torch.float64) * thresh)
-    return LayerFirings(
-        layer=qk.layer,
-        prompt=b,
-        head=h,
-        dest=d,
-        src=s,
-        score=score,
-        pattern=pattern[b, h, d, s].cpu(),
-        contributions=contrib,
-        order=order,
-        count=count,
-        traced=torch.zeros(len(b), dtype=torch.bool),
-    )
+    fire_layers, non_layers = [], []
+    for L in range(n_layers):
+        fire = find_firings(
+            cache.pattern[L], cache.scores[L], lengths, cfg.pattern_thresh, cfg.exclude_first
+        )
+        n_fire = len(fire[0])
+        prompt, head, dest, src = (torch.cat([a.cpu(), b]) for a, b in zip(fire, samples[L]))
+        places = (prompt, head, dest, src)
+        fl = decompose_places(
+            qk[L], cache.x[:, :, L], cache.pattern[L], cache.scores[L], places, cfg.thresh
+        )
+        fire_layers.append(fl.rows(slice(0, n_fire)))
+        non_layers.append(fl.rows(slice(n_fire, None)))
+    d_head = cache.z.shape[-1]
+    return BatchFirings.concat(fire_layers, d_head), BatchFirings.concat(non_layers, d_head)

@@ -15,26 +15,20 @@ query), following Franco & Crovella 2024 (arXiv 2410.00340, Sec. 5).
 
 from __future__ import annotations
 
-import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from enum import IntEnum
-from pathlib import Path
 from typing import Any
 
 import networkx as nx
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
-import torch
 
-from tl_superposition._atomic import atomic_path
-from tl_superposition.tracing.decompose import LayerFirings
-
-EDGE_COLUMNS = ["upstream", "downstream", "side", "weight", "n_firings"]
+EDGE_COLUMNS = ["upstream", "downstream", "side", "weight", "n_firings", "n_prompts"]
+WRITER_COLUMNS = ["upstream", "downstream", "side", "weight", "n_firings"]
 _NODE_RE = re.compile(r"A(\d+)\.(\d+)|M(\d+)|E")
 
 
@@ -141,142 +135,183 @@ def check_heads(heads: Sequence[tuple[int, int]], n_layers: int, n_heads: int) -
         )
 
 
-# --------------------------------------------------------------------------- firings table
+# --------------------------------------------------------------------------- tables
 
 
-def firing_columns(layers: Sequence[LayerFirings], prompt_offset: int = 0) -> dict[str, Any]:
-    """One batch's firings as numpy columns, layer by layer (see :func:`firings_table`).
+def aggregate_edges(records: pd.DataFrame, n_heads: int, partial: bool = False) -> pd.DataFrame:
+    """Edge records aggregated per (upstream head, downstream head, side).
 
     Args:
-        layers: the batch's :class:`~tl_superposition.tracing.decompose.LayerFirings`, in
-            layer order.
-        prompt_offset: index of the batch's first prompt among all prompts.
-    """
-    cat = lambda key: torch.cat([getattr(fl, key) for fl in layers])  # noqa: E731
-    layer = torch.cat([torch.full((len(fl),), fl.layer) for fl in layers])
-    contrib, order, count, score = cat("contributions"), cat("order"), cat("count"), cat("score")
-    keep = torch.arange(order.shape[1])[None, :] < count[:, None]
-    return {
-        "prompt_id": cat("prompt").numpy() + prompt_offset,
-        "layer": layer.numpy(),
-        "head": cat("head").numpy(),
-        "dest_pos": cat("dest").numpy(),
-        "src_pos": cat("src").numpy(),
-        "score": score.numpy(),
-        "pattern": cat("pattern").numpy(),
-        "n_components": count.numpy(),
-        "components": order[keep].numpy(),
-        "contributions": torch.gather(contrib, 1, order)[keep].numpy(),
-        "residual": (score.to(torch.float64) - contrib.sum(1)).numpy(),
-        "traced": cat("traced").numpy(),
-    }
-
-
-def firings_table(parts: Sequence[dict[str, Any]]) -> pa.Table:
-    """Arrow table of the firings of every batch (parts from :func:`firing_columns`).
-
-    Columns: prompt_id, layer, head, dest_pos, src_pos, score, pattern, n_components,
-    components and contributions (list columns, in the order of selection), residual, traced.
-    """
-
-    def cat(key: str, dtype: Any) -> np.ndarray:
-        return (
-            np.concatenate([p[key] for p in parts]).astype(dtype) if parts else np.zeros(0, dtype)
-        )
-
-    counts = cat("n_components", np.int32)
-    offsets = pa.array(np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int32))
-    columns = {
-        "prompt_id": pa.array(cat("prompt_id", np.int64)),
-        "layer": pa.array(cat("layer", np.int32)),
-        "head": pa.array(cat("head", np.int32)),
-        "dest_pos": pa.array(cat("dest_pos", np.int32)),
-        "src_pos": pa.array(cat("src_pos", np.int32)),
-        "score": pa.array(cat("score", np.float32)),
-        "pattern": pa.array(cat("pattern", np.float32)),
-        "n_components": pa.array(counts),
-        "components": pa.ListArray.from_arrays(offsets, pa.array(cat("components", np.int32))),
-        "contributions": pa.ListArray.from_arrays(
-            offsets, pa.array(cat("contributions", np.float64))
-        ),
-        "residual": pa.array(cat("residual", np.float64)),
-        "traced": pa.array(cat("traced", bool)),
-    }
-    return pa.table(columns)
-
-
-# --------------------------------------------------------------------------- edges table
-
-
-@dataclass
-class EdgeRecords:
-    """Selected edges, one row per (traced firing, side, upstream component).
-
-    All arrays have one entry per row. ``up_kind`` holds :class:`NodeKind` values;
-    ``up_layer`` / ``up_head`` are -1 where the kind has none. ``weight`` is the upstream
-    write into the firing's selected directions (float64, score units).
-    """
-
-    prompt_id: np.ndarray
-    down_layer: np.ndarray
-    down_head: np.ndarray
-    up_kind: np.ndarray
-    up_layer: np.ndarray
-    up_head: np.ndarray
-    side: np.ndarray
-    weight: np.ndarray
-
-    @classmethod
-    def concat(cls, parts: Sequence[EdgeRecords]) -> EdgeRecords:
-        """All rows of ``parts``, in order."""
-        if not parts:
-            ints = np.zeros(0, dtype=np.int64)
-            return cls(ints, ints, ints, ints, ints, ints, np.zeros(0, dtype="<U4"), np.zeros(0))
-        columns = [f.name for f in fields(cls)]
-        return cls(**{c: np.concatenate([getattr(p, c) for p in parts]) for c in columns})
-
-
-def edges_table(records: EdgeRecords) -> pd.DataFrame:
-    """Aggregate edge records over firings.
+        records: edge records (``edge_records.parquet`` columns prompt_id, layer, head, side,
+            up_layer, up_head, weight), or with ``partial=False`` also earlier results of
+            ``partial=True`` (columns up_layer, up_head, down_layer, down_head, side, weight,
+            n_firings, n_prompts), whose sums are added up.
+        n_heads: heads per layer (unused by the sums; kept for callers naming nodes).
+        partial: return the raw sums (to be combined later) instead of the final table.
 
     Returns:
-        One row per (upstream, downstream, side): ``weight`` is the summed write over the firings
-        where the edge was selected, ``n_firings`` their number; sorted by ``n_firings`` then
-        ``weight``, descending.
+        With ``partial=False``, the columns :data:`EDGE_COLUMNS`: ``weight`` is the summed
+        write over the firings where the edge was selected, ``n_firings`` their number,
+        ``n_prompts`` the number of prompts with at least one. Sorted by ``n_firings`` then
+        ``weight`` (descending), then by name, so the order is total.
     """
-    if len(records.weight) == 0:
-        return pd.DataFrame(columns=EDGE_COLUMNS)
-    raw = pd.DataFrame(
-        {
-            "up_kind": records.up_kind.astype(int),
-            "up_layer": records.up_layer.astype(int),
-            "up_head": records.up_head.astype(int),
-            "down_layer": records.down_layer.astype(int),
-            "down_head": records.down_head.astype(int),
-            "side": records.side,
-            "weight": records.weight,
-        }
+    del n_heads
+    keys = ["up_layer", "up_head", "down_layer", "down_head", "side"]
+    if "n_firings" not in records.columns:
+        records = records.rename(columns={"layer": "down_layer", "head": "down_head"})
+        grouped = records.groupby(keys, sort=True)
+        out = pd.DataFrame(
+            grouped.agg(
+                weight=("weight", "sum"),
+                n_firings=("weight", "size"),
+                n_prompts=("prompt_id", "nunique"),
+            )
+        ).reset_index()
+    else:
+        sums = records.groupby(keys, sort=True)[["weight", "n_firings", "n_prompts"]].sum()
+        out = pd.DataFrame(sums).reset_index()
+    if partial:
+        return out
+    out["upstream"] = [head_name(L, h) for L, h in zip(out.up_layer, out.up_head)]
+    out["downstream"] = [head_name(L, h) for L, h in zip(out.down_layer, out.down_head)]
+    out = out.sort_values(
+        ["n_firings", "weight", "upstream", "downstream", "side"],
+        ascending=[False, False, True, True, True],
+        kind="mergesort",
+        ignore_index=True,
     )
-    keys = ["up_kind", "up_layer", "up_head", "down_layer", "down_head", "side"]
-    out = (
-        raw.groupby(keys, sort=False)
-        .agg(weight=("weight", "sum"), n_firings=("weight", "size"))
-        .reset_index()
-    )
-    out["upstream"] = [
-        Node(NodeKind(k), int(layer), int(h)).name
-        for k, layer, h in zip(out.up_kind, out.up_layer, out.up_head)
-    ]
-    out["downstream"] = [head_name(layer, h) for layer, h in zip(out.down_layer, out.down_head)]
-    out = out.sort_values(["n_firings", "weight"], ascending=False, ignore_index=True)
     return pd.DataFrame(out[EDGE_COLUMNS])
 
 
-# --------------------------------------------------------------------------- graph
+def aggregate_writers(parts: pd.DataFrame) -> pd.DataFrame:
+    """MLP and embedding writes into traced firings, per (writer, downstream head, side).
+
+    Args:
+        parts: rows of summed writes per (down_layer, down_head, side) with ``n_firings``
+            and one column per writer (``M0`` ... and ``E``).
+
+    Returns:
+        The columns :data:`WRITER_COLUMNS`: ``weight`` is the summed write (score units)
+        over the ``n_firings`` traced firings of the downstream head; only MLPs below the
+        downstream layer appear. Sorted like :func:`aggregate_edges`.
+    """
+    if parts.empty:
+        return pd.DataFrame(columns=WRITER_COLUMNS)
+    keys = ["down_layer", "down_head", "side"]
+    sums = pd.DataFrame(parts.groupby(keys, sort=True).sum()).reset_index()
+    writers = [c for c in sums.columns if c not in (*keys, "n_firings")]
+    long = sums.melt(id_vars=[*keys, "n_firings"], value_vars=writers, var_name="upstream")
+    up_layer = long.upstream.map(lambda name: Node.parse(name).layer)
+    long = pd.DataFrame(long[(long.upstream == "E") | (up_layer < long.down_layer)])
+    long.columns = [("weight" if c == "value" else c) for c in long.columns]
+    long["downstream"] = [head_name(L, h) for L, h in zip(long.down_layer, long.down_head)]
+    long = long.sort_values(
+        ["n_firings", "weight", "upstream", "downstream", "side"],
+        ascending=[False, False, True, True, True],
+        kind="mergesort",
+        ignore_index=True,
+    )
+    return pd.DataFrame(long[WRITER_COLUMNS])
+
+
+def _median_from_histogram(hist: np.ndarray) -> float:
+    n = int(hist.sum())
+    if n == 0:
+        return float("nan")
+    cum = np.cumsum(hist)
+    lo = int(np.searchsorted(cum, (n - 1) // 2 + 1))
+    hi = int(np.searchsorted(cum, n // 2 + 1))
+    return (lo + hi) / 2
+
+
+class HeadStats:
+    """Per-head counts accumulated over the batches of a trace (for ``heads.csv``).
+
+    Args:
+        n_layers, n_heads, d_head: the model's shape.
+    """
+
+    def __init__(self, n_layers: int, n_heads: int, d_head: int):
+        shape = (n_layers, n_heads)
+        self.n_firings = np.zeros(shape, dtype=np.int64)
+        self.n_at_roles = np.zeros(shape, dtype=np.int64)
+        self.n_traced = np.zeros(shape, dtype=np.int64)
+        self.n_nonfirings = np.zeros(shape, dtype=np.int64)
+        self.hist = np.zeros((*shape, d_head + 1), dtype=np.int64)
+        self.hist_non = np.zeros((*shape, d_head + 1), dtype=np.int64)
+        self.role_pairs: Counter[tuple[int, int, str]] = Counter()
+        self.max_abs_residual = 0.0
+
+    def add_firings(self, table: pa.Table) -> None:
+        """Count one batch of firings (needs layer, head, n_components, traced, residual)."""
+        layer = table.column("layer").to_numpy()
+        head = table.column("head").to_numpy()
+        comps = table.column("n_components").to_numpy()
+        np.add.at(self.n_firings, (layer, head), 1)
+        np.add.at(self.n_traced, (layer, head), table.column("traced").to_numpy().astype(int))
+        np.add.at(self.hist, (layer, head, comps), 1)
+        if len(table):
+            res = np.abs(table.column("residual").to_numpy()).max()
+            self.max_abs_residual = max(self.max_abs_residual, float(res))
+        if "dest_role" in table.column_names:
+            dest = table.column("dest_role").to_numpy(zero_copy_only=False)
+            src = table.column("src_role").to_numpy(zero_copy_only=False)
+            named = (dest != "") & (src != "")
+            np.add.at(self.n_at_roles, (layer[named], head[named]), 1)
+            pairs = zip(layer[named].tolist(), head[named].tolist(), dest[named], src[named])
+            self.role_pairs.update((L, h, f"{d}->{s}") for L, h, d, s in pairs)
+
+    def add_nonfirings(self, table: pa.Table) -> None:
+        """Count the sampled non-firings (needs layer, head, n_components)."""
+        layer = table.column("layer").to_numpy()
+        head = table.column("head").to_numpy()
+        np.add.at(self.n_nonfirings, (layer, head), 1)
+        np.add.at(self.hist_non, (layer, head, table.column("n_components").to_numpy()), 1)
+
+    def median_components(self) -> float:
+        """The median number of components over every firing."""
+        return _median_from_histogram(self.hist.sum((0, 1)))
+
+    def table(self) -> pd.DataFrame:
+        """One row per head.
+
+        Columns: node (``A9.6``), layer, head, n_firings (all firings), n_firings_at_roles
+        (destination and source both at a named role), n_traced, median_components,
+        top_role_pair (the most frequent ``dest_role->src_role``, e.g. ``END->IO``) and its
+        firings, n_nonfirings (sampled) and their median_components_nonfirings.
+        """
+        n_layers, n_heads = self.n_firings.shape
+        top: dict[tuple[int, int], tuple[str, int]] = {}
+        for (L, h, pair), n in sorted(self.role_pairs.items()):
+            if n > top.get((L, h), ("", 0))[1]:
+                top[(L, h)] = (pair, n)
+        rows = []
+        for L in range(n_layers):
+            for h in range(n_heads):
+                pair, n_pair = top.get((L, h), ("", 0))
+                rows.append(
+                    {
+                        "node": head_name(L, h),
+                        "layer": L,
+                        "head": h,
+                        "n_firings": int(self.n_firings[L, h]),
+                        "n_firings_at_roles": int(self.n_at_roles[L, h]),
+                        "n_traced": int(self.n_traced[L, h]),
+                        "median_components": _median_from_histogram(self.hist[L, h]),
+                        "top_role_pair": pair,
+                        "top_role_pair_firings": n_pair,
+                        "n_nonfirings": int(self.n_nonfirings[L, h]),
+                        "median_components_nonfirings": _median_from_histogram(self.hist_non[L, h]),
+                    }
+                )
+        return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- graphs
 
 
 def build_graph(
-    firings: pd.DataFrame,
+    heads: pd.DataFrame,
     edges: pd.DataFrame,
     seeds: Sequence[tuple[int, int]],
     min_firings: int = 1,
@@ -284,55 +319,109 @@ def build_graph(
     """The communication graph of a trace: one edge per (upstream, downstream, side).
 
     Args:
-        firings: the firings table (needs layer, head, traced).
-        edges: the edges table (:func:`edges_table`).
+        heads: the per-head table (``heads.csv``; needs node, n_firings, n_traced).
+        edges: the edges table (:func:`aggregate_edges`).
         seeds: the seed heads, always nodes.
         min_firings: keep edges selected in at least this many firings.
 
     Returns:
-        A ``networkx.MultiDiGraph``. Node attributes: ``kind`` (attn/mlp/embed), ``layer`` (-1
-        for E), ``head`` (-1 if none), ``n_traced_firings``. Edge attributes: ``side``,
-        ``weight``, ``n_firings``; edge keys are the side, so ``G[u][v]["src"]`` works.
+        A ``networkx.MultiDiGraph``. Node attributes: ``kind`` (attn), ``layer``, ``head``,
+        ``n_firings``, ``n_traced_firings``. Edge attributes: ``side``, ``weight``,
+        ``n_firings``, ``n_prompts``; edge keys are the side, so ``G[u][v]["src"]`` works.
     """
     g = nx.MultiDiGraph()
     kept = edges.loc[edges.n_firings >= min_firings]
-    traced = firings.loc[firings.traced]
-    counts = Counter(zip(traced.layer.tolist(), traced["head"].tolist()))
+    info = heads.set_index("node") if len(heads) else pd.DataFrame()
     names = set(kept.upstream) | set(kept.downstream) | {head_name(L, h) for L, h in seeds}
     for name in sorted(names):
         node = Node.parse(name)
-        n_traced = counts[(node.layer, node.head)] if node.kind == NodeKind.ATTN else 0
+        row = info.loc[name] if name in info.index else None
         g.add_node(
             name,
             kind=node.kind.label,
             layer=node.layer,
             head=node.head,
-            n_traced_firings=int(n_traced),
+            n_firings=int(row.n_firings) if row is not None else 0,
+            n_traced_firings=int(row.n_traced) if row is not None else 0,
         )
-    for up, down, side, weight, n in zip(
-        kept.upstream, kept.downstream, kept.side, kept.weight, kept.n_firings
+    for up, down, side, weight, n, n_p in zip(
+        kept.upstream, kept.downstream, kept.side, kept.weight, kept.n_firings, kept.n_prompts
     ):
-        g.add_edge(up, down, key=side, side=side, weight=float(weight), n_firings=int(n))
+        g.add_edge(
+            up,
+            down,
+            key=side,
+            side=side,
+            weight=float(weight),
+            n_firings=int(n),
+            n_prompts=int(n_p),
+        )
     return g
 
 
-def save_trace(
-    out_dir: str | os.PathLike, firings: pd.DataFrame, edges: pd.DataFrame, graph: nx.MultiDiGraph
-) -> dict[str, Path]:
-    """Write ``firings.parquet``, ``edges.csv`` and ``graph.graphml`` into ``out_dir``.
+def paper_graph(
+    edge_records: pd.DataFrame, firings: pd.DataFrame, first_layer: int = 1
+) -> nx.DiGraph:
+    """The trace as a graph in Franco & Crovella's shape (``full_tracing_build_graph.py``).
 
-    Each file is written atomically (a crash leaves the old file or none, never half of one).
+    Nodes: each head (``A9.6``) and each (head, token role) it is written to (``A9.6@END``;
+    without roles, ``A9.6@pos7``). An edge runs from the upstream head to the downstream
+    head at the role of the position written (the source's role on the source side, the
+    destination's on the destination side), and from every role node to its head. Edges of
+    unnamed positions are dropped, as the authors drop unlabelled tokens.
 
-    Returns:
-        ``{file name: path}``.
+    Edge weight: per prompt, the mean write of the edge's records in that prompt (one value
+    per prompt: duplicates within a prompt are merged; the authors keep the first one
+    reached), then the mean over the prompts where it occurs (``n_prompts``), in score units.
+    ``side`` is ``src``, ``dest`` or ``src+dest``. Role-to-head edges have weight 0 and
+    ``side="role"``. Node attribute ``n_firings``: the head's firings over all prompts in
+    layers ``>= first_layer`` (all of them, traced or not).
+
+    Args:
+        edge_records: ``edge_records.parquet``.
+        firings: ``firings.parquet`` (needs layer, head).
+        first_layer: firings counted from this layer.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {name: out / name for name in ("firings.parquet", "edges.csv", "graph.graphml")}
-    with atomic_path(paths["firings.parquet"]) as tmp:
-        pq.write_table(pa.Table.from_pandas(firings, preserve_index=False), tmp)
-    with atomic_path(paths["edges.csv"]) as tmp:
-        edges.to_csv(tmp, index=False)
-    with atomic_path(paths["graph.graphml"]) as tmp:
-        nx.write_graphml(graph, tmp)
-    return paths
+    g = nx.DiGraph()
+    rec = edge_records
+    if "pos_role" in rec.columns:
+        role = rec.pos_role.fillna("").astype(str)
+    else:
+        role = "pos" + rec.pos.astype(str)
+    rec = rec.assign(role=role)[role != ""]
+    counts = firings.loc[firings.layer >= first_layer].groupby(["layer", "head"]).size()
+    n_firings = {head_name(L, h): int(n) for (L, h), n in counts.items()}
+    if rec.empty:
+        return g
+    rec = rec.assign(
+        up=[head_name(L, h) for L, h in zip(rec.up_layer, rec.up_head)],
+        down=[head_name(L, h) for L, h in zip(rec.layer, rec["head"])],
+    )
+    per_prompt = rec.groupby(["up", "down", "role", "prompt_id"], sort=True).agg(
+        weight=("weight", "mean"), side=("side", lambda s: "+".join(sorted(set(s), reverse=True)))
+    )
+    per_edge = per_prompt.groupby(["up", "down", "role"], sort=True).agg(
+        weight=("weight", "mean"),
+        n_prompts=("weight", "size"),
+        side=(
+            "side",
+            lambda s: "+".join(sorted({x for v in s for x in v.split("+")}, reverse=True)),
+        ),
+    )
+    for name in sorted(set(per_edge.index.get_level_values(0)) | set(rec.down)):
+        node = Node.parse(name)
+        g.add_node(
+            name, kind="head", layer=node.layer, head=node.head, n_firings=n_firings.get(name, 0)
+        )
+    for (up, down, role_name), row in per_edge.iterrows():  # type: ignore[misc]
+        target = f"{down}@{role_name}"
+        if target not in g:
+            node = Node.parse(down)
+            g.add_node(
+                target, kind="role", layer=node.layer, head=node.head, n_firings=0, role=role_name
+            )
+            g.add_edge(target, down, weight=0.0, n_prompts=0, side="role")
+        g.add_edge(
+            up, target, weight=float(row.weight), n_prompts=int(row.n_prompts), side=row.side
+        )
+    return g

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import networkx as nx
 import numpy as np
@@ -27,11 +27,52 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from tl_superposition._atomic import atomic_path, write_json_atomic
-from tl_superposition.ioi import IOIDataset, logit_diff_from_logits
-from tl_superposition.tracing.graph import check_heads, head_name, parse_heads, save_trace
-from tl_superposition.tracing.trace import TraceConfig, TraceResult, trace
+from tl_superposition.ioi import IOIDataset
+from tl_superposition.tracing.cache import BatchCache
+from tl_superposition.tracing.config import TraceConfig
+from tl_superposition.tracing.graph import check_heads, head_name, parse_heads
+from tl_superposition.tracing.seeds import SeedChooser
+from tl_superposition.tracing.trace import TraceResult, trace
 
 GPT2_NAME_MOVERS: list[tuple[int, int]] = [(9, 6), (9, 9), (10, 0)]
+
+
+@torch.inference_mode()
+def logit_attribution(
+    model: HookedTransformer,
+    z_end: Float[Tensor, "batch n_layers n_heads d_head"],
+    resid_end: Float[Tensor, "batch d_model"],
+    io_tokens: Tensor,
+    s_tokens: Tensor,
+) -> tuple[Float[Tensor, " batch"], Float[Tensor, "batch n_layers n_heads"]]:
+    """Logit difference and each head's direct logit attribution to it, at one position.
+
+    Args:
+        model: the model.
+        z_end: every head's ``hook_z`` at END.
+        resid_end: the residual stream after the last block at END.
+        io_tokens, s_tokens: per prompt, the IO and S token ids.
+
+    Returns:
+        ``(logit_diff, dla)`` on the CPU: ``logit(IO) - logit(S)`` from ``ln_final`` and the
+        unembedding applied at END only, and ``(z W_O) . (W_U[:, IO] - W_U[:, S]) /
+        ln_final.hook_scale`` per head (direction centred for LayerNorm models), in logits.
+    """
+    dev = resid_end.device
+    io, s = io_tokens.to(dev), s_tokens.to(dev)
+    scales: list[Tensor] = []
+    if model.cfg.normalization_type is not None:
+        with model.hooks(fwd_hooks=[("ln_final.hook_scale", lambda t, **_: scales.append(t))]):
+            normed = model.ln_final(resid_end[:, None, :])[:, 0]
+        scale = scales[0][:, 0, 0]
+    else:
+        normed, scale = resid_end, torch.ones(len(resid_end), device=dev)
+    direction = (model.W_U[:, io] - model.W_U[:, s]).T  # [batch, d_model]
+    ld = (normed * direction).sum(1) + model.b_U[io] - model.b_U[s]
+    if model.cfg.normalization_type in ("LN", "LNPre"):
+        direction = direction - direction.mean(1, keepdim=True)
+    dla = torch.einsum("blhe,lhed,bd->blh", z_end, model.W_O, direction) / scale[:, None, None]
+    return ld.float().cpu(), dla.float().cpu()
 
 
 @torch.inference_mode()
@@ -40,15 +81,15 @@ def head_logit_attribution(
 ) -> tuple[Float[Tensor, " n_prompts"], Float[Tensor, "n_prompts n_layers n_heads"]]:
     """Logit difference and each head's direct logit attribution to it, at END.
 
-    DLA of head ``(L, h)``: ``(z W_O)[END] . (W_U[:, IO] - W_U[:, S]) / ln_final.hook_scale[END]``
-    (direction centred for LayerNorm models), in logits.
+    A forward pass of its own (:func:`trace_ioi` gets the same figures from its trace's
+    pass); see :func:`logit_attribution`.
 
     Returns:
         ``(logit_diff, dla)``.
     """
     device = next(model.parameters()).device
     n_layers = model.cfg.n_layers
-    names = {f"blocks.{L}.attn.hook_z" for L in range(n_layers)} | {"ln_final.hook_scale"}
+    names = {f"blocks.{L}.attn.hook_z" for L in range(n_layers)}
     lds, dlas = [], []
     for lo in tqdm(
         range(0, len(dataset), batch_size),
@@ -57,21 +98,16 @@ def head_logit_attribution(
         disable=not progress,
     ):
         part = dataset[lo : lo + batch_size]
-        logits, cache = model.run_with_cache(
-            part.tokens.to(device), names_filter=lambda n: n in names
+        resid, cache = model.run_with_cache(
+            part.tokens.to(device), names_filter=lambda n: n in names, stop_at_layer=n_layers
         )
-        assert isinstance(logits, Tensor)  # the default return_type, "logits"
-        lds.append(logit_diff_from_logits(logits, part))
         rows = torch.arange(len(part), device=device)
         end = part.end_pos.to(device)
         z = torch.stack([cache[f"blocks.{L}.attn.hook_z"][rows, end] for L in range(n_layers)], 1)
-        direction = model.W_U[:, part.io_tokens.to(device)] - model.W_U[:, part.s_tokens.to(device)]
-        direction = direction.T  # [batch, d_model]
-        if model.cfg.normalization_type in ("LN", "LNPre"):
-            direction = direction - direction.mean(1, keepdim=True)
-        scale = cache["ln_final.hook_scale"][rows, end, 0]
-        dla = torch.einsum("blhe,lhed,bd->blh", z, model.W_O, direction) / scale[:, None, None]
-        dlas.append(dla.float().cpu())
+        resid_end = cast(Tensor, resid)[rows, end]
+        ld, dla = logit_attribution(model, z, resid_end, part.io_tokens, part.s_tokens)
+        lds.append(ld)
+        dlas.append(dla)
     return torch.cat(lds), torch.cat(dlas)
 
 
@@ -144,14 +180,86 @@ def choose_seeds(
     heads = resolve_seeds(seeds, n_seeds, model.cfg.n_layers, model.cfg.n_heads)
     if heads is not None:
         return heads
+    return top_heads(dla, n_seeds)
+
+
+class DLASeeds(SeedChooser):
+    """Seeds of the IOI trace, with the logit difference and DLA of every prompt.
+
+    Observes each batch of the trace's own forward pass (no second pass): at END it takes
+    every head's ``hook_z`` and the final residual stream and computes
+    :func:`logit_attribution`. :meth:`choose` resolves ``seeds`` as :func:`choose_seeds`.
+
+    Args:
+        dataset: the prompts being traced.
+        seeds, n_seeds: as :func:`resolve_seeds` (checked at once).
+        n_layers, n_heads: the model's shape.
+        margin: heads walked beyond ``n_seeds`` while the seeds are not known yet
+            (:meth:`candidates`; default ``n_seeds``).
+
+    Attributes:
+        logit_diff: ``[n_prompts]`` logit(IO) - logit(S) at END (filled as batches pass).
+        dla: ``[n_prompts, n_layers, n_heads]`` direct logit attribution.
+    """
+
+    def __init__(
+        self,
+        dataset: IOIDataset,
+        seeds: str | Iterable[Any] | None,
+        n_seeds: int,
+        n_layers: int,
+        n_heads: int,
+        margin: int | None = None,
+    ):
+        self.fixed = resolve_seeds(seeds, n_seeds, n_layers, n_heads)
+        self.dataset, self.n_seeds = dataset, n_seeds
+        self.margin = min(n_seeds if margin is None else margin, n_layers * n_heads - n_seeds)
+        self.logit_diff = torch.full((len(dataset),), float("nan"))
+        self.dla = torch.full((len(dataset), n_layers, n_heads), float("nan"))
+
+    def observe(self, model: HookedTransformer, cache: BatchCache, lo: int, hi: int) -> None:
+        """Logit difference and DLA of prompts ``lo .. hi - 1`` from the batch's cache."""
+        part = self.dataset[lo:hi]
+        dev = cache.z.device
+        rows, end = torch.arange(hi - lo, device=dev), part.end_pos.to(dev)
+        ld, dla = logit_attribution(
+            model, cache.z[rows, end], cache.resid[rows, end], part.io_tokens, part.s_tokens
+        )
+        self.logit_diff[lo:hi], self.dla[lo:hi] = ld, dla
+
+    def choose(self) -> list[tuple[int, int]]:
+        """The given seeds, or the ``n_seeds`` heads with the largest mean DLA."""
+        if self.fixed is not None:
+            return list(self.fixed)
+        return top_heads(self.dla, self.n_seeds)
+
+    def candidates(self) -> list[tuple[int, int]]:
+        """The given seeds, or the ``n_seeds + margin`` heads with the largest mean DLA over
+        the prompts observed so far (a margin against a late change of the ranking)."""
+        if self.fixed is not None:
+            return list(self.fixed)
+        seen = ~torch.isnan(self.logit_diff)
+        return top_heads(self.dla[seen], self.n_seeds + self.margin)
+
+
+def top_heads(dla: Float[Tensor, "n_prompts n_layers n_heads"], k: int) -> list[tuple[int, int]]:
+    """The ``k`` heads with the largest mean of ``dla`` over prompts, largest first."""
     mean = dla.mean(0)
-    top = torch.topk(mean.flatten(), n_seeds).indices
+    top = torch.topk(mean.flatten(), k).indices
     return [(int(i) // mean.shape[1], int(i) % mean.shape[1]) for i in top]
 
 
 @dataclass
 class IOITrace:
-    """Result of :func:`trace_ioi`: the prompts, the trace, and a summary."""
+    """Result of :func:`trace_ioi`: the prompts, the trace, and a summary.
+
+    Attributes:
+        dataset: the prompts.
+        prompts: one row per prompt (:meth:`IOIDataset.to_dataframe` plus ``logit_diff``).
+        result: the trace (its files and tables).
+        dla: ``[n_prompts, n_layers, n_heads]`` direct logit attribution at END.
+        summary: the figures of ``summary.json``.
+    """
 
     dataset: IOIDataset
     prompts: pd.DataFrame
@@ -169,14 +277,24 @@ class IOITrace:
         """The edges table."""
         return self.result.edges
 
+    @property
+    def heads(self) -> pd.DataFrame:
+        """The per-head table (firing counts, components, firings vs non-firings)."""
+        return self.result.heads
+
     def graph(self, min_firings: int = 1) -> nx.MultiDiGraph:
         """The communication graph (:meth:`TraceResult.graph`)."""
         return self.result.graph(min_firings)
 
-    def save(self, out_dir: str | Path, plots: bool = True) -> dict[str, Path]:
-        """Write prompts.csv, firings.parquet, edges.csv, graph.graphml, summary.json and PNGs.
+    def save(
+        self, out_dir: str | Path, plots: bool = True, validation: Any = None
+    ) -> dict[str, Path]:
+        """Write the trace's files, prompts.csv, paper_graph.graphml, summary.json, figures.
 
-        Every file is written atomically. Returns the paths written.
+        Figures: ``circuit.png``, ``components.png`` and the self-contained ``circuit.html``
+        (:mod:`~tl_superposition.tracing.html`), which shows ``validation`` (a
+        :class:`~tl_superposition.tracing.validate.EdgeValidation`) where given; its tables
+        are written too. Every file is written atomically. Returns the paths written.
         """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -184,36 +302,52 @@ class IOITrace:
         with atomic_path(paths["prompts.csv"]) as tmp:
             self.prompts.to_csv(tmp, index=False)
         graph = self.graph()
-        paths.update(save_trace(out, self.firings, self.edges, graph))
+        paths.update(self.result.save(out))
+        paths["paper_graph.graphml"] = out / "paper_graph.graphml"
+        with atomic_path(paths["paper_graph.graphml"]) as tmp:
+            nx.write_graphml(self.result.paper_graph(), tmp)
+        if validation is not None:
+            paths.update(validation.save(out))
         if plots:
-            paths.update(self._save_plots(out, graph))
+            paths.update(self._save_plots(out, graph, validation))
         paths["summary.json"] = out / "summary.json"
         write_json_atomic(paths["summary.json"], self.summary)
         return paths
 
-    def _save_plots(self, out: Path, graph: nx.MultiDiGraph) -> dict[str, Path]:
+    def _save_plots(self, out: Path, graph: nx.MultiDiGraph, validation: Any) -> dict[str, Path]:
+        from tl_superposition.tracing.html import write_html
         from tl_superposition.tracing.plots import plot_circuit, plot_component_usage
 
-        paths = {name: out / name for name in ("circuit.png", "components.png")}
+        paths = {name: out / name for name in ("circuit.png", "components.png", "circuit.html")}
         seeds = self.summary["seeds"]
+        title = f"IOI signal graph, {self.summary['model']} (seeds {', '.join(seeds)})"
         with atomic_path(paths["circuit.png"], suffix=".png") as tmp:
-            plot_circuit(
-                graph,
-                tmp,
-                seeds=seeds,
-                title=f"IOI signal graph, {self.summary['model']} (seeds {', '.join(seeds)})",
-            )
+            plot_circuit(graph, tmp, seeds=seeds, title=title)
+        usage = pd.read_parquet(
+            self.result.path("firings.parquet"),
+            columns=["layer", "head", "n_components", "components"],
+        )
         with atomic_path(paths["components.png"], suffix=".png") as tmp:
-            plot_component_usage(self.firings, tmp, d_head=self.summary["d_head"])
+            plot_component_usage(usage, tmp, d_head=self.summary["d_head"])
+        with atomic_path(paths["circuit.html"], suffix=".html") as tmp:
+            write_html(
+                tmp,
+                graph,
+                seeds,
+                heads=self.result.heads,
+                usage=usage,
+                d_head=self.summary["d_head"],
+                validation=None if validation is None else validation.edges,
+                title=title,
+            )
         return paths
 
 
-def _roles(dataset: IOIDataset, prompt_id: np.ndarray, pos: np.ndarray) -> np.ndarray:
-    roles = np.full(len(pos), "", dtype=object)
-    for name, where in dataset.positions().items():
-        roles[where.numpy()[prompt_id] == pos] = name
+def ioi_roles(dataset: IOIDataset) -> dict[str, Tensor]:
+    """The named positions of each prompt: IO, S1, S2, END, and BOS when prompts have one."""
+    roles = dict(dataset.positions())
     if dataset.prepend_bos:
-        roles[pos == 0] = "BOS"
+        roles = {"BOS": torch.zeros_like(dataset.end_pos), **roles}
     return roles
 
 
@@ -225,8 +359,12 @@ def trace_ioi(
     seed_src: str = "auto",
     config: TraceConfig | None = None,
     progress: bool = True,
+    out_dir: str | Path | None = None,
 ) -> IOITrace:
-    """Trace the IOI circuit of ``model`` on ``dataset``.
+    """Trace the IOI circuit of ``model`` on ``dataset``, in one forward pass.
+
+    The seeds are chosen from the direct logit attribution computed on the trace's own
+    forward pass (:class:`DLASeeds`), once every batch is decomposed.
 
     Args:
         model: a processed ``HookedTransformer`` (see :func:`tl_superposition.load_model`).
@@ -237,12 +375,14 @@ def trace_ioi(
             in the paper), ``"S2"``, or ``"any"`` (every END firing). ``"auto"``: ``"any"`` for
             DLA seeds (a head can raise logit(IO) - logit(S) by attending to S and
             suppressing it), ``"IO"`` otherwise.
-        config: thresholds (defaults: pattern 0.5, thresh 1.0, edge_thresh 0.7).
+        config: thresholds and edge rule (:class:`TraceConfig`).
         progress: tqdm bars.
+        out_dir: folder the trace's files are streamed to (see
+            :func:`~tl_superposition.tracing.trace.trace`); ``None``: a temporary folder.
 
     Returns:
-        :class:`IOITrace`; its ``firings`` also carry ``dest_role``/``src_role`` (IO, S1, S2,
-        END, BOS or empty).
+        :class:`IOITrace`; its ``firings`` carry ``dest_role``/``src_role`` (IO, S1, S2, END,
+        BOS or empty).
 
     Raises:
         ValueError: bad seeds or ``seed_src`` (:func:`resolve_seeds`,
@@ -250,29 +390,30 @@ def trace_ioi(
         NotImplementedError: an attention variant the decomposition does not cover.
     """
     cfg = config or TraceConfig()
-    resolve_seeds(seeds, n_seeds, model.cfg.n_layers, model.cfg.n_heads)  # fail before any work
+    chooser = DLASeeds(dataset, seeds, n_seeds, model.cfg.n_layers, model.cfg.n_heads)
     seed_src = resolve_seed_src(seed_src, seeds)
     src_positions = {"IO": dataset.io_pos, "S2": dataset.s2_pos, "any": None}
     t0 = time.time()
-    ld, dla = head_logit_attribution(model, dataset, cfg.batch_size, progress)
-    seed_heads = choose_seeds(model, dla, seeds, n_seeds)
     result = trace(
         model,
         dataset.tokens,
-        seed_heads,
+        chooser,
         seed_dest=dataset.end_pos,
         seed_src=src_positions[seed_src],
         lengths=dataset.lengths,
         config=cfg,
         progress=progress,
+        out_dir=out_dir,
+        roles=ioi_roles(dataset),
     )
-    f = result.firings
-    f["dest_role"] = _roles(dataset, f.prompt_id.to_numpy(), f.dest_pos.to_numpy())
-    f["src_role"] = _roles(dataset, f.prompt_id.to_numpy(), f.src_pos.to_numpy())
     prompts = dataset.to_dataframe()
-    prompts["logit_diff"] = ld.numpy()
-    summary = _summary(model, dataset, result, ld, dla, seed_src, time.time() - t0)
-    return IOITrace(dataset=dataset, prompts=prompts, result=result, dla=dla, summary=summary)
+    prompts["logit_diff"] = chooser.logit_diff.numpy()
+    summary = _summary(
+        model, dataset, result, chooser.logit_diff, chooser.dla, seed_src, time.time() - t0
+    )
+    return IOITrace(
+        dataset=dataset, prompts=prompts, result=result, dla=chooser.dla, summary=summary
+    )
 
 
 def _summary(
@@ -285,18 +426,24 @@ def _summary(
     seconds: float,
 ) -> dict[str, Any]:
     """The figures of an IOI trace that ``summary.json`` holds."""
-    f, seed_heads = result.firings, result.seeds
+    seed_heads = result.seeds
+    f = pd.read_parquet(
+        result.path("firings.parquet"),
+        columns=["layer", "head", "src_role"],
+        filters=[("traced", "==", True), ("dest_role", "==", "END")],
+    )
     seed_mask = np.zeros(len(f), dtype=bool)
     for L, h in seed_heads:
         seed_mask |= (f.layer == L).to_numpy() & (f["head"] == h).to_numpy()
-    seed_fire = f[seed_mask & f.traced.to_numpy() & (f.dest_role == "END").to_numpy()]
+    seed_fire = f[seed_mask]
+    stats = result.stats
     return {
         "model": model.cfg.model_name,
         "n_prompts": len(dataset),
         "mean_logit_diff": float(ld.mean()),
         "frac_logit_diff_positive": float((ld > 0).float().mean()),
-        "n_firings": int(len(f)),
-        "median_n_components": float(f.n_components.median()) if len(f) else float("nan"),
+        "n_firings": int(stats["n_firings"]),
+        "median_n_components": float(stats["median_n_components"]),
         "seconds": round(seconds, 2),
         "seeds": [head_name(L, h) for L, h in seed_heads],
         "seed_mean_dla": [float(dla[:, L, h].mean()) for L, h in seed_heads],
@@ -304,11 +451,13 @@ def _summary(
         "n_seed_firings": int(len(seed_fire)),
         "seed_firings_by_src_role": {
             str(k): int(v)
-            for k, v in seed_fire.src_role.replace("", "other").value_counts().items()
+            for k, v in seed_fire.src_role.replace("", "other").value_counts().sort_index().items()
         },
-        "n_traced_firings": int(f.traced.sum()),
-        "n_edges": int(len(result.edges)),
-        "max_abs_residual": float(f.residual.abs().max()) if len(f) else 0.0,
+        "n_traced_firings": int(stats["n_traced_firings"]),
+        "n_edges": int(stats["n_edges"]),
+        "n_edge_records": int(stats["n_edge_records"]),
+        "n_nonfirings": int(stats["n_nonfirings"]),
+        "max_abs_residual": float(stats["max_abs_residual"]),
         "d_head": model.cfg.d_head,
         "config": asdict(result.config),
         "prepend_bos": dataset.prepend_bos,
@@ -337,6 +486,10 @@ def format_summary(summary: dict[str, Any]) -> str:
 __all__ = [
     "trace_ioi",
     "IOITrace",
+    "DLASeeds",
+    "ioi_roles",
+    "top_heads",
+    "logit_attribution",
     "head_logit_attribution",
     "choose_seeds",
     "resolve_seeds",

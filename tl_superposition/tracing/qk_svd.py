@@ -116,13 +116,14 @@ class LayerQK:
     attn_scale: float
     rotary: bool
     _model: HookedTransformer
-    _cores: dict[int, tuple[Tensor, Tensor, Tensor]]
+    # offsets 0 .. len - 1 decomposed so far: U_c, S, V_c stacked along the first axis
+    _cores: tuple[Tensor, Tensor, Tensor] | None = None
 
     def __repr__(self) -> str:
         n_heads, d_aug, d_head = self.q_basis.shape
         return (
             f"LayerQK(layer={self.layer}, n_heads={n_heads}, d_model={d_aug - 1}, "
-            f"d_head={d_head}, rotary={self.rotary}, cached_offsets={len(self._cores)})"
+            f"d_head={d_head}, rotary={self.rotary}, cached_offsets={self.n_cached})"
         )
 
     @classmethod
@@ -141,8 +142,36 @@ class LayerQK:
             attn_scale=float(model.blocks[layer].attn.attn_scale),
             rotary=model.cfg.positional_embedding_type == "rotary",
             _model=model,
-            _cores={},
         )
+
+    @property
+    def n_cached(self) -> int:
+        """How many offsets (``0 .. n_cached - 1``) have been decomposed."""
+        return 0 if self._cores is None else self._cores[1].shape[0]
+
+    def extend_to(self, n: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Decompose the cores of offsets up to ``n - 1`` (those not yet done: one batched SVD).
+
+        Returns:
+            ``(U_c, S, V_c)`` of every decomposed offset, stacked: ``[n_cached, n_heads, ...]``
+            (for non-rotary models, one "offset" 0).
+        """
+        n = 1 if not self.rotary else max(n, 1)
+        if n <= self.n_cached:
+            assert self._cores is not None
+            return self._cores
+        new = torch.arange(self.n_cached, n)
+        if self.rotary:
+            rot = rotary_matrices(self._model, self.layer, new)  # [o, dh, dh]
+            core = self.q_r[None] @ rot[:, None] @ self.k_r.transpose(-1, -2)[None]
+        else:
+            core = (self.q_r @ self.k_r.transpose(-1, -2))[None]
+        u, s, vh = torch.linalg.svd(core / self.attn_scale)
+        parts = (u, s, vh.transpose(-1, -2))
+        if self._cores is not None:
+            parts = tuple(torch.cat([old, p]) for old, p in zip(self._cores, parts))
+        self._cores = (parts[0], parts[1], parts[2])
+        return self._cores
 
     def cores(
         self, offsets: Tensor
@@ -161,19 +190,31 @@ class LayerQK:
             raise ValueError("cores() needs at least one offset")
         if not self.rotary:
             offsets = torch.zeros_like(offsets)
-        wanted = sorted(set(offsets.tolist()) - self._cores.keys())
-        if wanted:
-            w = torch.tensor(wanted)
-            if self.rotary:
-                rot = rotary_matrices(self._model, self.layer, w)  # [o, dh, dh]
-                core = self.q_r[None] @ rot[:, None] @ self.k_r.transpose(-1, -2)[None]
-            else:
-                core = (self.q_r @ self.k_r.transpose(-1, -2))[None]
-            u, s, vh = torch.linalg.svd(core / self.attn_scale)
-            for i, o in enumerate(wanted):
-                self._cores[o] = (u[i], s[i], vh[i].transpose(-1, -2))
-        parts = [self._cores[o] for o in offsets.tolist()]
-        u, s, v = (torch.stack([p[i] for p in parts]) for i in range(3))
+        cores = self.extend_to(int(offsets.max()) + 1)
+        idx = offsets.to(cores[0].device)
+        u, s, v = (t[idx] for t in cores)
+        return u, s, v
+
+    def row_cores(
+        self, offset: Tensor, head: Tensor
+    ) -> tuple[
+        Float[Tensor, "n d_head d_head"],
+        Float[Tensor, "n d_head"],
+        Float[Tensor, "n d_head d_head"],
+    ]:
+        """``(U_c, S, V_c)`` of head ``head[i]`` at offset ``offset[i]``, one per row.
+
+        Shapes ``[n, d_head, d_head]``, ``[n, d_head]``, ``[n, d_head, d_head]``.
+        """
+        if not len(offset):
+            d_head = self.q_r.shape[-1]
+            empty = self.q_r.new_zeros(0, d_head, d_head)
+            return empty, self.q_r.new_zeros(0, d_head), empty
+        offset = offset.long().cpu() if self.rotary else torch.zeros_like(offset.long().cpu())
+        cores = self.extend_to(int(offset.max()) + 1)
+        dev = cores[0].device
+        o, h = offset.to(dev), head.to(dev)
+        u, s, v = (t[o, h] for t in cores)
         return u, s, v
 
     def svd(

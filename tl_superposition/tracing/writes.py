@@ -1,0 +1,266 @@
+"""Step 2: how much each upstream component writes into a firing's signal directions.
+
+Upstream write of component ``j`` at position ``p`` into a firing of layer ``L``:
+``(y_j[p] . g) / ln1.hook_scale_L[p]`` with ``g`` the signal direction of the firing's side
+(:func:`~tl_superposition.tracing.decompose.signal_coordinates`; centred for LayerNorm
+models, since LayerNorm subtracts the mean). Over all components, plus the attention output
+biases, these writes add up to ``x_p . g`` exactly (:func:`upstream_writes`, the float64
+reference; :func:`signal_writes` is the batched float32 version the trace uses).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from tl_superposition.tracing.cache import BatchCache
+from tl_superposition.tracing.decompose import BatchFirings, basis_to_model
+from tl_superposition.tracing.graph import NodeKind
+from tl_superposition.tracing.qk_svd import QKSVDCache
+
+# Prompts whose per-head outputs (``z W_O``, n_layers x n_heads x d_model per position) are
+# formed at once in :func:`signal_writes`: bounds that tensor (about 120 MB for SmolLM2).
+WRITE_PROMPTS = 8
+
+
+@dataclass
+class ResidualWriters:
+    """The weights that write to the residual stream (made once per trace).
+
+    Attributes:
+        W_O: every head's output matrix (float64, for :func:`upstream_writes`).
+        W_O_model: the same, flattened over heads, in the model's dtype and device
+            (for :func:`signal_writes`).
+        b_O_cumsum: row ``L`` is the sum of ``b_O`` over the layers before ``L`` (float64).
+        centred: whether the model normalises with LayerNorm (which subtracts the mean, so
+            signal directions are centred before the writes are measured).
+    """
+
+    W_O: Float[Tensor, "n_layers n_heads d_head d_model"]
+    W_O_model: Float[Tensor, "n_layers_x_n_heads d_head d_model"]
+    b_O_cumsum: Float[Tensor, "n_layers_plus_1 d_model"]
+    centred: bool
+
+    @classmethod
+    def from_model(cls, model: HookedTransformer) -> ResidualWriters:
+        """Copy the writers of ``model``."""
+        b_O = model.b_O.detach().to(torch.float64)
+        return cls(
+            W_O=model.W_O.detach().to(torch.float64),
+            W_O_model=model.W_O.detach().flatten(0, 1),
+            b_O_cumsum=torch.cat([torch.zeros_like(b_O[:1]), b_O.cumsum(0)]),
+            centred=model.cfg.normalization_type in ("LN", "LNPre"),
+        )
+
+
+def upstream_writes(
+    writers: ResidualWriters | HookedTransformer,
+    cache: BatchCache,
+    layer: int,
+    batch: Int[Tensor, " n"],
+    pos: Int[Tensor, " n"],
+    g: Float[Tensor, "n d_model"],
+) -> Float[Tensor, "n n_upstream_plus_1"]:
+    """What each component upstream of ``layer`` writes along ``g`` at ``(batch, pos)``.
+
+    The float64 reference for :func:`signal_writes`. Columns (see :func:`upstream_columns`):
+    every head of layers ``< layer`` (layer-major), every MLP of layers ``< layer``, the
+    embeddings, and last the summed attention output biases ``b_O`` (not a node). Each write
+    is divided by ``blocks.{layer}.ln1.hook_scale`` at that position; for LayerNorm models
+    ``g`` is centred first. The columns sum to ``ln1.hook_normalized . g``.
+
+    Args:
+        writers: :meth:`ResidualWriters.from_model` (or the model, copied on each call).
+        cache: the batch's activations.
+        layer: the downstream layer.
+        batch, pos: prompt (within the batch) and position of each row.
+        g: one direction per row, in ``d_model``.
+
+    Returns:
+        float64 writes, in score units of the downstream firing.
+    """
+    w = writers if isinstance(writers, ResidualWriters) else ResidualWriters.from_model(writers)
+    dev = cache.z.device
+    batch, pos = batch.to(dev), pos.to(dev)
+    g = g.to(device=dev, dtype=torch.float64)
+    if w.centred:
+        g = g - g.mean(1, keepdim=True)
+    # project W_O on g first: [n, L, H, d_head], then dot with z
+    wog = torch.einsum("lhed,nd->nlhe", w.W_O[:layer].to(dev), g)
+    zg = cache.z[batch, pos, :layer].to(torch.float64)  # [n, L, H, d_head]
+    heads = (zg * wog).sum(-1).flatten(1)
+    mlps = torch.einsum("nld,nd->nl", cache.mlp[batch, pos, :layer].to(torch.float64), g)
+    emb = (cache.embed[batch, pos].to(torch.float64) * g).sum(1, keepdim=True)
+    bias = (g @ w.b_O_cumsum[layer].to(dev))[:, None]
+    scale = cache.scale[batch, pos, layer].to(torch.float64)[:, None]
+    return torch.cat([heads, mlps, emb, bias], 1) / scale
+
+
+def upstream_columns(layer: int, n_heads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(kind, layer, head)`` of each column of :func:`upstream_writes` but the bias column.
+
+    ``kind`` holds :class:`~tl_superposition.tracing.graph.NodeKind` values; layer and head
+    are -1 where the component has none.
+    """
+    kinds = [NodeKind.ATTN] * (layer * n_heads) + [NodeKind.MLP] * layer + [NodeKind.EMBED]
+    layers = [up for up in range(layer) for _ in range(n_heads)] + list(range(layer)) + [-1]
+    heads = [h for _ in range(layer) for h in range(n_heads)] + [-1] * layer + [-1]
+    return np.array([int(k) for k in kinds]), np.array(layers), np.array(heads)
+
+
+@dataclass
+class SideWrites:
+    """What the upstream components write into firing sides (score units).
+
+    Rows: the source side of every measured firing (in the order asked for), then the
+    destination side of every measured firing. Writes from components at or above the
+    firing's layer are 0.
+
+    Attributes:
+        heads: ``[2n, n_layers * n_heads]`` per upstream head (layer-major), float32.
+        mlps: ``[2n, n_layers]`` per MLP.
+        embed: ``[2n]`` the embeddings.
+        bias: ``[2n]`` the summed attention output biases of the layers below.
+        bias_coord: ``[2n]`` the bias-coordinate term ``g~[-1] / scale`` the authors add to
+            every head (:attr:`TraceConfig.augmented_bias`).
+    """
+
+    heads: Float[Tensor, "n_sides n_upstream_heads"]
+    mlps: Float[Tensor, "n_sides n_layers"]
+    embed: Float[Tensor, " n_sides"]
+    bias: Float[Tensor, " n_sides"]
+    bias_coord: Float[Tensor, " n_sides"]
+
+
+def side_directions(
+    qk: QKSVDCache, firings: BatchFirings, rows: Int[Tensor, " k"], centred: bool
+) -> Float[Tensor, "two_k d_model_plus_1"]:
+    """The source-side then destination-side signal directions of firings ``rows``, float64.
+
+    In the augmented space: the first ``d_model`` coordinates are the direction in the
+    residual stream (centred for LayerNorm models), the last one the bias coordinate.
+    """
+    k = len(rows)
+    d_aug = qk[0].q_basis.shape[1]
+    dev = qk[0].q_basis.device
+    g = torch.zeros(2 * k, d_aug, dtype=torch.float64, device=dev)
+    layer = firings.layer[rows]
+    for L in layer.unique().tolist():
+        sel = (layer == L).nonzero()[:, 0]
+        r, head = rows[sel], firings.head[rows[sel]]
+        g[sel] = basis_to_model(qk[L].k_basis, firings.sig_src[r].to(dev), head)
+        g[sel + k] = basis_to_model(qk[L].q_basis, firings.sig_dest[r].to(dev), head)
+    if centred:
+        g[:, :-1] -= g[:, :-1].mean(1, keepdim=True)
+    return g
+
+
+@dataclass
+class ChunkWriters:
+    """Every writer's output at every position of prompts ``lo .. lo + n - 1`` of a batch.
+
+    Attributes:
+        lo: the first prompt (within the batch).
+        heads: ``[n, pos, n_layers * n_heads, d_model]`` each head's ``z W_O``.
+        rest: ``[n, pos, n_layers + 1, d_model]`` each MLP's output, then the embeddings.
+    """
+
+    lo: int
+    heads: Tensor
+    rest: Tensor
+
+    @classmethod
+    def build(cls, writers: ResidualWriters, cache: BatchCache, lo: int, hi: int) -> ChunkWriters:
+        """Form the outputs of prompts ``lo .. hi - 1`` (one product per head)."""
+        z = cache.z[lo:hi].flatten(2, 3)  # [b, pos, n_up, d_head]
+        heads = torch.einsum("bpje,jed->bpjd", z, writers.W_O_model)
+        rest = torch.cat([cache.mlp[lo:hi], cache.embed[lo:hi, :, None]], 2)
+        return cls(lo=lo, heads=heads, rest=rest)
+
+    def __contains__(self, prompt: int) -> bool:
+        return self.lo <= prompt < self.lo + self.heads.shape[0]
+
+
+@torch.inference_mode()
+def signal_writes(
+    qk: QKSVDCache,
+    writers: ResidualWriters,
+    cache: BatchCache,
+    firings: BatchFirings,
+    rows: Int[Tensor, " k"] | None = None,
+    chunk: ChunkWriters | None = None,
+) -> SideWrites:
+    """Step 2: the writes of every upstream component into both sides of firings ``rows``.
+
+    The writers' outputs are formed for :data:`WRITE_PROMPTS` prompts at a time
+    (:class:`ChunkWriters`; or ``chunk``, which must hold every prompt of ``rows``), and all
+    the sides that read one position are served by one product with that position's
+    outputs: one ``n_layers n_heads d_head d_model`` product per position and
+    ``n_layers n_heads d_model`` per side. Values agree with :func:`upstream_writes` up to
+    float32 rounding.
+
+    Args:
+        qk, writers, cache: the layer decompositions, the weights, the batch's activations.
+        firings: the batch's firings.
+        rows: the firings whose sides are measured (default: all).
+        chunk: the writers' outputs, when the caller already formed them.
+
+    Returns:
+        :class:`SideWrites` with ``2 * len(rows)`` rows: the source sides, then the
+        destination sides.
+    """
+    rows = torch.arange(len(firings)) if rows is None else rows
+    k, n_layers, n_heads = len(rows), cache.x.shape[2], cache.z.shape[3]
+    dev, dtype = cache.z.device, cache.z.dtype
+    b = torch.cat([firings.prompt[rows], firings.prompt[rows]])
+    pos = torch.cat([firings.src[rows], firings.dest[rows]])
+    layer = torch.cat([firings.layer[rows], firings.layer[rows]])
+    g_aug = side_directions(qk, firings, rows, writers.centred)
+    n_up, P = writers.W_O_model.shape[0], cache.z.shape[1]
+    # sides sorted by (prompt, position): every position's sides are one contiguous slice
+    key = b * P + pos
+    order = torch.argsort(key, stable=True)
+    g = g_aug[:, :-1].to(dtype)[order.to(dev)]
+    keys, counts = torch.unique_consecutive(key[order], return_counts=True)
+    bounds = [0, *counts.cumsum(0).tolist()]
+    heads = torch.zeros(2 * k, n_up, dtype=dtype, device=dev)
+    leaf = torch.empty(2 * k, n_layers + 1, dtype=dtype, device=dev)
+    # heads at or above a side's layer write nothing into it: each position reads only the
+    # outputs of the heads below the highest layer among its sides
+    segment = torch.repeat_interleave(torch.arange(len(keys)), counts)
+    top = torch.zeros(len(keys), dtype=torch.long).scatter_reduce_(
+        0, segment, layer[order].cpu().long(), "amax"
+    )
+    for i, (key_i, top_i) in enumerate(zip(keys.tolist(), top.tolist())):
+        bi, p = divmod(key_i, P)
+        if chunk is None or bi not in chunk:
+            c0 = bi - bi % WRITE_PROMPTS
+            chunk = ChunkWriters.build(writers, cache, c0, min(c0 + WRITE_PROMPTS, len(cache.z)))
+        lo, hi, width = bounds[i], bounds[i + 1], top_i * n_heads
+        heads[lo:hi, :width] = g[lo:hi] @ chunk.heads[bi - chunk.lo, p, :width].T
+        torch.mm(g[lo:hi], chunk.rest[bi - chunk.lo, p].T, out=leaf[lo:hi])
+    # back to the order of the sides, scaled, writers at or above the firing's layer zeroed
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order))
+    inverse = inverse.to(dev)
+    heads, leaf = heads[inverse], leaf[inverse]
+    scale = cache.scale[b.to(dev), pos.to(dev), layer.to(dev)].to(torch.float64)
+    heads /= scale.to(dtype)[:, None]
+    leaf /= scale.to(dtype)[:, None]
+    up_layer = torch.arange(n_up, device=dev) // n_heads
+    heads.masked_fill_(up_layer[None, :] >= layer.to(dev)[:, None], 0)
+    mlp_layer = torch.arange(n_layers + 1, device=dev)
+    leaf[:, :n_layers].masked_fill_(mlp_layer[None, :n_layers] >= layer.to(dev)[:, None], 0)
+    bias = (g_aug[:, :-1] * writers.b_O_cumsum.to(dev)[layer.to(dev)]).sum(1) / scale
+    return SideWrites(
+        heads=heads.float().cpu(),
+        mlps=leaf[:, :n_layers].float().cpu(),
+        embed=leaf[:, -1].float().cpu(),
+        bias=bias.float().cpu(),
+        bias_coord=(g_aug[:, -1] / scale).float().cpu(),
+    )
