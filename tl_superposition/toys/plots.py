@@ -37,44 +37,51 @@ def plot_ablation(table: pd.DataFrame, title: str = "", max_subsets: int = 64) -
     return fig
 
 
-def plot_gate_map(gmap: pd.DataFrame, title: str = "") -> Figure:
-    """Heat map of a :func:`~tl_superposition.gated.gates.gate_map` (tasks x heads)."""
-    fig = Figure(figsize=(0.5 * gmap.shape[1] + 2.5, 0.45 * gmap.shape[0] + 1.4))
+def _task_head_heatmap(
+    frame: pd.DataFrame,
+    *,
+    cmap: str,
+    xlabel: str,
+    colorbar: str,
+    title: str,
+    annotate: bool,
+) -> Figure:
+    """Heat map of a tasks x heads frame with values in [0, 1], optionally written in cells."""
+    fig = Figure(figsize=(0.5 * frame.shape[1] + 2.5, 0.45 * frame.shape[0] + 1.4))
     ax = fig.add_subplot()
-    im = ax.imshow(gmap.to_numpy(), vmin=0, vmax=1, cmap="magma", aspect="auto")
-    ax.set_yticks(range(len(gmap)), gmap.index)
-    ax.set_xticks(range(gmap.shape[1]), gmap.columns)
-    ax.set_xlabel("head")
-    for (i, j), v in np.ndenumerate(gmap.to_numpy()):
-        ax.text(
-            j,
-            i,
-            f"{v:.2f}",
-            ha="center",
-            va="center",
-            fontsize=7,
-            color="black" if v > 0.5 else "white",
-        )
-    fig.colorbar(im, ax=ax, label="mean gate")
+    values = frame.to_numpy()
+    im = ax.imshow(values, vmin=0, vmax=1, cmap=cmap, aspect="auto")
+    ax.set_yticks(range(len(frame)), frame.index)
+    ax.set_xticks(range(frame.shape[1]), frame.columns)
+    ax.set_xlabel(xlabel)
+    if annotate:
+        for (i, j), v in np.ndenumerate(values):
+            color = "black" if v > 0.5 else "white"
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color=color)
+    fig.colorbar(im, ax=ax, label=colorbar)
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def plot_gate_map(gmap: pd.DataFrame, title: str = "") -> Figure:
+    """Heat map of a :func:`~tl_superposition.gated.gates.gate_map` (tasks x heads)."""
+    return _task_head_heatmap(
+        gmap, cmap="magma", xlabel="head", colorbar="mean gate", title=title, annotate=True
+    )
 
 
 def plot_fractions(fractions: pd.DataFrame, title: str = "") -> Figure:
     """Heat map of solely-encoding fractions (tasks x heads) from a solely-encoded report."""
-    fig = Figure(figsize=(0.5 * fractions.shape[1] + 2.5, 0.45 * fractions.shape[0] + 1.4))
-    ax = fig.add_subplot()
-    im = ax.imshow(fractions.to_numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
-    ax.set_yticks(range(len(fractions)), fractions.index)
-    ax.set_xticks(range(fractions.shape[1]), fractions.columns)
-    ax.set_xlabel("head kept (every combination of the others ablated)")
-    fig.colorbar(im, ax=ax, label="fraction still correct")
-    if title:
-        ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    return fig
+    return _task_head_heatmap(
+        fractions,
+        cmap="viridis",
+        xlabel="head kept (every combination of the others ablated)",
+        colorbar="fraction still correct",
+        title=title,
+        annotate=False,
+    )
 
 
 def plot_attention_ranking(ranking: pd.DataFrame, title: str = "") -> Figure:
