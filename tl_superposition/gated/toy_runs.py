@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,54 @@ log = logging.getLogger(__name__)
 #: Dataset seeds: training (the authors' seed 0), the 100k-sample check (the authors' 1), and
 #: the toy model's early-stopping validation.
 TRAIN_SEED, CHECK_SEED, STOP_SEED = 0, 1, 2
+
+
+@dataclass
+class ToyRunOptions:
+    """Settings shared by :func:`run_toy` and :func:`run_cross_layer`.
+
+    Attributes:
+        epochs: gated-block epochs (None: the setting's, the authors' 1000).
+        n_train: training sequences (authors: 100 batches x 1000, seed 0).
+        n_check: sequences of the solely-encoded check (authors: 100,000, seed 1).
+        batch_size: sequences per training step.
+        compile: ``torch.compile`` the block's training step.
+        plots: write PNG figures.
+        progress: tqdm bars.
+        toy_config: training settings of the reference model (None:
+            :meth:`ToySetting.toy_train_config`).
+    """
+
+    epochs: int | None = None
+    n_train: int = 100_000
+    n_check: int = 100_000
+    batch_size: int = 1000
+    compile: bool = False
+    plots: bool = True
+    progress: bool = True
+    toy_config: ToyTrainConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs is not None and self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1 (or None for the setting's), got {self.epochs}")
+        for name in ("n_train", "n_check", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size > self.n_train:
+            raise ValueError(
+                f"batch_size {self.batch_size} exceeds n_train {self.n_train}: lower it"
+            )
+
+    def train_config(self, setting: ToySetting) -> GatedTrainConfig:
+        """The block's training settings: the setting's alpha and lr, these epochs."""
+        return GatedTrainConfig(
+            alpha=setting.alpha,
+            lr=setting.lr,
+            epochs=self.epochs or setting.epochs,
+            compile=self.compile,
+            log_every=500,
+            checkpoint_every=1000,
+        )
 
 
 def _min(col: Any) -> float:
@@ -133,15 +182,7 @@ def run_toy(
     setting: ToySetting,
     seed: int,
     out: str | os.PathLike,
-    *,
-    epochs: int | None = None,
-    n_train: int = 100_000,
-    n_check: int = 100_000,
-    batch_size: int = 1000,
-    compile: bool = False,
-    plots: bool = True,
-    progress: bool = True,
-    toy_config: ToyTrainConfig | None = None,
+    options: ToyRunOptions | None = None,
 ) -> dict[str, Any]:
     """One toy setting and seed, end to end; returns (and writes) its summary row.
 
@@ -149,14 +190,7 @@ def run_toy(
         setting: a one-layer :class:`~tl_superposition.toys.settings.ToySetting`.
         seed: seed of the toy model's and the block's initialisation.
         out: root folder; the run writes to ``out/<setting.slug>/seed<seed>``.
-        epochs: gated-block epochs (default the setting's: the authors' 1000).
-        n_train: training sequences (authors: 100 batches x 1000, seed 0).
-        n_check: sequences of the solely-encoded check (authors: 100,000, seed 1).
-        batch_size: sequences per step.
-        compile: ``torch.compile`` the block's training step.
-        plots: write PNG figures.
-        toy_config: training settings of the reference model (default:
-            :meth:`ToySetting.toy_train_config`).
+        options: epochs, data sizes, figures (:class:`ToyRunOptions`; defaults if None).
 
     Returns:
         The summary row (see :func:`reproduction_table`).
@@ -166,19 +200,21 @@ def run_toy(
     """
     if setting.n_layers != 1:
         raise ValueError(f"{setting.name} has {setting.n_layers} layers: use run_cross_layer")
+    opts = options or ToyRunOptions()
+    plots = opts.plots
     run_dir = Path(out) / setting.slug / f"seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    epochs = epochs or setting.epochs
+    cfg = opts.train_config(setting)
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         row = json.loads(summary_path.read_text())
-        done = row.get("gated_epochs") == epochs and "removed_authors_check" in row
+        done = row.get("gated_epochs") == cfg.epochs and "removed_authors_check" in row
         if done or setting.task == "ov_coherent":
             return row
 
-    train = setting.dataset(n_train, TRAIN_SEED)
-    val = setting.dataset(n_check, CHECK_SEED)
-    model = reference_model(setting, seed, run_dir, train, toy_config, progress)
+    train = setting.dataset(opts.n_train, TRAIN_SEED)
+    val = setting.dataset(opts.n_check, CHECK_SEED)
+    model = reference_model(setting, seed, run_dir, train, opts.toy_config, opts.progress)
     ref, ref_table = _check_files(model, val, {}, run_dir, "toy", plots)
     row: dict[str, Any] = {
         "setting": setting.name,
@@ -196,17 +232,9 @@ def run_toy(
         return row
 
     x, y = layer_activations(model, train.tokens, 0, "hook_resid_pre")
-    source = TensorBatches(x, y, batch_size)
+    source = TensorBatches(x, y, opts.batch_size)
     block = GatedAttentionBlock.from_layer(model, 0, setting.expansion_factor, seed=seed)
-    cfg = GatedTrainConfig(
-        alpha=setting.alpha,
-        lr=setting.lr,
-        epochs=epochs,
-        compile=compile,
-        log_every=500,
-        checkpoint_every=1000,
-    )
-    result = train_gated_block(block, source, cfg, run_dir / "gated", progress=progress)
+    result = train_gated_block(block, source, cfg, run_dir / "gated", progress=opts.progress)
     block.save(run_dir / "gated" / "block")
     _write_csv(result.history, run_dir / "gated_history.csv")
     report, table = _check_files(model, val, {0: block}, run_dir, "gated", plots)
@@ -223,7 +251,7 @@ def run_toy(
     row.update(
         {
             "gated_heads": block.cfg.n_heads,
-            "gated_epochs": epochs,
+            "gated_epochs": cfg.epochs,
             "gated_steps": result.steps,
             "final_mse": float(last["mse"]),
             "final_penalty": float(last["penalty"]),
@@ -331,8 +359,7 @@ def _train_variant(
     train: ToyDataset,
     cfg: GatedTrainConfig,
     folder: Path,
-    batch_size: int,
-    progress: bool,
+    opts: ToyRunOptions,
 ) -> dict[int, GatedAttentionBlock]:
     from tl_superposition.gated.cross_layer import CrossLayerGatedBlocks, cross_layer_source
 
@@ -340,18 +367,13 @@ def _train_variant(
     if variant == "within-layer":
         for layer, block in blocks.items():
             x, y = layer_activations(model, train.tokens, layer, "hook_resid_pre")
-            train_gated_block(
-                block,
-                TensorBatches(x, y, batch_size),
-                cfg,
-                folder / f"layer{layer}",
-                progress=progress,
-            )
+            source = TensorBatches(x, y, opts.batch_size)
+            train_gated_block(block, source, cfg, folder / f"layer{layer}", progress=opts.progress)
     else:
         penalty = "joint" if variant.endswith("cross-layer penalty") else "per_layer"
         unit = CrossLayerGatedBlocks(model, blocks, penalty)
-        source = cross_layer_source(model, train.tokens, sorted(blocks), batch_size)
-        train_gated_block(unit, source, cfg, folder, progress=progress)
+        source = cross_layer_source(model, train.tokens, sorted(blocks), opts.batch_size)
+        train_gated_block(unit, source, cfg, folder, progress=opts.progress)
     for layer, block in blocks.items():
         block.save(folder / f"block{layer}")
     return blocks
@@ -361,15 +383,7 @@ def run_cross_layer(
     setting: ToySetting,
     seed: int,
     out: str | os.PathLike,
-    *,
-    epochs: int | None = None,
-    n_train: int = 100_000,
-    n_check: int = 100_000,
-    batch_size: int = 1000,
-    compile: bool = False,
-    plots: bool = True,
-    progress: bool = True,
-    toy_config: ToyTrainConfig | None = None,
+    options: ToyRunOptions | None = None,
 ) -> dict[str, Any]:
     """The two-layer setting: within-layer blocks versus blocks trained with a cross-layer penalty.
 
@@ -383,18 +397,19 @@ def run_cross_layer(
         The summary row: the reference's map and, per variant, accuracy, map, heads used and
         whether every trigram is solely encoded.
     """
+    opts = options or ToyRunOptions()
     run_dir = Path(out) / setting.slug / f"seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    epochs = epochs or setting.epochs
+    cfg = opts.train_config(setting)
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         row = json.loads(summary_path.read_text())
-        if row.get("gated_epochs") == epochs:
+        if row.get("gated_epochs") == cfg.epochs:
             return row
-    train = setting.dataset(n_train, TRAIN_SEED)
-    val = setting.dataset(n_check, CHECK_SEED)
-    model = reference_model(setting, seed, run_dir, train, toy_config, progress)
-    ref, _ = _check_files(model, val, {}, run_dir, "toy", plots)
+    train = setting.dataset(opts.n_train, TRAIN_SEED)
+    val = setting.dataset(opts.n_check, CHECK_SEED)
+    model = reference_model(setting, seed, run_dir, train, opts.toy_config, opts.progress)
+    ref, _ = _check_files(model, val, {}, run_dir, "toy", opts.plots)
     row: dict[str, Any] = {
         "setting": setting.name,
         "seed": seed,
@@ -402,24 +417,14 @@ def run_cross_layer(
         "toy_accuracy": _min(ref.table["accuracy"]),
         "toy_map": ref.task_to_head(),
         "toy_superposition": not ref.removed,
-        "gated_epochs": epochs,
+        "gated_epochs": cfg.epochs,
         "variants": {},
     }
-    cfg = GatedTrainConfig(
-        alpha=setting.alpha,
-        lr=setting.lr,
-        epochs=epochs,
-        compile=compile,
-        log_every=500,
-        checkpoint_every=1000,
-    )
     for variant in CROSS_LAYER_VARIANTS:
         folder = run_dir / variant.replace(", ", "_").replace(" ", "-")
         folder.mkdir(exist_ok=True)
-        blocks = _train_variant(
-            variant, model, setting, seed, train, cfg, folder, batch_size, progress
-        )
-        report, _ = _check_files(model, val, blocks, folder, "gated", plots)
+        blocks = _train_variant(variant, model, setting, seed, train, cfg, folder, opts)
+        report, _ = _check_files(model, val, blocks, folder, "gated", opts.plots)
         row["variants"][variant] = {
             "accuracy": _min(report.table["accuracy"]),
             "map": report.task_to_head(),

@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     """Run every (setting, seed), seeds in the outer loop; print and write the tables."""
     from tl_superposition._atomic import write_text_atomic
     from tl_superposition.gated.toy_runs import (
+        ToyRunOptions,
         cross_layer_table,
         load_rows,
         markdown_table,
@@ -93,15 +94,15 @@ def run(args: argparse.Namespace) -> int:
     names, seeds = _parse(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    common = {
-        "epochs": args.epochs,
-        "n_train": args.n_train,
-        "n_check": args.n_check,
-        "batch_size": args.batch_size,
-        "compile": args.compile,
-        "plots": not args.no_plots,
-        "progress": not args.no_progress,
-    }
+    common = ToyRunOptions(
+        epochs=args.epochs,
+        n_train=args.n_train,
+        n_check=args.n_check,
+        batch_size=args.batch_size,
+        compile=args.compile,
+        plots=not args.no_plots,
+        progress=not args.no_progress,
+    )
     for seed in seeds:
         for name in names:
             setting = SETTINGS[name]
@@ -111,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
                 min_epochs=min(20, args.toy_max_epochs),
             )
             runner = run_cross_layer if setting.n_layers > 1 else run_toy
-            row = runner(setting, seed, out, toy_config=toy_config, **common)
+            row = runner(setting, seed, out, replace(common, toy_config=toy_config))
             print(json.dumps(row))
     rows = load_rows(out)
     one_layer = [r for r in rows if "variants" not in r]

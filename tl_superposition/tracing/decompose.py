@@ -15,7 +15,7 @@ any kind reaching the target.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -322,14 +322,13 @@ def signal_directions(
 
 
 @dataclass
-class LayerFirings:
-    """Firings (or any other places) of one layer in one batch, with their decomposition.
+class FiringRows:
+    """Places (firings, or sampled non-firings) with their decomposition, one row each.
 
-    Every tensor has one entry (row) per place and lives on the CPU; rows are in the order
-    of :func:`find_firings` (prompt, head, destination, source).
+    The fields shared by :class:`LayerFirings` (one layer) and :class:`BatchFirings` (every
+    layer of a batch). Every tensor lives on the CPU.
 
     Attributes:
-        layer: the layer index.
         prompt, head, dest, src: ``[n]`` prompt (within the batch), query head, destination
             and source positions.
         score: ``[n]`` the ``hook_attn_scores`` value (model dtype).
@@ -343,7 +342,6 @@ class LayerFirings:
             coordinates of the head's key and query bases (:func:`signal_coordinates`).
     """
 
-    layer: int
     prompt: Int[Tensor, " n"]
     head: Int[Tensor, " n"]
     dest: Int[Tensor, " n"]
@@ -359,10 +357,29 @@ class LayerFirings:
     def __len__(self) -> int:
         return len(self.prompt)
 
+    @staticmethod
+    def row_fields() -> list[str]:
+        """Names of the per-row tensor fields (every field but ``layer``)."""
+        return [f.name for f in fields(FiringRows)]
+
+
+@dataclass
+class LayerFirings(FiringRows):
+    """Firings (or any other places) of one layer in one batch (:class:`FiringRows`).
+
+    Rows are in the order of :func:`find_firings` (prompt, head, destination, source).
+
+    Attributes:
+        layer: the layer index.
+    """
+
+    layer: int
+
     def rows(self, sl: slice) -> LayerFirings:
         """The rows ``sl`` of every field."""
-        fields = {k: v[sl] for k, v in vars(self).items() if isinstance(v, Tensor)}
-        return LayerFirings(layer=self.layer, **fields)
+        return LayerFirings(
+            layer=self.layer, **{k: getattr(self, k)[sl] for k in self.row_fields()}
+        )
 
 
 def decompose_places(
@@ -447,30 +464,14 @@ def decompose_layer(
 
 
 @dataclass
-class BatchFirings:
+class BatchFirings(FiringRows):
     """The firings (or sampled non-firings) of one batch, every layer in one set of rows.
 
-    Rows are layer-major, then in the order of
-    :func:`~tl_superposition.tracing.decompose.find_firings`; tensors are on the CPU. The
-    fields are those of :class:`~tl_superposition.tracing.decompose.LayerFirings`, with
-    ``layer`` one entry per row.
+    Rows are layer-major, then in the order of :func:`find_firings`; the fields are those
+    of :class:`FiringRows` and ``layer``, one entry per row.
     """
 
     layer: Int[Tensor, " n"]
-    prompt: Int[Tensor, " n"]
-    head: Int[Tensor, " n"]
-    dest: Int[Tensor, " n"]
-    src: Int[Tensor, " n"]
-    score: Float[Tensor, " n"]
-    pattern: Float[Tensor, " n"]
-    contributions: Float[Tensor, "n d_head"]
-    order: Int[Tensor, "n d_head"]
-    count: Int[Tensor, " n"]
-    sig_src: Float[Tensor, "n d_head"]
-    sig_dest: Float[Tensor, "n d_head"]
-
-    def __len__(self) -> int:
-        return len(self.prompt)
 
     @classmethod
     def concat(cls, layers: Sequence[LayerFirings], d_head: int) -> BatchFirings:
@@ -478,27 +479,14 @@ class BatchFirings:
         if not layers:
             ints, floats = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
             mat = torch.zeros(0, d_head, dtype=torch.float64)
-            return cls(ints, ints, ints, ints, ints, floats, floats, mat, ints[:, None], ints,
-                       mat, mat)  # fmt: skip
-        cat = lambda key: torch.cat([getattr(fl, key) for fl in layers])  # noqa: E731
+            empty = {k: ints for k in cls.row_fields()}
+            empty |= {k: floats for k in ("score", "pattern")}
+            empty |= {k: mat for k in ("contributions", "sig_src", "sig_dest")}
+            empty["order"] = ints[:, None].expand(0, d_head)
+            return cls(layer=ints, **empty)
         return cls(
             layer=torch.cat([torch.full((len(fl),), fl.layer) for fl in layers]),
-            **{
-                k: cat(k)
-                for k in (
-                    "prompt",
-                    "head",
-                    "dest",
-                    "src",
-                    "score",
-                    "pattern",
-                    "contributions",
-                    "order",
-                    "count",
-                    "sig_src",
-                    "sig_dest",
-                )
-            },
+            **{k: torch.cat([getattr(fl, k) for fl in layers]) for k in cls.row_fields()},
         )
 
 
