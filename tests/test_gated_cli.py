@@ -11,7 +11,18 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from tl_superposition.cli import main
 from tl_superposition.gated.block import GatedAttentionBlock
-from tl_superposition.gated.toy_runs import CROSS_LAYER_VARIANTS
+from tl_superposition.gated.toy_runs import CROSS_LAYER_VARIANTS, ToyRunOptions
+from tl_superposition.toys.settings import SETTINGS
+
+
+def test_toy_run_options_check_sizes_and_give_the_authors_settings():
+    with pytest.raises(ValueError, match="batch_size 2000 exceeds n_train 1000"):
+        ToyRunOptions(n_train=1000, batch_size=2000)
+    with pytest.raises(ValueError, match="epochs must be >= 1"):
+        ToyRunOptions(epochs=0)
+    cfg = ToyRunOptions().train_config(SETTINGS["4H/5ST"])
+    assert (cfg.alpha, cfg.lr, cfg.epochs) == (0.3, 1e-3, 1000)
+    assert ToyRunOptions(epochs=7).train_config(SETTINGS["2H/3ST"]).epochs == 7
 
 
 def test_toy_command_writes_and_resumes(tmp_path, capsys):
