@@ -178,6 +178,16 @@ def _authors_check(
     return report
 
 
+def _data_and_reference(
+    setting: ToySetting, seed: int, run_dir: Path, opts: ToyRunOptions
+) -> tuple[ToyDataset, ToyDataset, Any]:
+    """The training and check datasets and the reference toy model of one run."""
+    train = setting.dataset(opts.n_train, TRAIN_SEED)
+    val = setting.dataset(opts.n_check, CHECK_SEED)
+    model = reference_model(setting, seed, run_dir, train, opts.toy_config, opts.progress)
+    return train, val, model
+
+
 def run_toy(
     setting: ToySetting,
     seed: int,
@@ -201,7 +211,6 @@ def run_toy(
     if setting.n_layers != 1:
         raise ValueError(f"{setting.name} has {setting.n_layers} layers: use run_cross_layer")
     opts = options or ToyRunOptions()
-    plots = opts.plots
     run_dir = Path(out) / setting.slug / f"seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = opts.train_config(setting)
@@ -212,10 +221,8 @@ def run_toy(
         if done or setting.task == "ov_coherent":
             return row
 
-    train = setting.dataset(opts.n_train, TRAIN_SEED)
-    val = setting.dataset(opts.n_check, CHECK_SEED)
-    model = reference_model(setting, seed, run_dir, train, opts.toy_config, opts.progress)
-    ref, ref_table = _check_files(model, val, {}, run_dir, "toy", plots)
+    train, val, model = _data_and_reference(setting, seed, run_dir, opts)
+    ref, ref_table = _check_files(model, val, {}, run_dir, "toy", opts.plots)
     row: dict[str, Any] = {
         "setting": setting.name,
         "seed": seed,
@@ -237,11 +244,11 @@ def run_toy(
     result = train_gated_block(block, source, cfg, run_dir / "gated", progress=opts.progress)
     block.save(run_dir / "gated" / "block")
     _write_csv(result.history, run_dir / "gated_history.csv")
-    report, table = _check_files(model, val, {0: block}, run_dir, "gated", plots)
+    report, table = _check_files(model, val, {0: block}, run_dir, "gated", opts.plots)
     authors = _authors_check(model, val, {0: block}, run_dir / "gated_check_authors.csv")
     gmap = gate_map(model, {0: block}, val.subset(slice(0, 20_000)))  # memory: 20k sequences
     _write_csv(gmap, run_dir / "gate_map.csv", index=True)
-    if plots:
+    if opts.plots:
         from tl_superposition.toys.plots import plot_gate_map
 
         plot_gate_map(gmap, title=f"{setting.name} seed {seed}: mean gate at (B, A)").savefig(
@@ -406,9 +413,7 @@ def run_cross_layer(
         row = json.loads(summary_path.read_text())
         if row.get("gated_epochs") == cfg.epochs:
             return row
-    train = setting.dataset(opts.n_train, TRAIN_SEED)
-    val = setting.dataset(opts.n_check, CHECK_SEED)
-    model = reference_model(setting, seed, run_dir, train, opts.toy_config, opts.progress)
+    train, val, model = _data_and_reference(setting, seed, run_dir, opts)
     ref, _ = _check_files(model, val, {}, run_dir, "toy", opts.plots)
     row: dict[str, Any] = {
         "setting": setting.name,
