@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from conftest import data_path
+from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tl_superposition.cli import main
@@ -67,6 +68,19 @@ def test_toy_command_writes_and_resumes(tmp_path, capsys):
     assert main(args) == 0  # everything on disk: nothing is recomputed
     assert (run / "summary.json").stat().st_mtime_ns == before
     assert "2H/3ST" in capsys.readouterr().out
+
+    # another block seed over the same reference toy model: the model is reused, not retrained
+    assert main([*args[:3], "--seeds", "1", "--toy-seed", "0", *args[5:]]) == 0
+    other = out / "2H-3ST" / "seed1-toy0"
+    assert not (other / "toy_history.csv").exists()
+    toy = [load_file(d / "toy" / "toy_weights.safetensors") for d in (run, other)]
+    assert toy[0].keys() == toy[1].keys()
+    assert all(torch.equal(toy[0][k], toy[1][k]) for k in toy[0])
+    blocks = [GatedAttentionBlock.load(d / "gated" / "block") for d in (run, other)]
+    assert not torch.equal(blocks[0].W_Q, blocks[1].W_Q)
+    row = json.loads((other / "summary.json").read_text())
+    assert (row["seed"], row["toy_seed"]) == (1, 0)
+    assert "| 2H/3ST | 1 | 0 |" in (out / "tables.md").read_text()
 
 
 def test_toy_command_two_layers_creates_nested_folders(tmp_path):

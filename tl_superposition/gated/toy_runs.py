@@ -2,7 +2,8 @@
 
 One run (:func:`run_toy`) writes everything into ``out/<setting>/seed<k>/`` and can be
 interrupted at any point: the reference model, the block's training checkpoints and every
-table are files, and a rerun picks up where it stopped.
+table are files, and a rerun picks up where it stopped. A run whose reference toy model comes
+from another seed (``ToyRunOptions.toy_seed``) writes to ``out/<setting>/seed<k>-toy<t>/``.
 
 ``out/<setting>/seed<k>/``::
 
@@ -72,6 +73,8 @@ class ToyRunOptions:
         progress: tqdm bars.
         toy_config: training settings of the reference model (None:
             :meth:`ToySetting.toy_train_config`).
+        toy_seed: seed of the reference toy model (None: the run's seed). Fixing it varies
+            only the block's initialisation across seeds, over one reference model.
     """
 
     epochs: int | None = None
@@ -82,6 +85,7 @@ class ToyRunOptions:
     plots: bool = True
     progress: bool = True
     toy_config: ToyTrainConfig | None = None
+    toy_seed: int | None = None
 
     def __post_init__(self) -> None:
         if self.epochs is not None and self.epochs < 1:
@@ -105,6 +109,15 @@ class ToyRunOptions:
             checkpoint_every=1000,
         )
 
+    def reference_seed(self, seed: int) -> int:
+        """The reference toy model's seed in a run of block seed ``seed``."""
+        return seed if self.toy_seed is None else self.toy_seed
+
+    def run_dir(self, out: str | os.PathLike, setting: ToySetting, seed: int) -> Path:
+        """``out/<setting>/seed<seed>``, or ``.../seed<seed>-toy<t>`` for another toy seed."""
+        t = self.reference_seed(seed)
+        return Path(out) / setting.slug / (f"seed{seed}" if t == seed else f"seed{seed}-toy{t}")
+
 
 def _min(col: Any) -> float:
     return float(pd.Series(col).to_numpy().min())
@@ -123,11 +136,20 @@ def reference_model(
     toy_config: ToyTrainConfig | None = None,
     progress: bool = True,
 ) -> Any:
-    """The setting's reference toy model: hand-built, loaded from ``run_dir/toy``, or trained."""
+    """The setting's reference toy model: hand-built, loaded, or trained.
+
+    Loaded from ``run_dir/toy``, else copied from the run of block seed ``seed`` beside it
+    (``../seed<seed>/toy``: training is deterministic for a seed, so it is the same model),
+    else trained from ``seed`` and saved to ``run_dir/toy``.
+    """
     if setting.constructed:
         return overlap_copy_model()
-    if (run_dir / "toy" / "toy_config.json").is_file():
-        return load_toy_model(run_dir / "toy")
+    for folder in (run_dir / "toy", run_dir.parent / f"seed{seed}" / "toy"):
+        if (folder / "toy_config.json").is_file():
+            model = load_toy_model(folder)
+            if folder != run_dir / "toy":
+                save_toy_model(model, run_dir / "toy")
+            return model.eval()
     model = make_toy_model(setting.n_heads, train.d_vocab, setting.n_layers, seed=seed)
     stop = setting.dataset(20_000, STOP_SEED)
     cfg = toy_config or setting.toy_train_config()
@@ -184,7 +206,8 @@ def _data_and_reference(
     """The training and check datasets and the reference toy model of one run."""
     train = setting.dataset(opts.n_train, TRAIN_SEED)
     val = setting.dataset(opts.n_check, CHECK_SEED)
-    model = reference_model(setting, seed, run_dir, train, opts.toy_config, opts.progress)
+    toy_seed = opts.reference_seed(seed)
+    model = reference_model(setting, toy_seed, run_dir, train, opts.toy_config, opts.progress)
     return train, val, model
 
 
@@ -198,8 +221,10 @@ def run_toy(
 
     Args:
         setting: a one-layer :class:`~tl_superposition.toys.settings.ToySetting`.
-        seed: seed of the toy model's and the block's initialisation.
-        out: root folder; the run writes to ``out/<setting.slug>/seed<seed>``.
+        seed: seed of the block's initialisation, and of the toy model's unless
+            ``options.toy_seed`` is set.
+        out: root folder; the run writes to ``out/<setting.slug>/seed<seed>`` (see
+            :meth:`ToyRunOptions.run_dir`).
         options: epochs, data sizes, figures (:class:`ToyRunOptions`; defaults if None).
 
     Returns:
@@ -211,7 +236,7 @@ def run_toy(
     if setting.n_layers != 1:
         raise ValueError(f"{setting.name} has {setting.n_layers} layers: use run_cross_layer")
     opts = options or ToyRunOptions()
-    run_dir = Path(out) / setting.slug / f"seed{seed}"
+    run_dir = opts.run_dir(out, setting, seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = opts.train_config(setting)
     summary_path = run_dir / "summary.json"
@@ -226,6 +251,7 @@ def run_toy(
     row: dict[str, Any] = {
         "setting": setting.name,
         "seed": seed,
+        "toy_seed": opts.reference_seed(seed),
         "reference": "hand-built" if setting.constructed else "trained",
         "toy_accuracy": _min(ref.table["accuracy"]),
         "toy_map": ref.task_to_head(),
@@ -315,6 +341,7 @@ def reproduction_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
             {
                 "setting": r["setting"],
                 "seed": r["seed"],
+                "toy seed": r.get("toy_seed", r["seed"]),
                 "toy model": f"{r['toy_accuracy']:.4f}; " + r["toy_map"],
                 "block heads": r["gated_heads"],
                 "epochs": r["gated_epochs"],
@@ -338,9 +365,9 @@ def markdown_table(df: pd.DataFrame) -> str:
 
 
 def load_rows(out: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every ``summary.json`` under ``out``, sorted by setting and seed."""
+    """Every ``summary.json`` under ``out``, sorted by setting, seed and toy seed."""
     rows = [json.loads(p.read_text()) for p in Path(out).glob("*/seed*/summary.json")]
-    return sorted(rows, key=lambda r: (r["setting"], r["seed"]))
+    return sorted(rows, key=lambda r: (r["setting"], r["seed"], r.get("toy_seed", r["seed"])))
 
 
 # --------------------------------------------------------------------------- two layers
@@ -405,7 +432,7 @@ def run_cross_layer(
         whether every trigram is solely encoded.
     """
     opts = options or ToyRunOptions()
-    run_dir = Path(out) / setting.slug / f"seed{seed}"
+    run_dir = opts.run_dir(out, setting, seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = opts.train_config(setting)
     summary_path = run_dir / "summary.json"
@@ -418,6 +445,7 @@ def run_cross_layer(
     row: dict[str, Any] = {
         "setting": setting.name,
         "seed": seed,
+        "toy_seed": opts.reference_seed(seed),
         "reference": "trained",
         "toy_accuracy": _min(ref.table["accuracy"]),
         "toy_map": ref.task_to_head(),

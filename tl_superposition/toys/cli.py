@@ -26,6 +26,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: %(default)s)")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument(
+        "--toy-seed",
+        type=int,
+        default=None,
+        help="seed of the reference toy model for every run (default: each run's own seed); "
+        "with it, --seeds varies only the gated block's initialisation",
+    )
+    p.add_argument(
         "--epochs",
         type=int,
         default=None,
@@ -102,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         compile=args.compile,
         plots=not args.no_plots,
         progress=not args.no_progress,
+        toy_seed=args.toy_seed,
     )
     for seed in seeds:
         for name in names:
