@@ -28,7 +28,7 @@ from tl_superposition.tracing import (
     trace_ioi,
     upstream_writes,
 )
-from tl_superposition.tracing.qk_svd import LayerQK, qk_factors, rotary_matrices
+from tl_superposition.tracing.qk_svd import LayerQK, core_svd, qk_factors, rotary_matrices
 
 MODELS = ["tiny_gpt2", "tiny_llama"]
 # Random tiny models attend diffusely; a lower firing threshold gives enough firings to test.
@@ -64,7 +64,36 @@ def test_svd_is_exact_for_every_head_and_offset(model):
             u, s, v = qk.svd(h, off)
             assert torch.allclose(qk.omega(h, off), dense, atol=1e-9)
             assert torch.allclose(u.T @ u, torch.eye(u.shape[1], dtype=u.dtype), atol=1e-9)
+            assert torch.allclose(v.T @ v, torch.eye(v.shape[1], dtype=v.dtype), atol=1e-9)
             assert (s[:-1] >= s[1:]).all()
+
+
+def test_core_svd_matches_lapack_including_ill_conditioned_cores():
+    g = torch.Generator().manual_seed(0)
+    cores = torch.randn(6, 16, 16, generator=g, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(2, 16, 16, generator=g, dtype=torch.float64))
+    spread = torch.logspace(0, -12, 16, dtype=torch.float64)  # eigh alone loses V here
+    cores[4] = (q[0] * spread) @ q[1].T
+    cores[5, :, -1] = 0  # rank deficient
+    u, s, v = core_svd(cores)
+    eye = torch.eye(16, dtype=torch.float64)
+    assert torch.allclose((u * s[:, None, :]) @ v.mT, cores, atol=1e-12)
+    assert torch.allclose(u.mT @ u, eye.expand_as(u), atol=1e-9)
+    assert torch.allclose(v.mT @ v, eye.expand_as(v), atol=1e-9)
+    assert torch.allclose(s, torch.linalg.svdvals(cores), atol=1e-12)
+
+
+def test_layer_qk_decomposes_only_the_pairs_asked_for(model):
+    qk = LayerQK.from_model(model, 1)
+    offset, head = torch.tensor([3, 3, 0]), torch.tensor([1, 1, 0])
+    u, s, v = qk.row_cores(offset, head)
+    assert qk.n_cached == 2  # (3, 1) and (0, 0); offsets are all 0 without rotary
+    full = LayerQK.from_model(model, 1)
+    fu, fs, fv = full.extend_to(4)
+    assert full.n_cached == model.cfg.n_heads * (4 if qk.rotary else 1)
+    o = offset if qk.rotary else torch.zeros_like(offset)
+    for got, want in ((u, fu), (s, fs), (v, fv)):
+        assert torch.allclose(got, want[o, head], atol=1e-12)
 
 
 def test_rotary_depends_only_on_offset(tiny_llama):
