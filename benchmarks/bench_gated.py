@@ -10,9 +10,10 @@
 
 Each part runs in its own subprocess, so each peak RSS (``ru_maxrss``, whole process) is its
 own. The reproduction figures (``n_settings_removed`` of the 3 published settings, counting a
-setting when every seed removed its superposition, and ``n_seeds``) are read from the
-``summary.json`` files of a ``tl-superposition toy`` output folder (``--runs``; null when
-absent). The last line printed is one JSON object.
+setting when every seed removed its superposition; ``n_seeds``, the fewest seeds of any
+setting; ``seeds_per_setting``) are read from the ``summary.json`` files of a
+``tl-superposition toy`` output folder (``--runs``; null when absent). The last line printed
+is one JSON object.
 
     python benchmarks/bench_gated.py --runs runs/toy
     python benchmarks/bench_gated.py --parts toy --steps 50
@@ -105,14 +106,25 @@ def child_real(steps: int, layer: int) -> dict:
 def reproduction(runs: Path | None) -> dict:
     """``n_settings_removed`` and ``n_seeds`` from toy-run summaries (None when absent)."""
     if runs is None or not runs.is_dir():
-        return {"n_settings_removed": None, "n_seeds": None, "epochs": None}
+        return {
+            "n_settings_removed": None,
+            "n_seeds": None,
+            "seeds_per_setting": None,
+            "epochs": None,
+        }
     rows = [json.loads(p.read_text()) for p in runs.glob("*/seed*/summary.json")]
     published = ("2H/3ST", "3H/4ST", "4H/5ST")
     by_setting = {s: [r for r in rows if r["setting"] == s and "removed" in r] for s in published}
     n_seeds = min(len(v) for v in by_setting.values())
     removed = sum(bool(v) and all(r["removed"] for r in v) for v in by_setting.values())
     epochs = sorted({r["gated_epochs"] for v in by_setting.values() for r in v})
-    return {"n_settings_removed": removed, "n_seeds": n_seeds, "epochs": epochs}
+    per_setting = {s: len(v) for s, v in by_setting.items()}
+    return {
+        "n_settings_removed": removed,
+        "n_seeds": n_seeds,
+        "seeds_per_setting": per_setting,
+        "epochs": epochs,
+    }
 
 
 def main() -> int:
