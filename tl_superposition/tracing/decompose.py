@@ -166,7 +166,7 @@ class RowCores:
         n_heads = qk.q_basis.shape[0]
         offset = offset.long().cpu() if qk.rotary else torch.zeros(len(head), dtype=torch.long)
         head = head.long().cpu()
-        self.u, s, self.v = qk.ensure(offset, head) if len(head) else qk.extend_to(1)
+        self.u, s, self.v = qk.ensure(offset, head)
         self.s = s[offset.to(s.device), head.to(s.device)]
         key = offset * n_heads + head
         self.order = torch.argsort(key, stable=True)

@@ -237,11 +237,12 @@ class LayerQK:
             ``(U_c, S, V_c)`` stacked ``[n_offsets, n_heads, ...]`` (for non-rotary models,
             one "offset" 0).
         """
+        return self.ensure(*self._every_head(torch.arange(max(n, 1) if self.rotary else 1)))
+
+    def _every_head(self, offsets: Tensor) -> tuple[Tensor, Tensor]:
+        """``(offset, head)`` pairs of every head at each of ``offsets``."""
         n_heads = self.q_r.shape[0]
-        offsets = torch.arange(max(n, 1) if self.rotary else 1)
-        return self.ensure(
-            offsets.repeat_interleave(n_heads), torch.arange(n_heads).repeat(len(offsets))
-        )
+        return offsets.repeat_interleave(n_heads), torch.arange(n_heads).repeat(len(offsets))
 
     def cores(
         self, offsets: Tensor
@@ -261,9 +262,7 @@ class LayerQK:
             raise ValueError("cores() needs at least one offset")
         if not self.rotary:
             offsets = torch.zeros_like(offsets)
-        n_heads = self.q_r.shape[0]
-        heads = torch.arange(n_heads).repeat(len(offsets))
-        cores = self.ensure(offsets.repeat_interleave(n_heads), heads)
+        cores = self.ensure(*self._every_head(offsets))
         idx = offsets.to(cores[0].device)
         u, s, v = (t[idx] for t in cores)
         return u, s, v
