@@ -104,26 +104,26 @@ def child_real(steps: int, layer: int) -> dict:
 
 
 def reproduction(runs: Path | None) -> dict:
-    """``n_settings_removed`` and ``n_seeds`` from toy-run summaries (None when absent)."""
+    """``n_settings_removed``, ``n_seeds`` and ``seeds_per_setting`` from toy-run summaries.
+
+    All None when ``runs`` is not a folder.
+    """
     if runs is None or not runs.is_dir():
-        return {
-            "n_settings_removed": None,
-            "n_seeds": None,
-            "seeds_per_setting": None,
-            "epochs": None,
-        }
-    rows = [json.loads(p.read_text()) for p in runs.glob("*/seed*/summary.json")]
+        keys = ("n_settings_removed", "n_seeds", "seeds_per_setting", "epochs")
+        return dict.fromkeys(keys)
+    from tl_superposition.gated.toy_runs import load_rows
+
+    rows = load_rows(runs)
     published = ("2H/3ST", "3H/4ST", "4H/5ST")
     by_setting = {s: [r for r in rows if r["setting"] == s and "removed" in r] for s in published}
-    n_seeds = min(len(v) for v in by_setting.values())
-    removed = sum(bool(v) and all(r["removed"] for r in v) for v in by_setting.values())
-    epochs = sorted({r["gated_epochs"] for v in by_setting.values() for r in v})
     per_setting = {s: len(v) for s, v in by_setting.items()}
     return {
-        "n_settings_removed": removed,
-        "n_seeds": n_seeds,
+        "n_settings_removed": sum(
+            bool(v) and all(r["removed"] for r in v) for v in by_setting.values()
+        ),
+        "n_seeds": min(per_setting.values()),
         "seeds_per_setting": per_setting,
-        "epochs": epochs,
+        "epochs": sorted({r["gated_epochs"] for v in by_setting.values() for r in v}),
     }
 
 
