@@ -26,7 +26,12 @@ from tl_superposition.tracing.graph import paper_graph
 from tl_superposition.tracing.seeds import SeedChooser
 from tl_superposition.tracing.trace import start_bits
 from tl_superposition.tracing.walk import CandidateEdges, batch_edges, seed_firings, walk_batch
-from tl_superposition.tracing.writes import side_directions, signal_writes
+from tl_superposition.tracing.writes import (
+    WRITE_PROMPTS,
+    ChunkWriters,
+    side_directions,
+    signal_writes,
+)
 
 CFG = TraceConfig(pattern_thresh=0.3, batch_size=4)
 # the module (the package's attribute ``trace`` is the function of the same name)
@@ -86,6 +91,26 @@ def test_batched_writes_equal_the_float64_reference(model):
             got = torch.cat([w.heads[r, : L * H], w.mlps[r, :L], w.embed[r, None]], 1)
             assert torch.allclose(got.double(), ref[:, :-1], atol=1e-4, rtol=1e-3)
             assert torch.allclose(w.bias[r].double(), ref[:, -1], atol=1e-4, rtol=1e-3)
+
+
+def test_writes_from_a_given_chunk_equal_those_of_one_call_over_two_chunks(tiny_llama):
+    """The walk passes one chunk of head outputs per call; the writes do not depend on it."""
+    ds = make_ioi_dataset(tiny_llama, WRITE_PROMPTS + 3, seed=5)
+    cache = run_batch(tiny_llama, ds.tokens)
+    qk, writers = QKSVDCache(tiny_llama), ResidualWriters.from_model(tiny_llama)
+    f, _ = decompose_batch(qk, cache, ds.lengths, CFG)
+    whole = signal_writes(qk, writers, cache, f)
+    n = len(f)
+    for lo in (0, WRITE_PROMPTS):
+        chunk = ChunkWriters.build(writers, cache, lo, min(lo + WRITE_PROMPTS, len(ds.tokens)))
+        for L in range(tiny_llama.cfg.n_layers):
+            rows = (f.prompt >= lo) & (f.prompt < lo + WRITE_PROMPTS) & (f.layer == L)
+            rows = rows.nonzero()[:, 0]
+            got = signal_writes(qk, writers, cache, f, rows, chunk)
+            sides = torch.cat([rows, rows + n])
+            torch.testing.assert_close(got.heads, whole.heads[sides])
+            torch.testing.assert_close(got.mlps, whole.mlps[sides])
+            torch.testing.assert_close(got.bias, whole.bias[sides])
 
 
 def test_dla_seeds_need_one_pass_and_give_the_trace_of_those_seeds(tiny_llama, monkeypatch):
