@@ -12,7 +12,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from tl_superposition.cli import main
 from tl_superposition.gated.block import GatedAttentionBlock
-from tl_superposition.gated.toy_runs import CROSS_LAYER_VARIANTS, ToyRunOptions
+from tl_superposition.gated.toy_runs import CROSS_LAYER_VARIANTS, ToyRunOptions, toy_block
+from tl_superposition.toys.models import make_toy_model, overlap_copy_model
 from tl_superposition.toys.settings import SETTINGS
 
 
@@ -24,6 +25,21 @@ def test_toy_run_options_check_sizes_and_give_the_authors_settings():
     cfg = ToyRunOptions().train_config(SETTINGS["4H/5ST"])
     assert (cfg.alpha, cfg.lr, cfg.epochs) == (0.3, 1e-3, 1000)
     assert ToyRunOptions(epochs=7).train_config(SETTINGS["2H/3ST"]).epochs == 7
+
+
+def test_toy_blocks_have_value_biases_even_over_a_hand_built_reference():
+    """The hand-built copy3 model has no biases; its block must still get the authors' value
+    biases (without them a normalised head writes at most its input's norm, 1), so it is
+    shaped exactly as the block over a trained toy of the same size."""
+    built, trained = overlap_copy_model(), make_toy_model(3, 19, seed=0)
+    assert all(b.abs().sum() == 0 for b in (built.b_Q, built.b_K, built.b_V))
+    cfgs = [toy_block(m, 0, SETTINGS["copy3"], seed=0).cfg.to_dict() for m in (built, trained)]
+    assert (cfgs[0]["qkv_bias"], cfgs[0]["out_bias"], cfgs[0]["normalize_ov"]) == (
+        True,
+        False,
+        True,
+    )
+    assert cfgs[0] == cfgs[1]
 
 
 def test_toy_command_writes_and_resumes(tmp_path, capsys):

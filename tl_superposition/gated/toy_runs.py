@@ -200,6 +200,20 @@ def _authors_check(
     return report
 
 
+def toy_block(model: Any, layer: int, setting: ToySetting, seed: int) -> GatedAttentionBlock:
+    """A fresh gated block for a toy layer, shaped as the authors' toy block.
+
+    Xavier initialisation, ``setting.expansion_factor`` heads per toy head, normalised
+    ``W_V``/``W_O``, learnt query/key/value biases and no output bias, as in
+    cmathw/gated-attn's ``ModifiedAttention``, whatever biases the reference layer has: a
+    hand-built reference (``copy3``) has none, and without value biases a normalised head
+    cannot write more than the norm of its one-hot input, below what those references write.
+    """
+    return GatedAttentionBlock.from_layer(
+        model, layer, setting.expansion_factor, seed=seed, qkv_bias=True, out_bias=False
+    )
+
+
 def _data_and_reference(
     setting: ToySetting, seed: int, run_dir: Path, opts: ToyRunOptions
 ) -> tuple[ToyDataset, ToyDataset, Any]:
@@ -266,7 +280,7 @@ def run_toy(
 
     x, y = layer_activations(model, train.tokens, 0, "hook_resid_pre")
     source = TensorBatches(x, y, opts.batch_size)
-    block = GatedAttentionBlock.from_layer(model, 0, setting.expansion_factor, seed=seed)
+    block = toy_block(model, 0, setting, seed)
     result = train_gated_block(block, source, cfg, run_dir / "gated", progress=opts.progress)
     block.save(run_dir / "gated" / "block")
     _write_csv(result.history, run_dir / "gated_history.csv")
@@ -378,9 +392,7 @@ CROSS_LAYER_VARIANTS = ("within-layer", "joint, per-layer penalty", "joint, cros
 
 def _fresh_blocks(model: Any, setting: ToySetting, seed: int) -> dict[int, GatedAttentionBlock]:
     return {
-        layer: GatedAttentionBlock.from_layer(
-            model, layer, setting.expansion_factor, seed=seed * 100 + layer
-        )
+        layer: toy_block(model, layer, setting, seed * 100 + layer)
         for layer in range(model.cfg.n_layers)
     }
 
