@@ -43,11 +43,11 @@ def load(name: str):
     """The model to benchmark; ``gpt2-tiny-random`` is a small random GPT-2 for quick checks."""
     if name == "gpt2-tiny-random":
         from transformer_lens import HookedTransformerConfig
-        from transformers import GPT2TokenizerFast
+        from transformers.models.gpt2.tokenization_gpt2 import GPT2Tokenizer
 
         from tl_superposition.models import random_model
 
-        tok = GPT2TokenizerFast.from_pretrained(str(REPO / "tests" / "data" / "gpt2-tokenizer"))
+        tok = GPT2Tokenizer.from_pretrained(str(REPO / "tests" / "data" / "gpt2-tokenizer"))
         cfg = HookedTransformerConfig(
             n_layers=4,
             d_model=256,
@@ -132,7 +132,7 @@ def forward_rate(model, contexts: torch.Tensor, batch_size: int, stop: int) -> f
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--layer", type=int, default=15)
     p.add_argument(

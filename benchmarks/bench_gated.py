@@ -76,7 +76,9 @@ def child_real(steps: int, layer: int) -> dict:
     model = load_model("smollm2-135m")
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, model.cfg.d_vocab, (8 * (steps + 2), 128), generator=g)
-    tokens[:, 0] = model.tokenizer.bos_token_id
+    bos = model.tokenizer.bos_token_id if model.tokenizer is not None else None
+    assert isinstance(bos, int), "the model's tokenizer has no BOS token"
+    tokens[:, 0] = bos
     t0 = time.perf_counter()
     x, y = layer_activations(model, tokens, layer, "ln1.hook_normalized", batch_size=8)
     pairs_s = time.perf_counter() - t0
@@ -128,7 +130,7 @@ def reproduction(runs: Path | None) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--parts", default="toy,real", help="comma-separated: toy, real")
     p.add_argument("--steps", type=int, default=100, help="timed toy steps (default 100)")
     p.add_argument("--real-steps", type=int, default=8, help="timed real-layer steps (default 8)")

@@ -98,7 +98,7 @@ def train_once(model, args, acts: Path) -> tuple[float, float, object]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--layer", type=int, default=23)
     p.add_argument("--source", required=True, help="text file or folder (e.g. wikitext-2)")

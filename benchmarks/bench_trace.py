@@ -44,9 +44,9 @@ def load(name: str, tokenizer: str):
     from tl_superposition.models import gpt2_small_config, load_model, random_model
 
     if name == "gpt2-small-random":
-        from transformers import GPT2TokenizerFast
+        from transformers.models.gpt2.tokenization_gpt2 import GPT2Tokenizer
 
-        tok = GPT2TokenizerFast.from_pretrained(tokenizer)
+        tok = GPT2Tokenizer.from_pretrained(tokenizer)
         return random_model(gpt2_small_config(tok.vocab_size), tok, seed=0)
     return load_model(name)
 
@@ -116,7 +116,7 @@ def child(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--n-prompts", type=int, default=256)
     parser.add_argument("--n-prompts-large", type=int, default=4096)

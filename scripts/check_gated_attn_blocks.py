@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("repo", type=Path, help="a checkout of cmathw/gated-attn")
     parser.add_argument("--n-check", type=int, default=100_000)
     args = parser.parse_args()

@@ -12,6 +12,6 @@ echo "== ruff check"
 echo "== ruff format --check"
 "$bin/ruff" format --check .
 echo "== pyright"
-"$bin/pyright" tl_superposition
+"$bin/pyright"  # the package, benchmarks/ and scripts/ (pyproject.toml)
 echo "== pytest"
 exec "$bin/python" -m pytest -m "slow or not slow" "$@"

@@ -56,7 +56,7 @@ def load_trace(folder: Path, dataset, rule: str) -> IOITrace:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--out", required=True)
     p.add_argument("--n-prompts", type=int, default=256)

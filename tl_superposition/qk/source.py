@@ -20,6 +20,7 @@ training run sees exactly the batches the interrupted one would have seen.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterator
 from itertools import islice
 from typing import Any, NamedTuple, Protocol
@@ -91,7 +92,7 @@ class StoreSource:
 
     def __init__(
         self,
-        store: ActivationStore | str,
+        store: ActivationStore | str | os.PathLike,
         shape: AttentionShape,
         *,
         seed: int = 0,
