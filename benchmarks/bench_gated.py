@@ -114,10 +114,10 @@ def reproduction(runs: Path | None) -> dict:
         keys = ("n_settings_removed", "n_seeds", "seeds_per_setting", "epochs")
         return dict.fromkeys(keys)
     from tl_superposition.gated.toy_runs import load_rows
+    from tl_superposition.toys.settings import PUBLISHED
 
     rows = load_rows(runs)
-    published = ("2H/3ST", "3H/4ST", "4H/5ST")
-    by_setting = {s: [r for r in rows if r["setting"] == s and "removed" in r] for s in published}
+    by_setting = {s: [r for r in rows if r["setting"] == s and "removed" in r] for s in PUBLISHED}
     per_setting = {s: len(v) for s, v in by_setting.items()}
     return {
         "n_settings_removed": sum(
