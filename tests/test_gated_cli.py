@@ -25,6 +25,12 @@ def test_toy_run_options_check_sizes_and_give_the_authors_settings():
     cfg = ToyRunOptions().train_config(SETTINGS["4H/5ST"])
     assert (cfg.alpha, cfg.lr, cfg.epochs) == (0.3, 1e-3, 1000)
     assert ToyRunOptions(epochs=7).train_config(SETTINGS["2H/3ST"]).epochs == 7
+    cfg = ToyRunOptions(alpha=0.05, lr=2e-3).train_config(SETTINGS["2H/3ST"])
+    assert (cfg.alpha, cfg.lr, cfg.epochs) == (0.05, 2e-3, 1000)
+    with pytest.raises(ValueError, match="alpha must be >= 0"):
+        ToyRunOptions(alpha=-0.1)
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        ToyRunOptions(lr=0.0)
 
 
 def test_toy_blocks_have_value_biases_even_over_a_hand_built_reference():
@@ -78,12 +84,18 @@ def test_toy_command_writes_and_resumes(tmp_path, capsys):
         assert (run / name).is_file(), name
     row = json.loads((run / "summary.json").read_text())
     assert row["gated_heads"] == 4 and row["gated_epochs"] == 1 and row["gated_steps"] == 2
+    assert (row["gated_alpha"], row["gated_lr"]) == (0.5, 5e-4)
     assert "| 2H/3ST | 0 |" in (out / "tables.md").read_text()
     before = (run / "summary.json").stat().st_mtime_ns
     capsys.readouterr()
     assert main(args) == 0  # everything on disk: nothing is recomputed
     assert (run / "summary.json").stat().st_mtime_ns == before
     assert "2H/3ST" in capsys.readouterr().out
+
+    # another alpha into the same folder: refused before training, the saved run untouched
+    assert main([*args, "--alpha", "0.05"]) == 2
+    assert "alpha/lr" in capsys.readouterr().err
+    assert (run / "summary.json").stat().st_mtime_ns == before
 
     # another block seed over the same reference toy model: the model is reused, not retrained
     assert main([*args[:3], "--seeds", "1", "--toy-seed", "0", *args[5:]]) == 0
@@ -111,12 +123,17 @@ def test_toy_command_two_layers_creates_nested_folders(tmp_path):
         assert (run / variant / "block0" / "cfg.json").is_file(), variant
         assert (run / variant / "block1" / "cfg.json").is_file(), variant
     assert "within-layer versus cross-layer" in (out / "tables.md").read_text()
+    assert json.loads((run / "summary.json").read_text())["gated_alpha"] == 0.3
+    assert "| 0 | 0.3 | within-layer |" in (out / "tables.md").read_text()
 
 
 def test_toy_command_rejects_bad_input(tmp_path, capsys):
     assert main(["toy", "--settings", "7H/9ST", "--out", str(tmp_path)]) == 2
     assert "unknown settings" in capsys.readouterr().err
     assert main(["toy", "--seeds", "a,b", "--out", str(tmp_path)]) == 2
+    capsys.readouterr()
+    assert main(["toy", "--alpha", "-1", "--out", str(tmp_path)]) == 2
+    assert "--alpha must be >= 0" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -49,7 +49,7 @@ from tl_superposition.toys.models import (
     overlap_copy_model,
     save_toy_model,
 )
-from tl_superposition.toys.settings import ToySetting
+from tl_superposition.toys.settings import SETTINGS, ToySetting
 from tl_superposition.toys.train import ToyTrainConfig, train_toy_model
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,8 @@ class ToyRunOptions:
             :meth:`ToySetting.toy_train_config`).
         toy_seed: seed of the reference toy model (None: the run's seed). Fixing it varies
             only the block's initialisation across seeds, over one reference model.
+        alpha: gate penalty weight of the block (None: the setting's; for sweeps).
+        lr: Adam learning rate of the block (None: the setting's).
     """
 
     epochs: int | None = None
@@ -86,10 +88,16 @@ class ToyRunOptions:
     progress: bool = True
     toy_config: ToyTrainConfig | None = None
     toy_seed: int | None = None
+    alpha: float | None = None
+    lr: float | None = None
 
     def __post_init__(self) -> None:
         if self.epochs is not None and self.epochs < 1:
             raise ValueError(f"epochs must be >= 1 (or None for the setting's), got {self.epochs}")
+        if self.alpha is not None and self.alpha < 0:
+            raise ValueError(f"alpha must be >= 0 (or None for the setting's), got {self.alpha}")
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError(f"lr must be > 0 (or None for the setting's), got {self.lr}")
         for name in ("n_train", "n_check", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -99,10 +107,10 @@ class ToyRunOptions:
             )
 
     def train_config(self, setting: ToySetting) -> GatedTrainConfig:
-        """The block's training settings: the setting's alpha and lr, these epochs."""
+        """The block's training settings: these (or the setting's) alpha, lr and epochs."""
         return GatedTrainConfig(
-            alpha=setting.alpha,
-            lr=setting.lr,
+            alpha=setting.alpha if self.alpha is None else self.alpha,
+            lr=setting.lr if self.lr is None else self.lr,
             epochs=self.epochs or setting.epochs,
             compile=self.compile,
             log_every=500,
@@ -214,6 +222,18 @@ def toy_block(model: Any, layer: int, setting: ToySetting, seed: int) -> GatedAt
     )
 
 
+def _same_training(row: dict[str, Any], cfg: GatedTrainConfig, setting: ToySetting) -> bool:
+    """Whether a saved summary row was trained with ``cfg``'s epochs, alpha and lr.
+
+    Rows written before alpha and lr were recorded used the setting's values.
+    """
+    return (
+        row.get("gated_epochs") == cfg.epochs
+        and row.get("gated_alpha", setting.alpha) == cfg.alpha
+        and row.get("gated_lr", setting.lr) == cfg.lr
+    )
+
+
 def _data_and_reference(
     setting: ToySetting, seed: int, run_dir: Path, opts: ToyRunOptions
 ) -> tuple[ToyDataset, ToyDataset, Any]:
@@ -256,7 +276,7 @@ def run_toy(
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         row = json.loads(summary_path.read_text())
-        done = row.get("gated_epochs") == cfg.epochs and "removed_authors_check" in row
+        done = _same_training(row, cfg, setting) and "removed_authors_check" in row
         if done or setting.task == "ov_coherent":
             return row
 
@@ -299,6 +319,8 @@ def run_toy(
         {
             "gated_heads": block.cfg.n_heads,
             "gated_epochs": cfg.epochs,
+            "gated_alpha": cfg.alpha,
+            "gated_lr": cfg.lr,
             "gated_steps": result.steps,
             "final_mse": float(last["mse"]),
             "final_penalty": float(last["penalty"]),
@@ -450,7 +472,7 @@ def run_cross_layer(
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         row = json.loads(summary_path.read_text())
-        if row.get("gated_epochs") == cfg.epochs:
+        if _same_training(row, cfg, setting):
             return row
     train, val, model = _data_and_reference(setting, seed, run_dir, opts)
     ref, _ = _check_files(model, val, {}, run_dir, "toy", opts.plots)
@@ -463,6 +485,8 @@ def run_cross_layer(
         "toy_map": ref.task_to_head(),
         "toy_superposition": not ref.removed,
         "gated_epochs": cfg.epochs,
+        "gated_alpha": cfg.alpha,
+        "gated_lr": cfg.lr,
         "variants": {},
     }
     for variant in CROSS_LAYER_VARIANTS:
@@ -481,12 +505,14 @@ def run_cross_layer(
 
 
 def cross_layer_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per (seed, variant) of :func:`run_cross_layer` summaries."""
+    """One row per (seed, variant) of :func:`run_cross_layer` summaries, with the blocks' alpha."""
     out = []
     for r in rows:
+        alpha = r.get("gated_alpha", SETTINGS[r["setting"]].alpha)
         out.append(
             {
                 "seed": r["seed"],
+                "alpha": "",
                 "variant": "original model",
                 "trigram accuracy (min)": round(r["toy_accuracy"], 4),
                 "trigram -> head": r["toy_map"],
@@ -497,6 +523,7 @@ def cross_layer_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
             out.append(
                 {
                     "seed": r["seed"],
+                    "alpha": alpha,
                     "variant": name,
                     "trigram accuracy (min)": round(v["accuracy"], 4),
                     "trigram -> head": v["map"],

@@ -2,7 +2,7 @@
 
 For each setting and seed: train (or load) the toy model, run the head-subset ablations and
 the solely-encoded check on it, train a gated attention block with the setting's alpha and
-learning rate, check the block, and write tables and figures (see
+learning rate (or ``--alpha``/``--lr``), check the block, and write tables and figures (see
 :mod:`tl_superposition.gated.toy_runs` for the files). Runs resume where they stopped.
 """
 
@@ -38,6 +38,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="gated-block epochs over the training set (default: each setting's, the "
         "authors' 1000)",
+    )
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=None,
+        help="gated-block penalty weight (default: each setting's); give each value its own --out",
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="gated-block learning rate (default: each setting's)",
     )
     p.add_argument(
         "--n-train", type=int, default=100_000, help="training sequences (default: %(default)s)"
@@ -82,6 +94,10 @@ def _parse(args: argparse.Namespace) -> tuple[list[str], list[int]]:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if args.epochs is not None and args.epochs < 1:
         raise ValueError("--epochs must be >= 1")
+    if args.alpha is not None and args.alpha < 0:
+        raise ValueError("--alpha must be >= 0")
+    if args.lr is not None and args.lr <= 0:
+        raise ValueError("--lr must be > 0")
     return names, seeds
 
 
@@ -110,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
         plots=not args.no_plots,
         progress=not args.no_progress,
         toy_seed=args.toy_seed,
+        alpha=args.alpha,
+        lr=args.lr,
     )
     for seed in seeds:
         for name in names:
