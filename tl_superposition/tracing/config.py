@@ -30,7 +30,8 @@ class TraceConfig:
             attention heads only; MLP and embedding writes are reported beside them
             (``writers.csv`` and the firings' ``*_from_*`` columns). The default is
             ``"paper"``: on SmolLM2 (256 IOI prompts) more of its edges pass the
-            intervention test (85% against 78.5%) with larger effects (docs/methods.md).
+            intervention test (83.7% of every edge against 76.7%) with larger effects
+            (docs/methods.md).
         augmented_bias: add to every head's value the bias-coordinate term
             ``g~[-1] / ln1.hook_scale`` before the rule, as the authors' code does (their
             head output is augmented with a constant 1).
