@@ -7,6 +7,10 @@ saved_models/*.st`` and ``tests/test_models/gated_block_8H_5ST.st``, safetensors
 project's classes and checks each block on 100,000 fresh sequences (seed 1), with the
 residual stream (this project's reading) and without it (the reading of their script).
 Prints one line per block and a JSON object last.
+
+With ``--export-toys DIR`` it also saves their three toy models in this project's format as
+``DIR/<setting>/seed0/toy/``, so that ``tl-superposition toy --settings 4H/5ST --seeds 0
+--out DIR`` trains this project's block against their reference model instead of ours.
 """
 
 from __future__ import annotations
@@ -24,13 +28,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("repo", type=Path, help="a checkout of cmathw/gated-attn")
     parser.add_argument("--n-check", type=int, default=100_000)
+    parser.add_argument(
+        "--export-toys", type=Path, default=None, help="also save their toy models here"
+    )
     args = parser.parse_args()
 
     from tl_superposition.gated.block import import_gated_attn_block
     from tl_superposition.gated.check import solely_encoded
     from tl_superposition.toys.analysis import subset_ablation
     from tl_superposition.toys.datasets import skip_trigram_dataset
-    from tl_superposition.toys.models import make_toy_model
+    from tl_superposition.toys.models import make_toy_model, save_toy_model
+    from tl_superposition.toys.settings import SETTINGS
 
     saved = args.repo / "gated_attention" / "experiments" / "saved_models"
     jobs = [
@@ -54,6 +62,8 @@ def main() -> int:
             with torch.no_grad():
                 for p in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V"):
                     getattr(model.blocks[0].attn, p).copy_(state[f"attn.{p}"])
+            if args.export_toys is not None:
+                save_toy_model(model, args.export_toys / SETTINGS[name].slug / "seed0" / "toy")
         block = import_gated_attn_block(block_path, model)
         row = {"block": name, "file": block_path.name}
         if toy_path is not None:
