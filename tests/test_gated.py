@@ -212,9 +212,26 @@ def test_training_lowers_the_loss():
     assert h["mse"].iloc[-1] < h["mse"].iloc[0] and h["penalty"].iloc[-1] < h["penalty"].iloc[0]
 
 
-def test_resume_is_exact(tmp_path):
+def test_alpha_warmup_rises_linearly_and_starts_without_penalty():
+    cfg = GatedTrainConfig(alpha=0.4, alpha_warmup_steps=8)
+    assert [cfg.alpha_at(s) for s in (0, 2, 4, 8, 100)] == [0.0, 0.1, 0.2, 0.4, 0.4]
+    assert GatedTrainConfig(alpha=0.4).alpha_at(0) == 0.4
+    with pytest.raises(ValueError, match="alpha_warmup_steps must be >= 0"):
+        GatedTrainConfig(alpha_warmup_steps=-1)
     model, source = _toy_block_source()
-    cfg = GatedTrainConfig(alpha=0.3, lr=1e-2, epochs=4, log_every=2, checkpoint_every=3)
+    block = GatedAttentionBlock.from_layer(model, 0, 2, seed=0)
+    cfg = GatedTrainConfig(alpha=0.4, alpha_warmup_steps=8, lr=1e-2, max_steps=3, log_every=1)
+    h = train_gated_block(block, source, cfg, progress=False).history
+    assert h["penalty"].iloc[0] > 0 and h["loss"].iloc[0] == h["mse"].iloc[0]
+    assert h["loss"].iloc[2] == pytest.approx(h["mse"].iloc[2] + 0.1 * h["penalty"].iloc[2])
+
+
+@pytest.mark.parametrize("warmup", [0, 10])
+def test_resume_is_exact(tmp_path, warmup):
+    model, source = _toy_block_source()
+    cfg = GatedTrainConfig(
+        alpha=0.3, lr=1e-2, epochs=4, log_every=2, checkpoint_every=3, alpha_warmup_steps=warmup
+    )
     straight = GatedAttentionBlock.from_layer(model, 0, 2, seed=1)
     train_gated_block(straight, source, cfg, tmp_path / "a", progress=False)
     resumed = GatedAttentionBlock.from_layer(model, 0, 2, seed=1)

@@ -31,6 +31,9 @@ def test_toy_run_options_check_sizes_and_give_the_authors_settings():
         ToyRunOptions(alpha=-0.1)
     with pytest.raises(ValueError, match="lr must be > 0"):
         ToyRunOptions(lr=0.0)
+    assert ToyRunOptions(alpha_warmup_steps=500).train_config(SETTINGS["2L/3ST"]).alpha_at(250) == (
+        pytest.approx(0.15)
+    )
 
 
 def test_toy_blocks_have_value_biases_even_over_a_hand_built_reference():
@@ -94,7 +97,7 @@ def test_toy_command_writes_and_resumes(tmp_path, capsys):
 
     # another alpha into the same folder: refused before training, the saved run untouched
     assert main([*args, "--alpha", "0.05"]) == 2
-    assert "alpha/lr" in capsys.readouterr().err
+    assert "alpha/alpha_warmup_steps/lr" in capsys.readouterr().err
     assert (run / "summary.json").stat().st_mtime_ns == before
 
     # another block seed over the same reference toy model: the model is reused, not retrained
@@ -134,6 +137,8 @@ def test_toy_command_rejects_bad_input(tmp_path, capsys):
     capsys.readouterr()
     assert main(["toy", "--alpha", "-1", "--out", str(tmp_path)]) == 2
     assert "--alpha must be >= 0" in capsys.readouterr().err
+    assert main(["toy", "--alpha-warmup-steps", "-5", "--out", str(tmp_path)]) == 2
+    assert "--alpha-warmup-steps must be >= 0" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

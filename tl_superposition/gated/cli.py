@@ -63,6 +63,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expansion-factor", type=int, default=2)
     p.add_argument("--init", choices=[i for i in INITS if i != "copy"], default="duplicate")
     p.add_argument("--alpha", type=float, default=0.05, help="gate penalty weight")
+    p.add_argument(
+        "--alpha-warmup-steps",
+        type=int,
+        default=0,
+        help="steps over which the penalty weight rises from 0 to --alpha (default: 0, none)",
+    )
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8, help="contexts per step")
@@ -83,6 +89,8 @@ def _check(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if args.batch_size < 1 or args.alpha < 0 or args.lr <= 0 or args.n_ioi < 0:
         raise ValueError("need --batch-size >= 1, --alpha >= 0, --lr > 0, --n-ioi >= 0")
+    if args.alpha_warmup_steps < 0:
+        raise ValueError("--alpha-warmup-steps must be >= 0")
     if not 0 < args.threshold <= 1:
         raise ValueError("--threshold must be in (0, 1]")
     if args.acts is not None and not (Path(args.acts) / "manifest.json").is_file():
@@ -141,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
             source = LazyTensorBatches(make, shape, args.batch_size, shuffle=True, seed=args.seed)
     cfg = GatedTrainConfig(
         alpha=args.alpha,
+        alpha_warmup_steps=args.alpha_warmup_steps,
         lr=args.lr,
         epochs=args.epochs,
         log_every=20,
@@ -160,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
         "block_heads": block.cfg.n_heads,
         "init": args.init,
         "alpha": args.alpha,
+        "alpha_warmup_steps": args.alpha_warmup_steps,
         "lr": args.lr,
         "epochs": args.epochs,
         "steps": result.steps,

@@ -76,6 +76,7 @@ class ToyRunOptions:
         toy_seed: seed of the reference toy model (None: the run's seed). Fixing it varies
             only the block's initialisation across seeds, over one reference model.
         alpha: gate penalty weight of the block (None: the setting's; for sweeps).
+        alpha_warmup_steps: steps over which the weight rises from 0 (0: none, the authors').
         lr: Adam learning rate of the block (None: the setting's).
     """
 
@@ -89,6 +90,7 @@ class ToyRunOptions:
     toy_config: ToyTrainConfig | None = None
     toy_seed: int | None = None
     alpha: float | None = None
+    alpha_warmup_steps: int = 0
     lr: float | None = None
 
     def __post_init__(self) -> None:
@@ -98,6 +100,8 @@ class ToyRunOptions:
             raise ValueError(f"alpha must be >= 0 (or None for the setting's), got {self.alpha}")
         if self.lr is not None and self.lr <= 0:
             raise ValueError(f"lr must be > 0 (or None for the setting's), got {self.lr}")
+        if self.alpha_warmup_steps < 0:
+            raise ValueError(f"alpha_warmup_steps must be >= 0, got {self.alpha_warmup_steps}")
         for name in ("n_train", "n_check", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -110,6 +114,7 @@ class ToyRunOptions:
         """The block's training settings: these (or the setting's) alpha, lr and epochs."""
         return GatedTrainConfig(
             alpha=setting.alpha if self.alpha is None else self.alpha,
+            alpha_warmup_steps=self.alpha_warmup_steps,
             lr=setting.lr if self.lr is None else self.lr,
             epochs=self.epochs or setting.epochs,
             compile=self.compile,
@@ -223,13 +228,14 @@ def toy_block(model: Any, layer: int, setting: ToySetting, seed: int) -> GatedAt
 
 
 def _same_training(row: dict[str, Any], cfg: GatedTrainConfig, setting: ToySetting) -> bool:
-    """Whether a saved summary row was trained with ``cfg``'s epochs, alpha and lr.
+    """Whether a saved summary row was trained with ``cfg``'s epochs, alpha, warm-up and lr.
 
-    Rows written before alpha and lr were recorded used the setting's values.
+    Rows written before these were recorded used the setting's values and no warm-up.
     """
     return (
         row.get("gated_epochs") == cfg.epochs
         and row.get("gated_alpha", setting.alpha) == cfg.alpha
+        and row.get("gated_alpha_warmup_steps", 0) == cfg.alpha_warmup_steps
         and row.get("gated_lr", setting.lr) == cfg.lr
     )
 
@@ -320,6 +326,7 @@ def run_toy(
             "gated_heads": block.cfg.n_heads,
             "gated_epochs": cfg.epochs,
             "gated_alpha": cfg.alpha,
+            "gated_alpha_warmup_steps": cfg.alpha_warmup_steps,
             "gated_lr": cfg.lr,
             "gated_steps": result.steps,
             "final_mse": float(last["mse"]),
@@ -486,6 +493,7 @@ def run_cross_layer(
         "toy_superposition": not ref.removed,
         "gated_epochs": cfg.epochs,
         "gated_alpha": cfg.alpha,
+        "gated_alpha_warmup_steps": cfg.alpha_warmup_steps,
         "gated_lr": cfg.lr,
         "variants": {},
     }

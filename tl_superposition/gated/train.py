@@ -57,6 +57,9 @@ class GatedTrainConfig:
 
     Attributes:
         alpha: weight of the gate penalty.
+        alpha_warmup_steps: raise the penalty weight linearly from 0 to ``alpha`` over this
+            many steps (as SAELens's ``l1_warm_up_steps``), so the block fits before the
+            penalty can shut its gates; 0 (default): the authors' constant ``alpha``.
         lr: Adam learning rate.
         epochs: passes over the source.
         max_steps: stop after this many steps in all (None: ``epochs x n_batches``).
@@ -71,6 +74,7 @@ class GatedTrainConfig:
     """
 
     alpha: float = 0.5
+    alpha_warmup_steps: int = 0
     lr: float = 5e-4
     epochs: int = 1000
     max_steps: int | None = None
@@ -91,6 +95,14 @@ class GatedTrainConfig:
             raise ValueError(f"penalty_pairs must be one of {PENALTY_PAIRS}")
         if self.log_every < 1 or self.checkpoint_every < 0:
             raise ValueError("log_every must be >= 1 and checkpoint_every >= 0")
+        if self.alpha_warmup_steps < 0:
+            raise ValueError(f"alpha_warmup_steps must be >= 0, got {self.alpha_warmup_steps}")
+
+    def alpha_at(self, step: int) -> float:
+        """The penalty weight of step ``step`` (0-based): ``alpha`` after the warm-up."""
+        if step >= self.alpha_warmup_steps:
+            return self.alpha
+        return self.alpha * step / self.alpha_warmup_steps
 
 
 @dataclass
@@ -138,12 +150,19 @@ def gate_penalty(
 
 
 def gated_loss(
-    out: Tensor, target: Tensor, gate: Tensor | list[Tensor], cfg: GatedTrainConfig
+    out: Tensor,
+    target: Tensor,
+    gate: Tensor | list[Tensor],
+    cfg: GatedTrainConfig,
+    alpha: Tensor | float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(loss, mse, penalty)`` of one batch (see the module docstring)."""
+    """``(loss, mse, penalty)`` of one batch (see the module docstring).
+
+    ``alpha`` overrides ``cfg.alpha`` (the warm-up's weight of this step).
+    """
     mse = F.mse_loss(out, target)
     penalty = gate_penalty(gate, cfg.gate_p, cfg.penalty_pairs)
-    return mse + cfg.alpha * penalty, mse, penalty
+    return mse + (cfg.alpha if alpha is None else alpha) * penalty, mse, penalty
 
 
 def _save_checkpoint(
@@ -179,9 +198,10 @@ def _resume(
     mismatch = []
     if state["block_config"] != block.cfg.to_dict():
         mismatch.append("block config")
-    keep = ("alpha", "lr", "gate_p", "penalty_pairs")
-    if {k: state["train_config"][k] for k in keep} != {k: getattr(cfg, k) for k in keep}:
-        mismatch.append("alpha/lr/gate_p/penalty_pairs")
+    keep = ("alpha", "alpha_warmup_steps", "lr", "gate_p", "penalty_pairs")
+    saved = {k: state["train_config"].get(k, 0) for k in keep}  # no warm-up key: none
+    if saved != {k: getattr(cfg, k) for k in keep}:
+        mismatch.append("alpha/alpha_warmup_steps/lr/gate_p/penalty_pairs")
     if state["source"] != source:
         mismatch.append("data source")
     if mismatch:
@@ -236,9 +256,9 @@ def train_gated_block(
     sums = torch.zeros(3)
     n_sum = 0
 
-    def batch_loss(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def batch_loss(x: Tensor, y: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         out, gate = block.forward_with_gate(x)
-        return gated_loss(out, y, gate, cfg)
+        return gated_loss(out, y, gate, cfg, alpha)
 
     loss_fn = torch.compile(batch_loss) if cfg.compile else batch_loss
     block.train()
@@ -246,7 +266,8 @@ def train_gated_block(
     while step < total:
         epoch, index = divmod(step, source.n_batches)
         x, y = source.batch(epoch, index)
-        loss, mse, pen = loss_fn(x.to(device), y.to(device))
+        alpha = torch.tensor(cfg.alpha_at(step), device=device)
+        loss, mse, pen = loss_fn(x.to(device), y.to(device), alpha)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -46,6 +46,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="gated-block penalty weight (default: each setting's); give each value its own --out",
     )
     p.add_argument(
+        "--alpha-warmup-steps",
+        type=int,
+        default=0,
+        help="steps over which the penalty weight rises from 0 (default: 0, the authors')",
+    )
+    p.add_argument(
         "--lr",
         type=float,
         default=None,
@@ -98,6 +104,8 @@ def _parse(args: argparse.Namespace) -> tuple[list[str], list[int]]:
         raise ValueError("--alpha must be >= 0")
     if args.lr is not None and args.lr <= 0:
         raise ValueError("--lr must be > 0")
+    if args.alpha_warmup_steps < 0:
+        raise ValueError("--alpha-warmup-steps must be >= 0")
     return names, seeds
 
 
@@ -127,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         toy_seed=args.toy_seed,
         alpha=args.alpha,
+        alpha_warmup_steps=args.alpha_warmup_steps,
         lr=args.lr,
     )
     for seed in seeds:
