@@ -118,6 +118,7 @@ def test_toy_command_two_layers_creates_nested_folders(tmp_path):
     out = tmp_path / "not" / "yet" / "there"
     args = ["toy", "--settings", "2L/3ST", "--seeds", "0", "--out", str(out), "--epochs", "1"]
     args += ["--n-train", "1000", "--n-check", "1000", "--toy-max-epochs", "1"]
+    args += ["--alpha-warmup-steps", "2"]
     assert main([*args, "--no-plots", "--no-progress"]) == 0
     run = out / "2L-3ST" / "seed0"
     row = json.loads((run / "summary.json").read_text())
@@ -126,8 +127,8 @@ def test_toy_command_two_layers_creates_nested_folders(tmp_path):
         assert (run / variant / "block0" / "cfg.json").is_file(), variant
         assert (run / variant / "block1" / "cfg.json").is_file(), variant
     assert "within-layer versus cross-layer" in (out / "tables.md").read_text()
-    assert json.loads((run / "summary.json").read_text())["gated_alpha"] == 0.3
-    assert "| 0 | 0.3 | within-layer |" in (out / "tables.md").read_text()
+    assert (row["gated_alpha"], row["gated_alpha_warmup_steps"]) == (0.3, 2)
+    assert "| 0 | 0.3 | 2 | within-layer |" in (out / "tables.md").read_text()
 
 
 def test_toy_command_rejects_bad_input(tmp_path, capsys):

@@ -513,14 +513,21 @@ def run_cross_layer(
 
 
 def cross_layer_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per (seed, variant) of :func:`run_cross_layer` summaries, with the blocks' alpha."""
+    """One row per (seed, variant) of :func:`run_cross_layer` summaries.
+
+    Each block row gives the penalty weight ``alpha`` and the steps of its linear warm-up
+    (``alpha warm-up steps``, 0 for none) it was trained with, so runs that differ only
+    in those are told apart; the original model's row leaves both blank.
+    """
     out = []
     for r in rows:
         alpha = r.get("gated_alpha", SETTINGS[r["setting"]].alpha)
+        warmup = r.get("gated_alpha_warmup_steps", 0)
         out.append(
             {
                 "seed": r["seed"],
                 "alpha": "",
+                "alpha warm-up steps": "",
                 "variant": "original model",
                 "trigram accuracy (min)": round(r["toy_accuracy"], 4),
                 "trigram -> head": r["toy_map"],
@@ -532,6 +539,7 @@ def cross_layer_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
                 {
                     "seed": r["seed"],
                     "alpha": alpha,
+                    "alpha warm-up steps": warmup,
                     "variant": name,
                     "trigram accuracy (min)": round(v["accuracy"], 4),
                     "trigram -> head": v["map"],
