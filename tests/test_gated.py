@@ -175,6 +175,25 @@ def test_config_checks():
         GatedAttentionConfig.from_dict({"d_model": 8, "n_heads": 2, "d_head": 2, "nope": 1})
 
 
+def test_xavier_bias_init_draws_the_biases_and_round_trips(tmp_path):
+    model, _ = _toy_block_source()
+    zeros = GatedAttentionBlock.from_layer(model, 0, 4, seed=3, qkv_bias=True)
+    drawn = GatedAttentionBlock.from_layer(model, 0, 4, seed=3, qkv_bias=True, bias_init="xavier")
+    assert zeros.cfg.bias_init == "zeros" and drawn.cfg.bias_init == "xavier"
+    assert all(not getattr(zeros, b).any() for b in ("b_Q", "b_K", "b_V"))
+    # the same weights, then the biases drawn: Xavier-normal, std sqrt(2 / (n_heads + d_head))
+    for w in ("W_Q", "W_K", "W_V", "W_O"):
+        assert torch.equal(getattr(zeros, w), getattr(drawn, w)), w
+    biases = torch.cat([getattr(drawn, b).flatten() for b in ("b_Q", "b_K", "b_V")])
+    std = (2 / (drawn.cfg.n_heads + drawn.cfg.d_head)) ** 0.5
+    assert biases.abs().min() > 0 and 0.5 * std < biases.std() < 1.5 * std
+    back = GatedAttentionBlock.load(drawn.save(tmp_path / "blk"), model=model)
+    assert back.cfg == drawn.cfg
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in drawn.state_dict().items())
+    with pytest.raises(ValueError, match="bias_init must be one of"):
+        GatedAttentionConfig(d_model=8, n_heads=2, d_head=2, bias_init="ones")
+
+
 def test_gate_penalty_values():
     gate = torch.zeros(1, 3, 2, 2)
     gate[0, 0, 1, 0] = 1.0  # one head on one pair
@@ -247,6 +266,25 @@ def test_resume_is_exact(tmp_path, warmup):
         train_gated_block(
             fresh, source, GatedTrainConfig(alpha=0.9, epochs=5), tmp_path / "b", progress=False
         )
+    # so is one whose blocks started from other biases
+    drawn = GatedAttentionBlock.from_layer(model, 0, 2, seed=1, bias_init="xavier")
+    assert drawn.cfg.to_dict() == {**fresh.cfg.to_dict(), "bias_init": "xavier"}
+    with pytest.raises(ValueError, match="block config"):
+        train_gated_block(drawn, source, cfg, tmp_path / "b", progress=False)
+
+
+def test_checkpoint_written_before_bias_init_existed_resumes(tmp_path):
+    model, source = _toy_block_source()
+    cfg = GatedTrainConfig(alpha=0.3, lr=1e-2, epochs=2, log_every=2, checkpoint_every=2)
+    block = GatedAttentionBlock.from_layer(model, 0, 2, seed=1)
+    first = GatedTrainConfig(**{**cfg.__dict__, "max_steps": 4})
+    train_gated_block(block, source, first, tmp_path, progress=False)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    del state["block_config"]["bias_init"]  # as older versions wrote it
+    torch.save(state, tmp_path / "checkpoint.pt")
+    fresh = GatedAttentionBlock.from_layer(model, 0, 2, seed=1)
+    result = train_gated_block(fresh, source, cfg, tmp_path, progress=False)
+    assert result.resumed_from == 4 and result.steps == 8
 
 
 def test_lazy_pairs_are_not_made_when_a_finished_run_resumes(tmp_path):

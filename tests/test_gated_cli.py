@@ -87,7 +87,7 @@ def test_toy_command_writes_and_resumes(tmp_path, capsys):
         assert (run / name).is_file(), name
     row = json.loads((run / "summary.json").read_text())
     assert row["gated_heads"] == 4 and row["gated_epochs"] == 1 and row["gated_steps"] == 2
-    assert (row["gated_alpha"], row["gated_lr"]) == (0.5, 5e-4)
+    assert (row["gated_alpha"], row["gated_lr"], row["gated_bias_init"]) == (0.5, 5e-4, "zeros")
     assert "| 2H/3ST | 0 |" in (out / "tables.md").read_text()
     before = (run / "summary.json").stat().st_mtime_ns
     capsys.readouterr()
@@ -98,6 +98,9 @@ def test_toy_command_writes_and_resumes(tmp_path, capsys):
     # another alpha into the same folder: refused before training, the saved run untouched
     assert main([*args, "--alpha", "0.05"]) == 2
     assert "alpha/alpha_warmup_steps/lr" in capsys.readouterr().err
+    assert (run / "summary.json").stat().st_mtime_ns == before
+    assert main([*args, "--bias-init", "xavier"]) == 2
+    assert "block config" in capsys.readouterr().err
     assert (run / "summary.json").stat().st_mtime_ns == before
 
     # another block seed over the same reference toy model: the model is reused, not retrained

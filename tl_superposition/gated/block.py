@@ -120,9 +120,10 @@ class GatedAttentionBlock(HookedRootModule):
         self.W_V = nn.Parameter(self._xavier((kv, d, dh), g))
         self.W_O = nn.Parameter(self._xavier((h, dh, d), g))
         if cfg.qkv_bias:
-            self.b_Q = nn.Parameter(torch.zeros(h, dh))
-            self.b_K = nn.Parameter(torch.zeros(kv, dh))
-            self.b_V = nn.Parameter(torch.zeros(kv, dh))
+            fresh = self._xavier if cfg.bias_init == "xavier" else lambda s, _: torch.zeros(s)
+            self.b_Q = nn.Parameter(fresh((h, dh), g))
+            self.b_K = nn.Parameter(fresh((kv, dh), g))
+            self.b_V = nn.Parameter(fresh((kv, dh), g))
         if cfg.out_bias:
             self.b_O = nn.Parameter(torch.zeros(d))
         self.W_gate_Q = nn.Parameter(self._orthogonal((h, d), g))
@@ -246,6 +247,7 @@ class GatedAttentionBlock(HookedRootModule):
         n_ctx: int | None = None,
         qkv_bias: bool | None = None,
         out_bias: bool | None = None,
+        bias_init: str = "zeros",
     ) -> GatedAttentionBlock:
         """A block shaped for ``model``'s attention layer ``layer``.
 
@@ -265,6 +267,8 @@ class GatedAttentionBlock(HookedRootModule):
                 the layer holds).
             qkv_bias, out_bias: learn those biases (default: where the layer has non-zero
                 ones; toys and GPT-2 have query/key/value biases, Llama none).
+            bias_init: ``"zeros"`` or ``"xavier"``, the starting query/key/value biases of
+                an ``"xavier"`` block (:attr:`GatedAttentionConfig.bias_init`).
 
         Raises:
             ValueError: an unknown layer or init, or an attention variant the block does not
@@ -302,6 +306,7 @@ class GatedAttentionBlock(HookedRootModule):
             n_ctx=n_ctx or mcfg.n_ctx,
             attn_scale=scale,
             qkv_bias=nonzero("b_Q", "b_K", "b_V") if qkv_bias is None else qkv_bias,
+            bias_init=bias_init,
             out_bias=nonzero("b_O") if out_bias is None else out_bias,
             normalize_ov=(init != "copy") if normalize_ov is None else normalize_ov,
             init=init,

@@ -13,6 +13,7 @@ from typing import Any
 
 POSITIONAL = ("none", "rotary")
 INITS = ("xavier", "duplicate", "copy")
+BIAS_INITS = ("zeros", "xavier")
 
 
 @dataclass
@@ -34,6 +35,11 @@ class GatedAttentionConfig:
         n_ctx: longest context (length of the rotary tables).
         attn_scale: scores are ``q.k / attn_scale``; None means ``sqrt(d_head)``.
         qkv_bias: learn ``b_Q``, ``b_K``, ``b_V`` (GPT-2 and the toys have them).
+        bias_init: starting ``b_Q``, ``b_K``, ``b_V`` of a fresh block: ``"zeros"``, or
+            ``"xavier"`` -- Xavier-normal draws on the ``[n_heads, d_head]`` bias tensors
+            (standard deviation ``sqrt(2 / (n_heads + d_head))``), as cmathw/gated-attn's
+            ``ModifiedAttention`` draws them. With ``W_V`` normalised, ``b_V`` sets a fresh
+            head's output scale, so this changes how training starts (docs/methods.md).
         out_bias: learn ``b_O``.
         normalize_ov: L2-normalise each ``W_V`` column over ``d_model`` and each ``W_O`` row
             over ``d_model`` at every forward (the method; without it the gates could shrink
@@ -63,6 +69,7 @@ class GatedAttentionConfig:
     n_ctx: int = 2048
     attn_scale: float | None = None
     qkv_bias: bool = True
+    bias_init: str = "zeros"
     out_bias: bool = True
     normalize_ov: bool = True
     init: str = "xavier"
@@ -100,6 +107,8 @@ class GatedAttentionConfig:
             raise ValueError(f"attn_scale must be > 0, got {self.attn_scale}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.bias_init not in BIAS_INITS:
+            raise ValueError(f"bias_init must be one of {BIAS_INITS}, got {self.bias_init!r}")
 
     @property
     def group_size(self) -> int:

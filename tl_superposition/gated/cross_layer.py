@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookedRootModule
 
 from tl_superposition.gated.block import GatedAttentionBlock
+from tl_superposition.gated.config import GatedAttentionConfig
 from tl_superposition.gated.sources import TensorBatches
 from tl_superposition.gated.splice import splice
 
@@ -61,6 +62,17 @@ class CrossLayerConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict."""
         return {"layers": list(self.layers), "penalty": self.penalty, "blocks": self.blocks}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CrossLayerConfig:
+        """Inverse of :meth:`to_dict`; each block's config through
+        :meth:`GatedAttentionConfig.from_dict`, so fields it lacks take their defaults.
+
+        Raises:
+            ValueError: unknown block config fields.
+        """
+        blocks = [GatedAttentionConfig.from_dict(b).to_dict() for b in d["blocks"]]
+        return cls(list(d["layers"]), d["penalty"], blocks)
 
 
 class CrossLayerGatedBlocks(HookedRootModule):

@@ -38,6 +38,7 @@ import pandas as pd
 from tl_superposition._atomic import write_json_atomic, write_text_atomic
 from tl_superposition.gated.block import GatedAttentionBlock
 from tl_superposition.gated.check import SolelyEncodedReport, solely_encoded
+from tl_superposition.gated.config import BIAS_INITS
 from tl_superposition.gated.gates import gate_map
 from tl_superposition.gated.sources import TensorBatches, layer_activations
 from tl_superposition.gated.train import GatedTrainConfig, train_gated_block
@@ -78,6 +79,8 @@ class ToyRunOptions:
         alpha: gate penalty weight of the block (None: the setting's; for sweeps).
         alpha_warmup_steps: steps over which the weight rises from 0 (0: none, the authors').
         lr: Adam learning rate of the block (None: the setting's).
+        bias_init: the blocks' starting query/key/value biases, ``"zeros"`` or ``"xavier"``
+            (the authors' draw; :attr:`GatedAttentionConfig.bias_init`).
     """
 
     epochs: int | None = None
@@ -92,6 +95,7 @@ class ToyRunOptions:
     alpha: float | None = None
     alpha_warmup_steps: int = 0
     lr: float | None = None
+    bias_init: str = "zeros"
 
     def __post_init__(self) -> None:
         if self.epochs is not None and self.epochs < 1:
@@ -102,6 +106,8 @@ class ToyRunOptions:
             raise ValueError(f"lr must be > 0 (or None for the setting's), got {self.lr}")
         if self.alpha_warmup_steps < 0:
             raise ValueError(f"alpha_warmup_steps must be >= 0, got {self.alpha_warmup_steps}")
+        if self.bias_init not in BIAS_INITS:
+            raise ValueError(f"bias_init must be one of {BIAS_INITS}, got {self.bias_init!r}")
         for name in ("n_train", "n_check", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -213,7 +219,9 @@ def _authors_check(
     return report
 
 
-def toy_block(model: Any, layer: int, setting: ToySetting, seed: int) -> GatedAttentionBlock:
+def toy_block(
+    model: Any, layer: int, setting: ToySetting, seed: int, bias_init: str = "zeros"
+) -> GatedAttentionBlock:
     """A fresh gated block for a toy layer, shaped as the authors' toy block.
 
     Xavier initialisation, ``setting.expansion_factor`` heads per toy head, normalised
@@ -221,22 +229,34 @@ def toy_block(model: Any, layer: int, setting: ToySetting, seed: int) -> GatedAt
     cmathw/gated-attn's ``ModifiedAttention``, whatever biases the reference layer has: a
     hand-built reference (``copy3``) has none, and without value biases a normalised head
     cannot write more than the norm of its one-hot input, below what those references write.
+    The biases start at zero, or with ``bias_init="xavier"`` as the authors draw them.
     """
     return GatedAttentionBlock.from_layer(
-        model, layer, setting.expansion_factor, seed=seed, qkv_bias=True, out_bias=False
+        model,
+        layer,
+        setting.expansion_factor,
+        seed=seed,
+        qkv_bias=True,
+        out_bias=False,
+        bias_init=bias_init,
     )
 
 
-def _same_training(row: dict[str, Any], cfg: GatedTrainConfig, setting: ToySetting) -> bool:
-    """Whether a saved summary row was trained with ``cfg``'s epochs, alpha, warm-up and lr.
+def _same_training(
+    row: dict[str, Any], cfg: GatedTrainConfig, setting: ToySetting, bias_init: str
+) -> bool:
+    """Whether a saved summary row was trained with ``cfg``'s epochs, alpha, warm-up and lr,
+    and blocks whose biases started as ``bias_init``.
 
-    Rows written before these were recorded used the setting's values and no warm-up.
+    Rows written before these were recorded used the setting's values, no warm-up and zero
+    biases.
     """
     return (
         row.get("gated_epochs") == cfg.epochs
         and row.get("gated_alpha", setting.alpha) == cfg.alpha
         and row.get("gated_alpha_warmup_steps", 0) == cfg.alpha_warmup_steps
         and row.get("gated_lr", setting.lr) == cfg.lr
+        and row.get("gated_bias_init", "zeros") == bias_init
     )
 
 
@@ -282,7 +302,7 @@ def run_toy(
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         row = json.loads(summary_path.read_text())
-        done = _same_training(row, cfg, setting) and "removed_authors_check" in row
+        done = _same_training(row, cfg, setting, opts.bias_init) and "removed_authors_check" in row
         if done or setting.task == "ov_coherent":
             return row
 
@@ -306,7 +326,7 @@ def run_toy(
 
     x, y = layer_activations(model, train.tokens, 0, "hook_resid_pre")
     source = TensorBatches(x, y, opts.batch_size)
-    block = toy_block(model, 0, setting, seed)
+    block = toy_block(model, 0, setting, seed, opts.bias_init)
     result = train_gated_block(block, source, cfg, run_dir / "gated", progress=opts.progress)
     block.save(run_dir / "gated" / "block")
     _write_csv(result.history, run_dir / "gated_history.csv")
@@ -328,6 +348,7 @@ def run_toy(
             "gated_alpha": cfg.alpha,
             "gated_alpha_warmup_steps": cfg.alpha_warmup_steps,
             "gated_lr": cfg.lr,
+            "gated_bias_init": opts.bias_init,
             "gated_steps": result.steps,
             "final_mse": float(last["mse"]),
             "final_penalty": float(last["penalty"]),
@@ -419,9 +440,11 @@ def load_rows(out: str | os.PathLike) -> list[dict[str, Any]]:
 CROSS_LAYER_VARIANTS = ("within-layer", "joint, per-layer penalty", "joint, cross-layer penalty")
 
 
-def _fresh_blocks(model: Any, setting: ToySetting, seed: int) -> dict[int, GatedAttentionBlock]:
+def _fresh_blocks(
+    model: Any, setting: ToySetting, seed: int, bias_init: str
+) -> dict[int, GatedAttentionBlock]:
     return {
-        layer: toy_block(model, layer, setting, seed * 100 + layer)
+        layer: toy_block(model, layer, setting, seed * 100 + layer, bias_init)
         for layer in range(model.cfg.n_layers)
     }
 
@@ -438,7 +461,7 @@ def _train_variant(
 ) -> dict[int, GatedAttentionBlock]:
     from tl_superposition.gated.cross_layer import CrossLayerGatedBlocks, cross_layer_source
 
-    blocks = _fresh_blocks(model, setting, seed)
+    blocks = _fresh_blocks(model, setting, seed, opts.bias_init)
     if variant == "within-layer":
         for layer, block in blocks.items():
             x, y = layer_activations(model, train.tokens, layer, "hook_resid_pre")
@@ -479,7 +502,7 @@ def run_cross_layer(
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         row = json.loads(summary_path.read_text())
-        if _same_training(row, cfg, setting):
+        if _same_training(row, cfg, setting, opts.bias_init):
             return row
     train, val, model = _data_and_reference(setting, seed, run_dir, opts)
     ref, _ = _check_files(model, val, {}, run_dir, "toy", opts.plots)
@@ -495,6 +518,7 @@ def run_cross_layer(
         "gated_alpha": cfg.alpha,
         "gated_alpha_warmup_steps": cfg.alpha_warmup_steps,
         "gated_lr": cfg.lr,
+        "gated_bias_init": opts.bias_init,
         "variants": {},
     }
     for variant in CROSS_LAYER_VARIANTS:

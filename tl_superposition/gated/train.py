@@ -196,7 +196,8 @@ def _resume(
 ) -> tuple[int, list[dict[str, float]]]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     mismatch = []
-    if state["block_config"] != block.cfg.to_dict():
+    # through from_dict: fields added since the checkpoint was written take their defaults
+    if type(block.cfg).from_dict(state["block_config"]).to_dict() != block.cfg.to_dict():
         mismatch.append("block config")
     keep = ("alpha", "alpha_warmup_steps", "lr", "gate_p", "penalty_pairs")
     saved = {k: state["train_config"].get(k, 0) for k in keep}  # no warm-up key: none

@@ -58,6 +58,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="gated-block learning rate (default: each setting's)",
     )
     p.add_argument(
+        "--bias-init",
+        choices=("zeros", "xavier"),
+        default="zeros",
+        help="starting query/key/value biases of the gated blocks: zeros (default) or "
+        "Xavier-normal draws, as the authors' code makes them",
+    )
+    p.add_argument(
         "--n-train", type=int, default=100_000, help="training sequences (default: %(default)s)"
     )
     p.add_argument(
@@ -137,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
         alpha=args.alpha,
         alpha_warmup_steps=args.alpha_warmup_steps,
         lr=args.lr,
+        bias_init=args.bias_init,
     )
     for seed in seeds:
         for name in names:
