@@ -21,7 +21,13 @@ from tl_superposition.gated.sources import (
     layer_activations,
 )
 from tl_superposition.gated.splice import splice
-from tl_superposition.gated.train import GatedTrainConfig, gate_penalty, train_gated_block
+from tl_superposition.gated.train import (
+    GatedTrainConfig,
+    block_objective,
+    gate_penalty,
+    gated_loss,
+    train_gated_block,
+)
 from tl_superposition.toys.datasets import skip_trigram_dataset
 from tl_superposition.toys.models import (
     make_toy_model,
@@ -229,6 +235,22 @@ def test_training_lowers_the_loss():
     h = result.history
     assert result.steps == 60 and h["loss"].iloc[-1] < 0.6 * h["loss"].iloc[0]
     assert h["mse"].iloc[-1] < h["mse"].iloc[0] and h["penalty"].iloc[-1] < h["penalty"].iloc[0]
+
+
+def test_block_objective_is_the_training_loss_over_all_rows():
+    model, source = _toy_block_source()
+    block = GatedAttentionBlock.from_layer(model, 0, 2, seed=0)
+    cfg = GatedTrainConfig(alpha=0.3)
+    got = block_objective(block, source.x, source.y, cfg, batch_size=150)  # 400 rows: 150+150+100
+    with torch.no_grad():
+        out, gate = block.forward_with_gate(source.x)
+        loss, mse, penalty = gated_loss(out, source.y, gate, cfg)
+    assert got["mse"] == pytest.approx(mse.item(), rel=1e-5)
+    assert got["penalty"] == pytest.approx(penalty.item(), rel=1e-5)
+    assert got["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert block.training  # left as it was
+    with pytest.raises(ValueError, match="must match"):
+        block_objective(block, source.x, source.y[:5], cfg)
 
 
 def test_alpha_warmup_rises_linearly_and_starts_without_penalty():

@@ -165,6 +165,48 @@ def gated_loss(
     return mse + (cfg.alpha if alpha is None else alpha) * penalty, mse, penalty
 
 
+@torch.no_grad()
+def block_objective(
+    block: GatedAttentionBlock,
+    x: Float[Tensor, "n pos d_model"],
+    y: Float[Tensor, "n pos d_model"],
+    cfg: GatedTrainConfig,
+    batch_size: int = 1000,
+) -> dict[str, float]:
+    """The training objective of ``block`` on pairs ``x -> y``, evaluated without training.
+
+    The batch means of :func:`gated_loss` (full weight ``cfg.alpha``, no warm-up), averaged
+    over batches of ``batch_size`` rows weighted by their size: with the rows a block was
+    trained on, the loss it was trained to lower. Two blocks of one layer (for example one
+    trained here and one of the authors',
+    :func:`~tl_superposition.gated.block.import_gated_attn_block`) can so be compared on the
+    objective itself.
+
+    Returns:
+        ``{"loss", "mse", "penalty"}``.
+
+    Raises:
+        ValueError: ``x`` and ``y`` differ in shape, or ``batch_size < 1``.
+    """
+    if x.shape != y.shape or batch_size < 1:
+        raise ValueError(
+            f"x {tuple(x.shape)} and y {tuple(y.shape)} must match and batch_size "
+            f"({batch_size}) be >= 1"
+        )
+    was_training = block.training
+    block.eval()
+    device = next(block.parameters()).device
+    sums = torch.zeros(3, dtype=torch.float64)
+    for lo in range(0, len(x), batch_size):
+        xb, yb = x[lo : lo + batch_size].to(device), y[lo : lo + batch_size].to(device)
+        out, gate = block.forward_with_gate(xb)
+        terms = torch.stack(gated_loss(out, yb, gate, cfg)).double().cpu()
+        sums += terms * len(xb)
+    block.train(was_training)
+    loss, mse, penalty = (sums / max(len(x), 1)).tolist()
+    return {"loss": loss, "mse": mse, "penalty": penalty}
+
+
 def _save_checkpoint(
     path: Path,
     block: GatedAttentionBlock | CrossLayerGatedBlocks,
