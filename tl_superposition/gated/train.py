@@ -177,10 +177,9 @@ def block_objective(
 
     The batch means of :func:`gated_loss` (full weight ``cfg.alpha``, no warm-up), averaged
     over batches of ``batch_size`` rows weighted by their size: with the rows a block was
-    trained on, the loss it was trained to lower. Two blocks of one layer (for example one
-    trained here and one of the authors',
-    :func:`~tl_superposition.gated.block.import_gated_attn_block`) can so be compared on the
-    objective itself.
+    trained on, the loss it was trained to lower. This compares two blocks of one layer on
+    the objective itself, for example one trained here and one of the authors'
+    (:func:`~tl_superposition.gated.block.import_gated_attn_block`).
 
     Returns:
         ``{"loss", "mse", "penalty"}``.
