@@ -13,6 +13,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from tl_superposition.gated.config import BIAS_INITS
 from tl_superposition.toys.settings import PUBLISHED, SETTINGS
 
 
@@ -59,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--bias-init",
-        choices=("zeros", "xavier"),
+        choices=BIAS_INITS,
         default="zeros",
         help="starting query/key/value biases of the gated blocks: zeros (default) or "
         "Xavier-normal draws, as the authors' code makes them",
