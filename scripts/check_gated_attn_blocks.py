@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+# the attention weights of a toy model, as their files and ours both name them
+ATTN_PARAMS = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V")
 TOY_FILES = {
     "2H/3ST": "toy_model_2H_3ST.st",
     "3H/4ST": "toy_model_3H_4ST.st",
@@ -39,10 +41,9 @@ TOY_FILES = {
 def same_attention(theirs: Path, ours: Path) -> bool:
     """Whether our saved toy model has exactly the attention weights of their toy model file."""
     a, b = load_file(str(theirs)), load_file(str(ours))
-    names = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V")
     return all(
         f"blocks.0.attn.{n}" in b and torch.equal(a[f"attn.{n}"], b[f"blocks.0.attn.{n}"])
-        for n in names
+        for n in ATTN_PARAMS
     )
 
 
@@ -94,7 +95,7 @@ def main() -> int:
     from tl_superposition.gated.block import GatedAttentionBlock, import_gated_attn_block
     from tl_superposition.gated.check import solely_encoded
     from tl_superposition.gated.sources import layer_activations
-    from tl_superposition.gated.toy_runs import TRAIN_SEED
+    from tl_superposition.gated.toy_runs import TRAIN_SEED, ToyRunOptions
     from tl_superposition.gated.train import GatedTrainConfig, block_objective
     from tl_superposition.toys.datasets import skip_trigram_dataset
     from tl_superposition.toys.models import make_toy_model, save_toy_model
@@ -119,7 +120,7 @@ def main() -> int:
         if toy_path is not None:
             state = load_file(str(toy_path))
             with torch.no_grad():
-                for p in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V"):
+                for p in ATTN_PARAMS:
                     getattr(model.blocks[0].attn, p).copy_(state[f"attn.{p}"])
             if args.export_toys is not None:
                 save_toy_model(model, args.export_toys / SETTINGS[name].slug / "seed0" / "toy")
@@ -128,7 +129,7 @@ def main() -> int:
             for run in ours.get(name, []):
                 blocks[f"ours ({run})"] = GatedAttentionBlock.load(run / "gated" / "block", model)
             toy_map = solely_encoded(model, data).task_to_head()
-            train = SETTINGS[name].dataset(100_000, TRAIN_SEED)
+            train = SETTINGS[name].dataset(ToyRunOptions().n_train, TRAIN_SEED)
             x, y = layer_activations(model, train.tokens, 0, "hook_resid_pre")
             cfg = GatedTrainConfig(alpha=SETTINGS[name].alpha)
         for label, block in blocks.items():
