@@ -302,12 +302,13 @@ def walk_batch(
     index = FiringIndex(cols["prompt"], cols["layer"], cols["head"], cols["dest"])
     n_heads, n_layers = cache.z.shape[3], cache.z.shape[2]
     rows_parts, sums_parts, leaf_parts, edge_parts = [], [], [], []
+    chunk = None
     for c0 in range(0, cache.z.shape[0], WRITE_PROMPTS):
         c1 = min(c0 + WRITE_PROMPTS, cache.z.shape[0])
         in_chunk = (cols["prompt"] >= c0) & (cols["prompt"] < c1)
         if not (in_chunk & (reach != 0)).any():
             continue
-        chunk = ChunkWriters.build(writers, cache, c0, c1)
+        chunk = ChunkWriters.build(writers, cache, c0, c1, reuse=chunk)
         for L in range(n_layers - 1, -1, -1):
             rows = np.nonzero(in_chunk & (cols["layer"] == L) & (reach != 0))[0]
             if not len(rows):

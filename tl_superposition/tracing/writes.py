@@ -166,24 +166,48 @@ class ChunkWriters:
 
     Attributes:
         lo: the first prompt (within the batch).
-        heads: ``[n, pos, n_layers * n_heads, d_model]`` each head's ``z W_O``.
+        heads: ``[n_layers * n_heads, n, pos, d_model]`` each head's ``z W_O`` (head-major:
+            one batched product per head, with no copy into another layout).
         rest: ``[n, pos, n_layers + 1, d_model]`` each MLP's output, then the embeddings.
+        buffer: the flat tensor ``heads`` is a view of; a later :meth:`build` given this
+            chunk as ``reuse`` writes into it instead of allocating (the outputs of one chunk
+            are about 100 MB for SmolLM2, and a fresh allocation of that size costs more than
+            the product).
     """
 
     lo: int
     heads: Tensor
     rest: Tensor
+    buffer: Tensor
 
     @classmethod
-    def build(cls, writers: ResidualWriters, cache: BatchCache, lo: int, hi: int) -> ChunkWriters:
-        """Form the outputs of prompts ``lo .. hi - 1`` (one product per head)."""
+    def build(
+        cls,
+        writers: ResidualWriters,
+        cache: BatchCache,
+        lo: int,
+        hi: int,
+        reuse: ChunkWriters | None = None,
+    ) -> ChunkWriters:
+        """Form the outputs of prompts ``lo .. hi - 1`` (one product per head).
+
+        ``reuse``: a chunk no longer needed, whose buffer is overwritten when large enough
+        and of the same dtype and device.
+        """
         z = cache.z[lo:hi].flatten(2, 3)  # [b, pos, n_up, d_head]
-        heads = torch.einsum("bpje,jed->bpjd", z, writers.W_O_model)
+        b, P, n_up, d_head = z.shape
+        W_O = writers.W_O_model
+        n = n_up * b * P * W_O.shape[-1]
+        buffer = reuse.buffer if reuse is not None else None
+        if buffer is None or len(buffer) < n or (buffer.dtype, buffer.device) != (z.dtype, z.device):
+            buffer = torch.empty(n, dtype=z.dtype, device=z.device)
+        heads = buffer[:n].view(n_up, b * P, W_O.shape[-1])
+        torch.bmm(z.reshape(b * P, n_up, d_head).transpose(0, 1), W_O, out=heads)
         rest = torch.cat([cache.mlp[lo:hi], cache.embed[lo:hi, :, None]], 2)
-        return cls(lo=lo, heads=heads, rest=rest)
+        return cls(lo=lo, heads=heads.unflatten(1, (b, P)), rest=rest, buffer=buffer)
 
     def __contains__(self, prompt: int) -> bool:
-        return self.lo <= prompt < self.lo + self.heads.shape[0]
+        return self.lo <= prompt < self.lo + self.heads.shape[1]
 
 
 @torch.inference_mode()
@@ -236,13 +260,15 @@ def signal_writes(
     top = torch.zeros(len(keys), dtype=torch.long).scatter_reduce_(
         0, segment, layer[order].cpu().long(), "amax"
     )
+    own = None  # the chunks formed here (the caller's ``chunk`` is never overwritten)
     for i, (key_i, top_i) in enumerate(zip(keys.tolist(), top.tolist())):
         bi, p = divmod(key_i, P)
         if chunk is None or bi not in chunk:
             c0 = bi - bi % WRITE_PROMPTS
-            chunk = ChunkWriters.build(writers, cache, c0, min(c0 + WRITE_PROMPTS, len(cache.z)))
+            c1 = min(c0 + WRITE_PROMPTS, len(cache.z))
+            chunk = own = ChunkWriters.build(writers, cache, c0, c1, reuse=own)
         lo, hi, width = bounds[i], bounds[i + 1], top_i * n_heads
-        heads[lo:hi, :width] = g[lo:hi] @ chunk.heads[bi - chunk.lo, p, :width].T
+        heads[lo:hi, :width] = g[lo:hi] @ chunk.heads[:width, bi - chunk.lo, p].T
         torch.mm(g[lo:hi], chunk.rest[bi - chunk.lo, p].T, out=leaf[lo:hi])
     # back to the order of the sides, scaled, writers at or above the firing's layer zeroed
     inverse = torch.empty_like(order)
