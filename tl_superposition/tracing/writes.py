@@ -24,8 +24,9 @@ from tl_superposition.tracing.graph import NodeKind
 from tl_superposition.tracing.qk_svd import QKSVDCache
 
 # Prompts whose per-head outputs (``z W_O``, n_layers x n_heads x d_model per position) are
-# formed at once in :func:`signal_writes`: bounds that tensor (about 120 MB for SmolLM2).
-WRITE_PROMPTS = 8
+# formed at once in :func:`signal_writes`: bounds that tensor (about 340 MB for 32 SmolLM2
+# IOI prompts). Fewer prompts per chunk mean more calls, each with a fixed Python cost.
+WRITE_PROMPTS = 32
 
 
 @dataclass
@@ -160,6 +161,25 @@ def side_directions(
     return g
 
 
+class WriteBuffer:
+    """Memory that every :class:`ChunkWriters` of a trace forms its outputs in.
+
+    A chunk's outputs are large (:data:`WRITE_PROMPTS`), and a fresh allocation of that size
+    is paid again in page faults on every chunk, which costs more than the product that
+    fills it; one buffer, grown when a chunk needs more, is paid once.
+    """
+
+    def __init__(self) -> None:
+        self._flat: Tensor | None = None
+
+    def take(self, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A flat tensor of ``n`` elements (its values are whatever was there)."""
+        flat = self._flat
+        if flat is None or len(flat) < n or (flat.dtype, flat.device) != (dtype, device):
+            flat = self._flat = torch.empty(n, dtype=dtype, device=device)
+        return flat[:n]
+
+
 @dataclass
 class ChunkWriters:
     """Every writer's output at every position of prompts ``lo .. lo + n - 1`` of a batch.
@@ -169,16 +189,11 @@ class ChunkWriters:
         heads: ``[n_layers * n_heads, n, pos, d_model]`` each head's ``z W_O`` (head-major:
             one batched product per head, with no copy into another layout).
         rest: ``[n, pos, n_layers + 1, d_model]`` each MLP's output, then the embeddings.
-        buffer: the flat tensor ``heads`` is a view of; a later :meth:`build` given this
-            chunk as ``reuse`` writes into it instead of allocating (the outputs of one chunk
-            are about 100 MB for SmolLM2, and a fresh allocation of that size costs more than
-            the product).
     """
 
     lo: int
     heads: Tensor
     rest: Tensor
-    buffer: Tensor
 
     @classmethod
     def build(
@@ -187,24 +202,21 @@ class ChunkWriters:
         cache: BatchCache,
         lo: int,
         hi: int,
-        reuse: ChunkWriters | None = None,
+        buffer: WriteBuffer | None = None,
     ) -> ChunkWriters:
         """Form the outputs of prompts ``lo .. hi - 1`` (one product per head).
 
-        ``reuse``: a chunk no longer needed, whose buffer is overwritten when large enough
-        and of the same dtype and device.
+        ``buffer``: where ``heads`` is formed (default: a new one). Forming the next chunk in
+        the same buffer overwrites this one.
         """
         z = cache.z[lo:hi].flatten(2, 3)  # [b, pos, n_up, d_head]
         b, P, n_up, d_head = z.shape
         W_O = writers.W_O_model
-        n = n_up * b * P * W_O.shape[-1]
-        buffer = reuse.buffer if reuse is not None else None
-        if buffer is None or len(buffer) < n or (buffer.dtype, buffer.device) != (z.dtype, z.device):
-            buffer = torch.empty(n, dtype=z.dtype, device=z.device)
-        heads = buffer[:n].view(n_up, b * P, W_O.shape[-1])
+        flat = (buffer or WriteBuffer()).take(n_up * b * P * W_O.shape[-1], z.dtype, z.device)
+        heads = flat.view(n_up, b * P, W_O.shape[-1])
         torch.bmm(z.reshape(b * P, n_up, d_head).transpose(0, 1), W_O, out=heads)
         rest = torch.cat([cache.mlp[lo:hi], cache.embed[lo:hi, :, None]], 2)
-        return cls(lo=lo, heads=heads.unflatten(1, (b, P)), rest=rest, buffer=buffer)
+        return cls(lo=lo, heads=heads.unflatten(1, (b, P)), rest=rest)
 
     def __contains__(self, prompt: int) -> bool:
         return self.lo <= prompt < self.lo + self.heads.shape[1]
@@ -260,13 +272,13 @@ def signal_writes(
     top = torch.zeros(len(keys), dtype=torch.long).scatter_reduce_(
         0, segment, layer[order].cpu().long(), "amax"
     )
-    own = None  # the chunks formed here (the caller's ``chunk`` is never overwritten)
+    own = WriteBuffer()  # the chunks formed here (the caller's ``chunk`` is never overwritten)
     for i, (key_i, top_i) in enumerate(zip(keys.tolist(), top.tolist())):
         bi, p = divmod(key_i, P)
         if chunk is None or bi not in chunk:
             c0 = bi - bi % WRITE_PROMPTS
             c1 = min(c0 + WRITE_PROMPTS, len(cache.z))
-            chunk = own = ChunkWriters.build(writers, cache, c0, c1, reuse=own)
+            chunk = ChunkWriters.build(writers, cache, c0, c1, own)
         lo, hi, width = bounds[i], bounds[i + 1], top_i * n_heads
         heads[lo:hi, :width] = g[lo:hi] @ chunk.heads[:width, bi - chunk.lo, p].T
         torch.mm(g[lo:hi], chunk.rest[bi - chunk.lo, p].T, out=leaf[lo:hi])
