@@ -50,7 +50,7 @@ from tl_superposition.tracing.qk_svd import QKSVDCache
 from tl_superposition.tracing.seeds import FixedSeeds, SeedChooser
 from tl_superposition.tracing.store import TraceStore
 from tl_superposition.tracing.walk import WalkResult, seed_firings, walk_batch
-from tl_superposition.tracing.writes import ResidualWriters, WriteBuffer
+from tl_superposition.tracing.writes import ResidualWriters, Workspace
 
 # Bit of the reach masks that marks firings reached from the final seeds in a batch walked
 # again (:func:`trace`); bits 0 .. FINAL_BIT - 1 number the candidate seeds.
@@ -210,12 +210,12 @@ def _run(
     heads: Sequence[tuple[tuple[int, int], int]],
     seeds: tuple[np.ndarray, np.ndarray | None],
     cfg: TraceConfig,
-    buffer: WriteBuffer,
+    workspace: Workspace,
 ) -> _Batch:
     """Decompose one batch and walk it from ``heads`` (steps 1 and 2)."""
     firings, nonfirings = decompose_batch(qk, cache, lengths, cfg, prompt_ids)
     start = start_bits(firings, heads, *seeds)
-    walk = walk_batch(qk, writers, cache, firings, start, cfg, buffer)
+    walk = walk_batch(qk, writers, cache, firings, start, cfg, workspace)
     return _Batch(firings, nonfirings, walk)
 
 
@@ -272,7 +272,7 @@ def trace(
     role_pos = {k: _check_positions(f"roles[{k!r}]", v, lengths) for k, v in (roles or {}).items()}
     qk = QKSVDCache(model)
     writers = ResidualWriters.from_model(model)
-    buffer = WriteBuffer()
+    workspace = Workspace()
     device = next(model.parameters()).device
     tmpdir = tempfile.TemporaryDirectory(prefix="tl-trace-") if out_dir is None else None
     out = Path(tmpdir.name if tmpdir is not None else out_dir)  # type: ignore[arg-type]
@@ -286,7 +286,9 @@ def trace(
             heads = bits.assign(chooser.candidates())
         seeds_here = (dest[lo:hi], None if src is None else src[lo:hi])
         ids = torch.arange(lo, hi)
-        return heads, _run(qk, writers, cache, lengths[lo:hi], ids, heads, seeds_here, cfg, buffer)
+        return heads, _run(
+            qk, writers, cache, lengths[lo:hi], ids, heads, seeds_here, cfg, workspace
+        )
 
     t0 = time.time()
     starts = list(range(0, n_prompts, cfg.batch_size))

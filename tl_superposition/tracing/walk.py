@@ -36,7 +36,7 @@ from tl_superposition.tracing.writes import (
     ChunkWriters,
     ResidualWriters,
     SideWrites,
-    WriteBuffer,
+    Workspace,
     signal_writes,
 )
 
@@ -283,7 +283,7 @@ def walk_batch(
     firings: BatchFirings,
     start: np.ndarray,
     cfg: TraceConfig,
-    buffer: WriteBuffer | None = None,
+    workspace: Workspace | None = None,
 ) -> WalkResult:
     """Walk one batch from the start bits, measuring the writes of reached firings only.
 
@@ -298,7 +298,7 @@ def walk_batch(
         firings: the batch's firings.
         start: ``[n]`` int64 bit masks of the firings the walk starts from (seed bits).
         cfg: the edge rule.
-        buffer: where the writers' outputs are formed; pass the same one to every batch
+        workspace: where the writers' outputs are formed; pass the same one to every batch
             of a trace (default: a new one).
     """
     reach = start.astype(np.int64).copy()
@@ -306,13 +306,13 @@ def walk_batch(
     index = FiringIndex(cols["prompt"], cols["layer"], cols["head"], cols["dest"])
     n_heads, n_layers = cache.z.shape[3], cache.z.shape[2]
     rows_parts, sums_parts, leaf_parts, edge_parts = [], [], [], []
-    buffer = buffer or WriteBuffer()
+    workspace = workspace or Workspace()
     for c0 in range(0, cache.z.shape[0], WRITE_PROMPTS):
         c1 = min(c0 + WRITE_PROMPTS, cache.z.shape[0])
         in_chunk = (cols["prompt"] >= c0) & (cols["prompt"] < c1)
         if not (in_chunk & (reach != 0)).any():
             continue
-        chunk = ChunkWriters.build(writers, cache, c0, c1, buffer)
+        chunk = ChunkWriters.build(writers, cache, c0, c1, workspace)
         for L in range(n_layers - 1, -1, -1):
             rows = np.nonzero(in_chunk & (cols["layer"] == L) & (reach != 0))[0]
             if not len(rows):

@@ -161,19 +161,22 @@ def side_directions(
     return g
 
 
-class WriteBuffer:
-    """Memory that every :class:`ChunkWriters` of a trace forms its outputs in.
+class Workspace:
+    """A flat tensor that successive :class:`ChunkWriters` of a trace are formed in.
 
-    A chunk's outputs are large (:data:`WRITE_PROMPTS`), and a fresh allocation of that size
-    is paid again in page faults on every chunk, which costs more than the product that
-    fills it; one buffer, grown when a chunk needs more, is paid once.
+    A chunk's outputs are hundreds of MB (:data:`WRITE_PROMPTS`). A fresh allocation of
+    that size is returned to the system when freed and paid again in page faults by the
+    next chunk, which on CPU costs more than the product that fills it; one workspace,
+    grown when a chunk needs more, is paid once. Whatever was formed in a workspace is
+    overwritten by its next use.
     """
 
     def __init__(self) -> None:
         self._flat: Tensor | None = None
 
-    def take(self, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """A flat tensor of ``n`` elements (its values are whatever was there)."""
+    def take(self, n: int, dtype: torch.dtype, device: torch.device | str) -> Tensor:
+        """A flat tensor of ``n`` elements (its values are whatever was there before)."""
+        device = torch.device(device)
         flat = self._flat
         if flat is None or len(flat) < n or (flat.dtype, flat.device) != (dtype, device):
             flat = self._flat = torch.empty(n, dtype=dtype, device=device)
@@ -202,17 +205,17 @@ class ChunkWriters:
         cache: BatchCache,
         lo: int,
         hi: int,
-        buffer: WriteBuffer | None = None,
+        workspace: Workspace | None = None,
     ) -> ChunkWriters:
         """Form the outputs of prompts ``lo .. hi - 1`` (one product per head).
 
-        ``buffer``: where ``heads`` is formed (default: a new one). Forming the next chunk in
-        the same buffer overwrites this one.
+        ``workspace``: where ``heads`` is formed (default: new memory). Forming the next chunk
+        in the same workspace overwrites this one.
         """
         z = cache.z[lo:hi].flatten(2, 3)  # [b, pos, n_up, d_head]
         b, P, n_up, d_head = z.shape
         W_O = writers.W_O_model
-        flat = (buffer or WriteBuffer()).take(n_up * b * P * W_O.shape[-1], z.dtype, z.device)
+        flat = (workspace or Workspace()).take(n_up * b * P * W_O.shape[-1], z.dtype, z.device)
         heads = flat.view(n_up, b * P, W_O.shape[-1])
         torch.bmm(z.reshape(b * P, n_up, d_head).transpose(0, 1), W_O, out=heads)
         rest = torch.cat([cache.mlp[lo:hi], cache.embed[lo:hi, :, None]], 2)
@@ -272,7 +275,7 @@ def signal_writes(
     top = torch.zeros(len(keys), dtype=torch.long).scatter_reduce_(
         0, segment, layer[order].cpu().long(), "amax"
     )
-    own = WriteBuffer()  # the chunks formed here (the caller's ``chunk`` is never overwritten)
+    own = Workspace()  # the chunks formed here (the caller's ``chunk`` is never overwritten)
     for i, (key_i, top_i) in enumerate(zip(keys.tolist(), top.tolist())):
         bi, p = divmod(key_i, P)
         if chunk is None or bi not in chunk:
