@@ -160,7 +160,10 @@ class TraceStore:
 
     def _write(self, name: str, table: pa.Table) -> None:
         if name not in self._writers:
-            self._writers[name] = pq.ParquetWriter(self.tmp / name, table.schema)
+            # no dictionary pages: a third of the write time, files about the same size
+            self._writers[name] = pq.ParquetWriter(
+                self.tmp / name, table.schema, use_dictionary=False
+            )
         self._writers[name].write_table(table, row_group_size=max(len(table), 1))
 
     def _tables(
