@@ -191,12 +191,12 @@ class ChunkWriters:
         lo: the first prompt (within the batch).
         heads: ``[n_layers * n_heads, n, pos, d_model]`` each head's ``z W_O`` (head-major:
             one batched product per head, with no copy into another layout).
-        rest: ``[n, pos, n_layers + 1, d_model]`` each MLP's output, then the embeddings.
+        mlp: ``[n, pos, n_layers, d_model]`` each MLP's output (a view of the cache's).
     """
 
     lo: int
     heads: Tensor
-    rest: Tensor
+    mlp: Tensor
 
     @classmethod
     def build(
@@ -218,8 +218,7 @@ class ChunkWriters:
         flat = (workspace or Workspace()).take(n_up * b * P * W_O.shape[-1], z.dtype, z.device)
         heads = flat.view(n_up, b * P, W_O.shape[-1])
         torch.bmm(z.reshape(b * P, n_up, d_head).transpose(0, 1), W_O, out=heads)
-        rest = torch.cat([cache.mlp[lo:hi], cache.embed[lo:hi, :, None]], 2)
-        return cls(lo=lo, heads=heads.unflatten(1, (b, P)), rest=rest)
+        return cls(lo=lo, heads=heads.unflatten(1, (b, P)), mlp=cache.mlp[lo:hi])
 
     def __contains__(self, prompt: int) -> bool:
         return self.lo <= prompt < self.lo + self.heads.shape[1]
@@ -268,7 +267,7 @@ def signal_writes(
     keys, counts = torch.unique_consecutive(key[order], return_counts=True)
     bounds = [0, *counts.cumsum(0).tolist()]
     heads = torch.zeros(2 * k, n_up, dtype=dtype, device=dev)
-    leaf = torch.empty(2 * k, n_layers + 1, dtype=dtype, device=dev)
+    mlps = torch.empty(2 * k, n_layers, dtype=dtype, device=dev)
     # heads at or above a side's layer write nothing into it: each position reads only the
     # outputs of the heads below the highest layer among its sides
     segment = torch.repeat_interleave(torch.arange(len(keys)), counts)
@@ -284,24 +283,25 @@ def signal_writes(
             chunk = ChunkWriters.build(writers, cache, c0, c1, own)
         lo, hi, width = bounds[i], bounds[i + 1], top_i * n_heads
         heads[lo:hi, :width] = g[lo:hi] @ chunk.heads[:width, bi - chunk.lo, p].T
-        torch.mm(g[lo:hi], chunk.rest[bi - chunk.lo, p].T, out=leaf[lo:hi])
+        torch.mm(g[lo:hi], chunk.mlp[bi - chunk.lo, p].T, out=mlps[lo:hi])
     # back to the order of the sides, scaled, writers at or above the firing's layer zeroed
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(len(order))
     inverse = inverse.to(dev)
-    heads, leaf = heads[inverse], leaf[inverse]
-    scale = cache.scale[b.to(dev), pos.to(dev), layer.to(dev)].to(torch.float64)
+    heads, mlps = heads[inverse], mlps[inverse]
+    b, pos, layer = b.to(dev), pos.to(dev), layer.to(dev)
+    embed = (g_aug[:, :-1].to(dtype) * cache.embed[b, pos]).sum(1)
+    scale = cache.scale[b, pos, layer].to(torch.float64)
     heads /= scale.to(dtype)[:, None]
-    leaf /= scale.to(dtype)[:, None]
+    mlps /= scale.to(dtype)[:, None]
     up_layer = torch.arange(n_up, device=dev) // n_heads
-    heads.masked_fill_(up_layer[None, :] >= layer.to(dev)[:, None], 0)
-    mlp_layer = torch.arange(n_layers + 1, device=dev)
-    leaf[:, :n_layers].masked_fill_(mlp_layer[None, :n_layers] >= layer.to(dev)[:, None], 0)
-    bias = (g_aug[:, :-1] * writers.b_O_cumsum.to(dev)[layer.to(dev)]).sum(1) / scale
+    heads.masked_fill_(up_layer[None, :] >= layer[:, None], 0)
+    mlps.masked_fill_(torch.arange(n_layers, device=dev)[None, :] >= layer[:, None], 0)
+    bias = (g_aug[:, :-1] * writers.b_O_cumsum.to(dev)[layer]).sum(1) / scale
     return SideWrites(
         heads=heads.float().cpu(),
-        mlps=leaf[:, :n_layers].float().cpu(),
-        embed=leaf[:, -1].float().cpu(),
+        mlps=mlps.float().cpu(),
+        embed=(embed / scale.to(dtype)).float().cpu(),
         bias=bias.float().cpu(),
         bias_coord=(g_aug[:, -1] / scale).float().cpu(),
     )
