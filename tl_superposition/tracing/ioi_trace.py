@@ -71,7 +71,12 @@ def logit_attribution(
     ld = (normed * direction).sum(1) + model.b_U[io] - model.b_U[s]
     if model.cfg.normalization_type in ("LN", "LNPre"):
         direction = direction - direction.mean(1, keepdim=True)
-    dla = torch.einsum("blhe,lhed,bd->blh", z_end, model.W_O, direction) / scale[:, None, None]
+    # layer by layer: ``model.W_O`` would stack every layer's weights on each call
+    per_layer = [
+        torch.einsum("bhe,hed,bd->bh", z_end[:, L], block.attn.W_O, direction)
+        for L, block in enumerate(model.blocks)
+    ]
+    dla = torch.stack(per_layer, 1) / scale[:, None, None]
     return ld.float().cpu(), dla.float().cpu()
 
 
