@@ -29,6 +29,7 @@ from tl_superposition.tracing.walk import CandidateEdges, batch_edges, seed_firi
 from tl_superposition.tracing.writes import (
     WRITE_PROMPTS,
     ChunkWriters,
+    Workspace,
     side_directions,
     signal_writes,
 )
@@ -111,6 +112,27 @@ def test_writes_from_a_given_chunk_equal_those_of_one_call_over_two_chunks(tiny_
             torch.testing.assert_close(got.heads, whole.heads[sides])
             torch.testing.assert_close(got.mlps, whole.mlps[sides])
             torch.testing.assert_close(got.bias, whole.bias[sides])
+
+
+def test_chunks_formed_in_one_workspace_equal_fresh_ones_and_a_given_chunk_is_kept(tiny_llama):
+    """The walk forms every chunk of a trace in one workspace, growing and shrinking."""
+    n = WRITE_PROMPTS + 3
+    ds = make_ioi_dataset(tiny_llama, n, seed=5)
+    cache = run_batch(tiny_llama, ds.tokens)
+    qk, writers = QKSVDCache(tiny_llama), ResidualWriters.from_model(tiny_llama)
+    workspace = Workspace()
+    for lo, hi in ((0, 2), (0, WRITE_PROMPTS), (WRITE_PROMPTS, n)):
+        got = ChunkWriters.build(writers, cache, lo, hi, workspace)
+        fresh = ChunkWriters.build(writers, cache, lo, hi)
+        assert torch.equal(got.heads, fresh.heads) and torch.equal(got.mlp, fresh.mlp)
+    # rows outside the given chunk: their chunk is formed apart, the given one is untouched
+    chunk = ChunkWriters.build(writers, cache, 0, WRITE_PROMPTS, workspace)
+    before = chunk.heads.clone()
+    f, _ = decompose_batch(qk, cache, ds.lengths, CFG)
+    rows = torch.arange(len(f))
+    got = signal_writes(qk, writers, cache, f, rows, chunk)
+    assert torch.equal(chunk.heads, before)
+    torch.testing.assert_close(got.heads, signal_writes(qk, writers, cache, f).heads)
 
 
 def test_dla_seeds_need_one_pass_and_give_the_trace_of_those_seeds(tiny_llama, monkeypatch):

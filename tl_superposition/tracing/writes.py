@@ -236,7 +236,8 @@ def signal_writes(
     """Step 2: the writes of every upstream component into both sides of firings ``rows``.
 
     The writers' outputs are formed for :data:`WRITE_PROMPTS` prompts at a time
-    (:class:`ChunkWriters`; or ``chunk``, which must hold every prompt of ``rows``), and all
+    (:class:`ChunkWriters`, in memory of this call's own; ``chunk`` serves the rows whose
+    prompts it holds and is never overwritten), and all
     the sides that read one position are served by one product with that position's
     outputs: one ``n_layers n_heads d_head d_model`` product per position and
     ``n_layers n_heads d_model`` per side. Values agree with :func:`upstream_writes` up to
