@@ -236,18 +236,17 @@ def signal_writes(
     """Step 2: the writes of every upstream component into both sides of firings ``rows``.
 
     The writers' outputs are formed for :data:`WRITE_PROMPTS` prompts at a time
-    (:class:`ChunkWriters`, in memory of this call's own; ``chunk`` serves the rows whose
-    prompts it holds and is never overwritten), and all
-    the sides that read one position are served by one product with that position's
-    outputs: one ``n_layers n_heads d_head d_model`` product per position and
-    ``n_layers n_heads d_model`` per side. Values agree with :func:`upstream_writes` up to
-    float32 rounding.
+    (:class:`ChunkWriters`, in this call's own memory; ``chunk`` serves the rows whose prompts
+    it holds and is never overwritten), and all the sides that read one position are served
+    by one product with that position's outputs: one ``n_layers n_heads d_head d_model``
+    product per position and ``n_layers n_heads d_model`` per side. Values agree with
+    :func:`upstream_writes` up to float32 rounding.
 
     Args:
         qk, writers, cache: the layer decompositions, the weights, the batch's activations.
         firings: the batch's firings.
         rows: the firings whose sides are measured (default: all).
-        chunk: the writers' outputs, when the caller already formed them.
+        chunk: the writers' outputs of some prompts, when the caller already formed them.
 
     Returns:
         :class:`SideWrites` with ``2 * len(rows)`` rows: the source sides, then the
