@@ -174,9 +174,12 @@ class Workspace:
     def __init__(self) -> None:
         self._flat: Tensor | None = None
 
-    def take(self, n: int, dtype: torch.dtype, device: torch.device | str) -> Tensor:
-        """A flat tensor of ``n`` elements (its values are whatever was there before)."""
-        device = torch.device(device)
+    def take(self, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A flat tensor of ``n`` elements (its values are whatever was there before).
+
+        ``device`` is compared as given: pass a tensor's ``.device`` (``cuda:0``, not
+        ``cuda``), or the workspace is allocated again on every call.
+        """
         flat = self._flat
         if flat is None or len(flat) < n or (flat.dtype, flat.device) != (dtype, device):
             flat = self._flat = torch.empty(n, dtype=dtype, device=device)
@@ -263,7 +266,8 @@ def signal_writes(
     # sides sorted by (prompt, position): every position's sides are one contiguous slice
     key = b * P + pos
     order = torch.argsort(key, stable=True)
-    g = g_aug[:, :-1].to(dtype)[order.to(dev)]
+    g_model = g_aug[:, :-1].to(dtype)  # the residual-stream part, in the model's dtype
+    g = g_model[order.to(dev)]
     keys, counts = torch.unique_consecutive(key[order], return_counts=True)
     bounds = [0, *counts.cumsum(0).tolist()]
     heads = torch.zeros(2 * k, n_up, dtype=dtype, device=dev)
@@ -290,7 +294,7 @@ def signal_writes(
     inverse = inverse.to(dev)
     heads, mlps = heads[inverse], mlps[inverse]
     b, pos, layer = b.to(dev), pos.to(dev), layer.to(dev)
-    embed = (g_aug[:, :-1].to(dtype) * cache.embed[b, pos]).sum(1)
+    embed = (g_model * cache.embed[b, pos]).sum(1)
     scale = cache.scale[b, pos, layer].to(torch.float64)
     heads /= scale.to(dtype)[:, None]
     mlps /= scale.to(dtype)[:, None]
