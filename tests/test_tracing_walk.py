@@ -103,7 +103,7 @@ def test_writes_from_a_given_chunk_equal_those_of_one_call_over_two_chunks(tiny_
     whole = signal_writes(qk, writers, cache, f)
     n = len(f)
     for lo in (0, WRITE_PROMPTS):
-        chunk = ChunkWriters.build(writers, cache, lo, min(lo + WRITE_PROMPTS, len(ds.tokens)))
+        chunk = ChunkWriters(writers, cache, lo, min(lo + WRITE_PROMPTS, len(ds.tokens)))
         for L in range(tiny_llama.cfg.n_layers):
             rows = (f.prompt >= lo) & (f.prompt < lo + WRITE_PROMPTS) & (f.layer == L)
             rows = rows.nonzero()[:, 0]
@@ -114,24 +114,38 @@ def test_writes_from_a_given_chunk_equal_those_of_one_call_over_two_chunks(tiny_
             torch.testing.assert_close(got.bias, whole.bias[sides])
 
 
-def test_chunks_formed_in_one_workspace_equal_fresh_ones_and_a_given_chunk_is_kept(tiny_llama):
-    """The walk forms every chunk of a trace in one workspace, growing and shrinking."""
+def _every_position(chunk: ChunkWriters, n_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    prompt = torch.arange(chunk.lo, chunk.hi).repeat_interleave(n_pos)
+    return prompt, torch.arange(n_pos).repeat(chunk.hi - chunk.lo)
+
+
+def test_chunk_outputs_are_z_W_O_in_one_workspace_and_a_given_chunk_is_kept(tiny_llama):
+    """The walk forms every chunk of a trace in one workspace, position by position."""
     n = WRITE_PROMPTS + 3
     ds = make_ioi_dataset(tiny_llama, n, seed=5)
     cache = run_batch(tiny_llama, ds.tokens)
     qk, writers = QKSVDCache(tiny_llama), ResidualWriters.from_model(tiny_llama)
+    L, H, P = tiny_llama.cfg.n_layers, tiny_llama.cfg.n_heads, ds.tokens.shape[1]
+    z_W_O = torch.einsum("bplhe,lhed->bplhd", cache.z, tiny_llama.W_O.detach()).flatten(2, 3)
     workspace = Workspace()
     for lo, hi in ((0, 2), (0, WRITE_PROMPTS), (WRITE_PROMPTS, n)):
-        got = ChunkWriters.build(writers, cache, lo, hi, workspace)
-        fresh = ChunkWriters.build(writers, cache, lo, hi)
-        assert torch.equal(got.heads, fresh.heads) and torch.equal(got.mlp, fresh.mlp)
+        chunk = ChunkWriters(writers, cache, lo, hi, workspace)
+        prompt, pos = _every_position(chunk, P)
+        chunk.form(prompt[::2], pos[::2], H)  # some positions with the first layer's heads,
+        chunk.form(prompt, pos, L * H)  # then every position with every head
+        for b, p in zip(prompt.tolist(), pos.tolist()):
+            torch.testing.assert_close(chunk.outputs(b, p), z_W_O[b, p])
+    with pytest.raises(KeyError, match="not formed"):
+        ChunkWriters(writers, cache, 0, 2).outputs(1, 0)
     # rows outside the given chunk: their chunk is formed apart, the given one is untouched
-    chunk = ChunkWriters.build(writers, cache, 0, WRITE_PROMPTS, workspace)
-    before = chunk.heads.clone()
+    chunk = ChunkWriters(writers, cache, 0, WRITE_PROMPTS, workspace)
+    prompt, pos = _every_position(chunk, P)
+    chunk.form(prompt, pos, L * H)
+    before = [chunk.outputs(b, p).clone() for b, p in zip(prompt.tolist(), pos.tolist())]
     f, _ = decompose_batch(qk, cache, ds.lengths, CFG)
-    rows = torch.arange(len(f))
-    got = signal_writes(qk, writers, cache, f, rows, chunk)
-    assert torch.equal(chunk.heads, before)
+    got = signal_writes(qk, writers, cache, f, torch.arange(len(f)), chunk)
+    for b, p, old in zip(prompt.tolist(), pos.tolist(), before):
+        assert torch.equal(chunk.outputs(b, p), old)
     torch.testing.assert_close(got.heads, signal_writes(qk, writers, cache, f).heads)
 
 

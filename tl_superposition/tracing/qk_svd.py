@@ -148,6 +148,8 @@ class LayerQK:
     # the pairs decomposed so far
     _cores: tuple[Tensor, Tensor, Tensor] | None = None
     _done: Tensor | None = None
+    # rotary_matrices at offsets 0 .. len - 1 (rotary models), grown on demand
+    _rot: Tensor | None = None
 
     def __repr__(self) -> str:
         n_heads, d_aug, d_head = self.q_basis.shape
@@ -180,11 +182,15 @@ class LayerQK:
         return 0 if self._done is None else int(self._done.sum())
 
     def _grow(self, n_offsets: int) -> tuple[Tensor, Tensor, Tensor]:
-        """The core arrays, allocated for at least ``n_offsets`` offsets."""
+        """The core arrays, allocated for at least ``n_offsets`` offsets.
+
+        Grown to at least twice their size, so a trace meeting longer and longer prompts
+        copies them a few times only.
+        """
         n_heads, d_head = self.q_r.shape[:2]
         have = 0 if self._cores is None else self._cores[1].shape[0]
         if n_offsets > have:
-            extra = n_offsets - have
+            extra = max(n_offsets, 2 * have) - have
             mat = self.q_r.new_zeros(extra, n_heads, d_head, d_head)
             new = (mat, self.q_r.new_zeros(extra, n_heads, d_head), mat.clone())
             done = torch.zeros(extra, n_heads, dtype=torch.bool)
@@ -194,6 +200,48 @@ class LayerQK:
             self._cores, self._done = (new[0], new[1], new[2]), done
         assert self._cores is not None
         return self._cores
+
+    def _rotations(self, offsets: Tensor) -> Float[Tensor, "n d_head d_head"]:
+        """:func:`rotary_matrices` at ``offsets``, from a table kept and grown by doubling."""
+        need = int(offsets.max()) + 1
+        if self._rot is None or len(self._rot) < need:
+            have = 0 if self._rot is None else len(self._rot)
+            self._rot = rotary_matrices(self._model, self.layer, torch.arange(max(need, 2 * have)))
+        return self._rot[offsets]
+
+    def missing(self, offset: Tensor, head: Tensor) -> tuple[Tensor, Tensor]:
+        """The distinct pairs among ``(offset[i], head[i])`` whose cores are not decomposed yet.
+
+        Returns:
+            ``(offset, head)`` of those pairs (offsets are 0 for non-rotary models).
+        """
+        offset = offset.long().cpu() if self.rotary else torch.zeros_like(head.long().cpu())
+        head = head.long().cpu()
+        n_heads = self.q_r.shape[0]
+        self._grow(int(offset.max()) + 1 if len(offset) else 1)
+        assert self._done is not None
+        key = (offset * n_heads + head).unique()
+        key = key[~self._done.flatten()[key]]
+        return key // n_heads, key % n_heads
+
+    def core_matrices(self, offset: Tensor, head: Tensor) -> Float[Tensor, "n d_head d_head"]:
+        """The cores ``R_q R(offset) R_k^T / attn_scale`` of the pairs ``(offset[i], head[i])``."""
+        dev = self.q_r.device
+        h = head.to(dev)
+        if self.rotary:
+            rot = self._rotations(offset).to(dev)
+            core = self.q_r[h] @ rot @ self.k_r[h].transpose(-1, -2)
+        else:
+            core = self.q_r[h] @ self.k_r[h].transpose(-1, -2)
+        return core / self.attn_scale
+
+    def store(self, offset: Tensor, head: Tensor, u: Tensor, s: Tensor, v: Tensor) -> None:
+        """Keep the :func:`core_svd` of the pairs ``(offset[i], head[i])`` (from :meth:`missing`)."""
+        cores = self._grow(int(offset.max()) + 1 if len(offset) else 1)
+        assert self._done is not None
+        o, h = offset.to(cores[0].device), head.to(cores[0].device)
+        cores[0][o, h], cores[1][o, h], cores[2][o, h] = u, s, v
+        self._done[offset, head] = True
 
     def ensure(self, offset: Tensor, head: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Decompose the cores of the pairs ``(offset[i], head[i])`` not done yet (one batch).
@@ -208,27 +256,11 @@ class LayerQK:
             ``(U_c, S, V_c)`` stacked ``[n_offsets, n_heads, ...]``, indexed by offset (0 for
             non-rotary models) and head; only the pairs decomposed so far are filled.
         """
-        offset = offset.long().cpu() if self.rotary else torch.zeros_like(head.long().cpu())
-        head = head.long().cpu()
-        n_heads = self.q_r.shape[0]
-        cores = self._grow(int(offset.max()) + 1 if len(offset) else 1)
-        assert self._done is not None
-        key = (offset * n_heads + head).unique()
-        key = key[~self._done.flatten()[key]]
-        if not len(key):
-            return cores
-        o, h = key // n_heads, key % n_heads
-        dev = self.q_r.device
-        o_dev, h_dev = o.to(dev), h.to(dev)
-        if self.rotary:
-            rot = rotary_matrices(self._model, self.layer, o)  # [m, dh, dh]
-            core = self.q_r[h_dev] @ rot.to(dev) @ self.k_r[h_dev].transpose(-1, -2)
-        else:
-            core = self.q_r[h_dev] @ self.k_r[h_dev].transpose(-1, -2)
-        u, s, v = core_svd(core / self.attn_scale)
-        cores[0][o_dev, h_dev], cores[1][o_dev, h_dev], cores[2][o_dev, h_dev] = u, s, v
-        self._done[o, h] = True
-        return cores
+        o, h = self.missing(offset, head)
+        if len(o):
+            self.store(o, h, *core_svd(self.core_matrices(o, h)))
+        assert self._cores is not None
+        return self._cores
 
     def extend_to(self, n: int) -> tuple[Tensor, Tensor, Tensor]:
         """Decompose every head's cores at offsets ``0 .. n - 1`` (see :meth:`ensure`).

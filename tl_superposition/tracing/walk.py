@@ -288,7 +288,8 @@ def walk_batch(
     """Walk one batch from the start bits, measuring the writes of reached firings only.
 
     Prompts are walked :data:`~tl_superposition.tracing.writes.WRITE_PROMPTS` at a time (a
-    walk never leaves its prompt), the writers' outputs of those prompts formed once; in
+    walk never leaves its prompt), each writer's output at a position of those prompts formed
+    once, when a reached firing first reads it; in
     each, layer by layer from the top, the reached firings are measured
     (:func:`~tl_superposition.tracing.writes.signal_writes`), their edges selected
     (:func:`batch_edges`) and their bits passed on (:func:`propagate`).
@@ -312,7 +313,7 @@ def walk_batch(
         in_chunk = (cols["prompt"] >= c0) & (cols["prompt"] < c1)
         if not (in_chunk & (reach != 0)).any():
             continue
-        chunk = ChunkWriters.build(writers, cache, c0, c1, workspace)
+        chunk = ChunkWriters(writers, cache, c0, c1, workspace)
         for L in range(n_layers - 1, -1, -1):
             rows = np.nonzero(in_chunk & (cols["layer"] == L) & (reach != 0))[0]
             if not len(rows):
