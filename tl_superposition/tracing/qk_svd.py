@@ -236,7 +236,7 @@ class LayerQK:
         return core / self.attn_scale
 
     def store(self, offset: Tensor, head: Tensor, u: Tensor, s: Tensor, v: Tensor) -> None:
-        """Keep the :func:`core_svd` of the pairs ``(offset[i], head[i])`` (from :meth:`missing`)."""
+        """Keep the :func:`core_svd` ``(u, s, v)`` of the pairs ``(offset[i], head[i])``."""
         cores = self._grow(int(offset.max()) + 1 if len(offset) else 1)
         assert self._done is not None
         o, h = offset.to(cores[0].device), head.to(cores[0].device)

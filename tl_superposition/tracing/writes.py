@@ -23,9 +23,10 @@ from tl_superposition.tracing.decompose import BatchFirings, basis_to_model
 from tl_superposition.tracing.graph import NodeKind
 from tl_superposition.tracing.qk_svd import QKSVDCache
 
-# Prompts whose per-head outputs (``z W_O``, n_layers x n_heads x d_model per position) are
-# formed at once in :func:`signal_writes`: bounds that tensor (about 340 MB for 32 SmolLM2
-# IOI prompts). Fewer prompts per chunk mean more calls, each with a fixed Python cost.
+# Prompts whose per-head outputs (``z W_O``, n_layers x n_heads x d_model per position) share
+# one :class:`ChunkWriters`: bounds its workspace (about 340 MB for 32 SmolLM2 IOI prompts,
+# of which the walk fills about 40%). Fewer prompts per chunk mean more calls, each with a
+# fixed Python cost.
 WRITE_PROMPTS = 32
 
 
@@ -164,7 +165,7 @@ def side_directions(
 class Workspace:
     """A flat tensor that successive :class:`ChunkWriters` of a trace are formed in.
 
-    A chunk's outputs are hundreds of MB (:data:`WRITE_PROMPTS`). A fresh allocation of
+    A chunk's outputs take up to hundreds of MB (:data:`WRITE_PROMPTS`). A fresh allocation of
     that size is returned to the system when freed and paid again in page faults by the
     next chunk, which on CPU costs more than the product that fills it; one workspace,
     grown when a chunk needs more, is paid once. Whatever was formed in a workspace is
