@@ -209,7 +209,7 @@ class LayerQK:
             self._rot = rotary_matrices(self._model, self.layer, torch.arange(max(need, 2 * have)))
         return self._rot[offsets]
 
-    def missing(self, offset: Tensor, head: Tensor) -> tuple[Tensor, Tensor]:
+    def _missing(self, offset: Tensor, head: Tensor) -> tuple[Tensor, Tensor]:
         """The distinct pairs among ``(offset[i], head[i])`` whose cores are not decomposed yet.
 
         Returns:
@@ -224,7 +224,7 @@ class LayerQK:
         key = key[~self._done.flatten()[key]]
         return key // n_heads, key % n_heads
 
-    def core_matrices(self, offset: Tensor, head: Tensor) -> Float[Tensor, "n d_head d_head"]:
+    def _core_matrices(self, offset: Tensor, head: Tensor) -> Float[Tensor, "n d_head d_head"]:
         """The cores ``R_q R(offset) R_k^T / attn_scale`` of the pairs ``(offset[i], head[i])``."""
         dev = self.q_r.device
         h = head.to(dev)
@@ -235,7 +235,7 @@ class LayerQK:
             core = self.q_r[h] @ self.k_r[h].transpose(-1, -2)
         return core / self.attn_scale
 
-    def store(self, offset: Tensor, head: Tensor, u: Tensor, s: Tensor, v: Tensor) -> None:
+    def _store(self, offset: Tensor, head: Tensor, u: Tensor, s: Tensor, v: Tensor) -> None:
         """Keep the :func:`core_svd` ``(u, s, v)`` of the pairs ``(offset[i], head[i])``."""
         cores = self._grow(int(offset.max()) + 1 if len(offset) else 1)
         assert self._done is not None
@@ -256,9 +256,9 @@ class LayerQK:
             ``(U_c, S, V_c)`` stacked ``[n_offsets, n_heads, ...]``, indexed by offset (0 for
             non-rotary models) and head; only the pairs decomposed so far are filled.
         """
-        o, h = self.missing(offset, head)
+        o, h = self._missing(offset, head)
         if len(o):
-            self.store(o, h, *core_svd(self.core_matrices(o, h)))
+            self._store(o, h, *core_svd(self._core_matrices(o, h)))
         assert self._cores is not None
         return self._cores
 
