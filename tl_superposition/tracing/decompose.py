@@ -261,6 +261,17 @@ def project(
     return Projections(a=a, b=b, s=cores.s.to(a.device), cores=cores)
 
 
+def _weighted_coordinates(
+    cores: RowCores,
+    dest_sign: Float[Tensor, "n d_head"],
+    selected: Bool[Tensor, "n d_head"],
+) -> tuple[Float[Tensor, "n d_head"], Float[Tensor, "n d_head"]]:
+    """``(V_c w, U_c w)`` with ``w_k = dest_sign_k sqrt(S_k)`` on the selected components."""
+    s = cores.s.to(dest_sign.device)
+    w = torch.where(selected, dest_sign * s.sqrt(), torch.zeros_like(s))
+    return cores.apply(w, "v", transpose=True), cores.apply(w, "u", transpose=True)
+
+
 def signal_coordinates(
     proj: Projections, selected: Bool[Tensor, "n d_head"]
 ) -> tuple[Float[Tensor, "n d_head"], Float[Tensor, "n d_head"]]:
@@ -271,13 +282,33 @@ def signal_coordinates(
     the destination-side direction ``sum_k w_k u_k``. With ``v_k = k_basis V_c[:, k]`` and
     ``u_k = q_basis U_c[:, k]`` these are ``k_basis t_src`` and ``q_basis t_dest``; this returns
     ``(t_src, t_dest)`` = ``(V_c w, U_c w)`` (float64). :func:`basis_to_model` maps them to
-    ``d_model``.
+    ``d_model``; :func:`firing_signal_coordinates` gives the same from a trace's stored rows.
     """
     selected = selected.to(proj.a.device)
-    w = torch.where(selected, torch.sign(proj.a) * proj.s.sqrt(), torch.zeros_like(proj.a))
-    t_src = proj.cores.apply(w, "v", transpose=True)
-    t_dest = proj.cores.apply(w, "u", transpose=True)
-    return t_src, t_dest
+    return _weighted_coordinates(proj.cores, torch.sign(proj.a), selected)
+
+
+def firing_signal_coordinates(
+    qk: LayerQK, firings: FiringRows, rows: Int[Tensor, " k"]
+) -> tuple[Float[Tensor, "k d_head"], Float[Tensor, "k d_head"]]:
+    """:func:`signal_coordinates` of decomposed places ``rows`` of one layer, from their rows.
+
+    The trace keeps each place's sparse set (``order``, ``count``) and the signs of its
+    destination projections (``dest_sign``), not its signal directions: the walk needs those
+    of the firings it reaches only (about one in eight of an IOI trace's).
+
+    Args:
+        qk: the layer's QK decomposition (the rows' layer).
+        firings: decomposed places (:func:`decompose_places`, or a batch's rows).
+        rows: the places wanted.
+
+    Returns:
+        ``(t_src, t_dest)``, float64, one row per entry of ``rows``.
+    """
+    head, dest, src = firings.head[rows], firings.dest[rows], firings.src[rows]
+    cores = RowCores(qk, head, dest - src)
+    selected = selected_mask(firings.order[rows], firings.count[rows])
+    return _weighted_coordinates(cores, firings.dest_sign[rows].to(torch.float64), selected)
 
 
 def basis_to_model(
@@ -337,8 +368,9 @@ class FiringRows:
         order: ``[n, d_head]`` component indices in the order of selection (see
             :func:`shortest_prefix`).
         count: ``[n]`` size of the sparse set: its components are ``order[i, :count[i]]``.
-        sig_src, sig_dest: ``[n, d_head]`` float64 signal directions of the sparse set in the
-            coordinates of the head's key and query bases (:func:`signal_coordinates`).
+        dest_sign: ``[n, d_head]`` int8 sign of ``x~_dest . u_k``, indexed as
+            ``contributions``: with the sparse set, it gives the signal directions
+            (:func:`firing_signal_coordinates`).
     """
 
     prompt: Int[Tensor, " n"]
@@ -350,8 +382,7 @@ class FiringRows:
     contributions: Float[Tensor, "n d_head"]
     order: Int[Tensor, "n d_head"]
     count: Int[Tensor, " n"]
-    sig_src: Float[Tensor, "n d_head"]
-    sig_dest: Float[Tensor, "n d_head"]
+    dest_sign: Int[Tensor, "n d_head"]
 
     def __len__(self) -> int:
         return len(self.prompt)
@@ -391,9 +422,10 @@ def decompose_places(
 ) -> LayerFirings:
     """Decompose the scores of one layer at ``places = (batch, head, dest, src)``.
 
-    Each score is split into singular-component contributions (:func:`project`), its sparse
-    set is the shortest prefix reaching ``thresh x score`` (:func:`shortest_prefix`), and
-    its signal directions are those of the sparse set (:func:`signal_coordinates`).
+    Each score is split into singular-component contributions (:func:`project`) and its sparse
+    set is the shortest prefix reaching ``thresh x score`` (:func:`shortest_prefix`); the signs
+    of the destination projections are kept for its signal directions
+    (:func:`firing_signal_coordinates`).
 
     Args:
         qk: the layer's QK decomposition.
@@ -407,7 +439,7 @@ def decompose_places(
     score = scores[b.to(dev), h.to(dev), d.to(dev), s.to(dev)].cpu()
     d_head = qk.q_basis.shape[-1]
     contrib = torch.empty(len(b), d_head, dtype=torch.float64)
-    sig_src, sig_dest = torch.empty_like(contrib), torch.empty_like(contrib)
+    dest_sign = torch.empty(len(b), d_head, dtype=torch.int8)
     order = torch.empty(len(b), d_head, dtype=torch.long)
     count = torch.empty(len(b), dtype=torch.long)
     for c0 in range(0, len(b), CHUNK):
@@ -416,9 +448,8 @@ def decompose_places(
         proj = project(qk, x[bd, dd], x[bd, sd], h[sl], d[sl] - s[sl])
         c = proj.contributions
         o, n = shortest_prefix(c, score[sl].to(c) * thresh)
-        t_src, t_dest = signal_coordinates(proj, selected_mask(o, n))
         contrib[sl], order[sl], count[sl] = c.cpu(), o.cpu(), n.cpu()
-        sig_src[sl], sig_dest[sl] = t_src.cpu(), t_dest.cpu()
+        dest_sign[sl] = torch.sign(proj.a).to(torch.int8).cpu()
     return LayerFirings(
         layer=qk.layer,
         prompt=b,
@@ -430,8 +461,7 @@ def decompose_places(
         contributions=contrib,
         order=order,
         count=count,
-        sig_src=sig_src,
-        sig_dest=sig_dest,
+        dest_sign=dest_sign,
     )
 
 
@@ -480,8 +510,9 @@ class BatchFirings(FiringRows):
             mat = torch.zeros(0, d_head, dtype=torch.float64)
             empty = {k: ints for k in cls.row_fields()}
             empty |= {k: floats for k in ("score", "pattern")}
-            empty |= {k: mat for k in ("contributions", "sig_src", "sig_dest")}
+            empty["contributions"] = mat
             empty["order"] = ints[:, None].expand(0, d_head)
+            empty["dest_sign"] = torch.zeros(0, d_head, dtype=torch.int8)
             return cls(layer=ints, **empty)
         return cls(
             layer=torch.cat([torch.full((len(fl),), fl.layer) for fl in layers]),

@@ -19,7 +19,11 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from tl_superposition.tracing.cache import BatchCache
-from tl_superposition.tracing.decompose import BatchFirings, basis_to_model
+from tl_superposition.tracing.decompose import (
+    BatchFirings,
+    basis_to_model,
+    firing_signal_coordinates,
+)
 from tl_superposition.tracing.graph import NodeKind
 from tl_superposition.tracing.qk_svd import QKSVDCache
 
@@ -155,8 +159,9 @@ def side_directions(
     for L in layer.unique().tolist():
         sel = (layer == L).nonzero()[:, 0]
         r, head = rows[sel], firings.head[rows[sel]]
-        g[sel] = basis_to_model(qk[L].k_basis, firings.sig_src[r].to(dev), head)
-        g[sel + k] = basis_to_model(qk[L].q_basis, firings.sig_dest[r].to(dev), head)
+        t_src, t_dest = firing_signal_coordinates(qk[L], firings, r)
+        g[sel] = basis_to_model(qk[L].k_basis, t_src.to(dev), head)
+        g[sel + k] = basis_to_model(qk[L].q_basis, t_dest.to(dev), head)
     if centred:
         g[:, :-1] -= g[:, :-1].mean(1, keepdim=True)
     return g
