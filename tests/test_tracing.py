@@ -28,6 +28,12 @@ from tl_superposition.tracing import (
     trace_ioi,
     upstream_writes,
 )
+from tl_superposition.tracing.decompose import (
+    basis_to_model,
+    decompose_layer,
+    firing_signal_coordinates,
+    signal_coordinates,
+)
 from tl_superposition.tracing.qk_svd import LayerQK, core_svd, qk_factors, rotary_matrices
 
 MODELS = ["tiny_gpt2", "tiny_llama"]
@@ -189,6 +195,31 @@ def test_trace_decomposition_sums_and_minimal_sets(model, prompts):
             assert r.contributions.sum() >= CFG.thresh * r.score - tol
             best_smaller = torch.sort(c, descending=True).values[: r.n_components - 1].sum()
             assert best_smaller < CFG.thresh * r.score - tol
+
+
+def test_signal_directions_from_stored_rows_equal_those_of_the_projections(model, prompts):
+    """The walk rebuilds signal directions from the stored sparse sets and signs."""
+    cache = run_batch(model, prompts.tokens)
+    qks = QKSVDCache(model)
+    for L in range(model.cfg.n_layers):
+        lq, x = qks[L], cache.x[:, :, L]
+        fl = decompose_layer(
+            lq, x, cache.pattern[L], cache.scores[L], prompts.lengths, CFG.pattern_thresh, 0.8
+        )
+        assert len(fl) > 0
+        rows = torch.arange(len(fl)).flip(0)  # any order
+        t_src, t_dest = firing_signal_coordinates(lq, fl, rows)
+        b, h, d, s = (t[rows] for t in (fl.prompt, fl.head, fl.dest, fl.src))
+        proj = project(lq, x[b, d], x[b, s], h, d - s)
+        selected = selected_mask(fl.order[rows], fl.count[rows])
+        want_src, want_dest = signal_coordinates(proj, selected)
+        assert torch.allclose(t_src, want_src, atol=1e-12)
+        assert torch.allclose(t_dest, want_dest, atol=1e-12)
+        # by definition x~_dest . g_dest = sum over the sparse set of sqrt(S_k) |x~_dest . u_k|
+        g_dest = basis_to_model(lq.q_basis, t_dest, h)
+        x_aug = torch.cat([x[b, d].double(), torch.ones(len(rows), 1, dtype=torch.float64)], 1)
+        expect = (selected * proj.s.sqrt() * proj.a.abs()).sum(1)
+        assert torch.allclose((x_aug * g_dest).sum(1), expect, atol=1e-9)
 
 
 def test_upstream_writes_add_up_to_the_normalised_residual(model, prompts):
