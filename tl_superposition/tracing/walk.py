@@ -289,8 +289,8 @@ def walk_batch(
 
     Prompts are walked :data:`~tl_superposition.tracing.writes.WRITE_PROMPTS` at a time (a
     walk never leaves its prompt), each writer's output at a position of those prompts formed
-    once, when a reached firing first reads it; in
-    each, layer by layer from the top, the reached firings are measured
+    once, when a reached firing first reads it; in each, layer by layer from the top, the
+    reached firings are measured
     (:func:`~tl_superposition.tracing.writes.signal_writes`), their edges selected
     (:func:`batch_edges`) and their bits passed on (:func:`propagate`).
 
