@@ -236,9 +236,12 @@ class LayerQK:
         return core / self.attn_scale
 
     def _store(self, offset: Tensor, head: Tensor, u: Tensor, s: Tensor, v: Tensor) -> None:
-        """Keep the :func:`core_svd` ``(u, s, v)`` of the pairs ``(offset[i], head[i])``."""
-        cores = self._grow(int(offset.max()) + 1 if len(offset) else 1)
-        assert self._done is not None
+        """Keep the :func:`core_svd` ``(u, s, v)`` of the pairs ``(offset[i], head[i])``.
+
+        The pairs come from :meth:`_missing`, which grew the arrays to hold them.
+        """
+        cores = self._cores
+        assert cores is not None and self._done is not None
         o, h = offset.to(cores[0].device), head.to(cores[0].device)
         cores[0][o, h], cores[1][o, h], cores[2][o, h] = u, s, v
         self._done[offset, head] = True

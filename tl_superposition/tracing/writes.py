@@ -338,8 +338,9 @@ def signal_writes(
             c0 = b_list[start] - b_list[start] % WRITE_PROMPTS
             chunk = ChunkWriters(writers, cache, c0, min(c0 + WRITE_PROMPTS, len(cache.z)), own)
         end = int(torch.searchsorted(key_b, chunk.hi))  # keys are sorted by prompt
-        if max(top_list[start:end]):
-            chunk.form(key_b[start:end], key_p[start:end], max(top_list[start:end]) * n_heads)
+        width = max(top_list[start:end]) * n_heads
+        if width:
+            chunk.form(key_b[start:end], key_p[start:end], width)
         for i in range(start, end):
             bi, p, lo, hi = b_list[i], p_list[i], bounds[i], bounds[i + 1]
             if top_list[i]:
