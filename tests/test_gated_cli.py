@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -215,3 +217,26 @@ def test_train_gated_command_rejects_bad_input(tmp_path, capsys):
     assert "--source" in capsys.readouterr().err
     assert main([*base, "--acts", str(tmp_path)]) == 2
     assert "not a collect folder" in capsys.readouterr().err
+
+
+def test_bench_gated_counts_settings_removed_by_every_seed_and_by_any(tmp_path):
+    path = Path(__file__).parents[1] / "benchmarks" / "bench_gated.py"
+    spec = importlib.util.spec_from_file_location("bench_gated", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    # 2H/3ST: both seeds pass; 3H/4ST: one of two; 4H/5ST: none of one
+    runs = {("2H/3ST", 0): True, ("2H/3ST", 1): True, ("3H/4ST", 0): False}
+    runs |= {("3H/4ST", 1): True, ("4H/5ST", 0): False}
+    for (setting, seed), removed in runs.items():
+        folder = tmp_path / setting.replace("/", "-") / f"seed{seed}"
+        folder.mkdir(parents=True)
+        row = {"setting": setting, "seed": seed, "removed": removed, "gated_epochs": 1000}
+        (folder / "summary.json").write_text(json.dumps(row))
+    counts = bench.reproduction(tmp_path)
+    assert counts["n_settings_removed"] == 1
+    assert counts["n_settings_removed_any_seed"] == 2
+    assert counts["seeds_per_setting"] == {"2H/3ST": 2, "3H/4ST": 2, "4H/5ST": 1}
+    assert counts["seeds_removed_per_setting"] == {"2H/3ST": 2, "3H/4ST": 1, "4H/5ST": 0}
+    assert counts["n_seeds"] == 1
+    assert bench.reproduction(tmp_path / "missing")["n_settings_removed_any_seed"] is None
