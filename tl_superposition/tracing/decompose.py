@@ -218,11 +218,16 @@ def _on_basis(
     basis: Float[Tensor, "n_heads d_model_plus_1 d_head"],
     head: Int[Tensor, " n"],
 ) -> Float[Tensor, "n d_head"]:
-    """``[x, 1] @ basis[head]`` per row (float64), one matrix product per head."""
+    """``[x, 1] @ basis[head]`` per row, one matrix product per head, returned as float64.
+
+    The product is taken in ``basis``'s dtype (pass the basis in ``x``'s dtype, see
+    :meth:`LayerQK.basis`): the columns are orthonormal, so a float32 product keeps each
+    coordinate to float32 rounding of ``|x~|``, the precision ``x`` was cached in.
+    """
     head = head.to(basis.device)
     order = torch.argsort(head, stable=True)
     counts = torch.bincount(head, minlength=basis.shape[0]).tolist()
-    xs = x.to(device=basis.device, dtype=torch.float64)[order]
+    xs = x.to(device=basis.device)[order].to(basis.dtype)
     out = xs.new_empty(len(head), basis.shape[2])
     start = 0
     for h, c in enumerate(counts):
@@ -230,8 +235,8 @@ def _on_basis(
             rows = slice(start, start + c)
             torch.addmm(basis[h, -1], xs[rows], basis[h, :-1], out=out[rows])
             start += c
-    result = torch.empty_like(out)
-    result[order] = out
+    result = torch.empty(out.shape, dtype=torch.float64, device=out.device)
+    result[order] = out.to(torch.float64)
     return result
 
 
@@ -253,8 +258,8 @@ def project(
     The loops are over heads and (head, offset) groups (:class:`RowCores`), never over
     firings.
     """
-    pd = _on_basis(x_dest, qk.q_basis, head)
-    ps = _on_basis(x_src, qk.k_basis, head)
+    pd = _on_basis(x_dest, qk.basis("q", x_dest.dtype), head)
+    ps = _on_basis(x_src, qk.basis("k", x_src.dtype), head)
     cores = RowCores(qk, head, offset)
     a = cores.apply(pd, "u")
     b = cores.apply(ps, "v")

@@ -21,7 +21,7 @@ values are in score units (the ``1 / attn_scale`` is inside S).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Float
@@ -150,6 +150,8 @@ class LayerQK:
     _done: Tensor | None = None
     # rotary_matrices at offsets 0 .. len - 1 (rotary models), grown on demand
     _rot: Tensor | None = None
+    # the bases in other dtypes, made on first use
+    _bases: dict[tuple[str, torch.dtype], Tensor] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         n_heads, d_aug, d_head = self.q_basis.shape
@@ -159,13 +161,20 @@ class LayerQK:
         )
 
     @classmethod
-    def from_model(cls, model: HookedTransformer, layer: int) -> LayerQK:
-        """QR-factorise the layer's query and key factors (float64)."""
+    def from_model(cls, model: HookedTransformer, layer: int, n_offsets: int = 1) -> LayerQK:
+        """QR-factorise the layer's query and key factors (float64).
+
+        Args:
+            model, layer: the layer.
+            n_offsets: offsets the core arrays are allocated for at once (rotary models; a
+                trace passes its longest prompt's length). More are allocated when asked for,
+                at the cost of a copy of the arrays.
+        """
         check_supported(model)
         wq, wk = qk_factors(model, layer)
         qq, rq = torch.linalg.qr(wq.to(torch.float64))
         qk, rk = torch.linalg.qr(wk.to(torch.float64))
-        return cls(
+        out = cls(
             layer=layer,
             q_basis=qq,
             k_basis=qk,
@@ -175,6 +184,19 @@ class LayerQK:
             rotary=model.cfg.positional_embedding_type == "rotary",
             _model=model,
         )
+        out._grow(max(n_offsets, 1) if out.rotary else 1)
+        return out
+
+    def basis(
+        self, side: str, dtype: torch.dtype
+    ) -> Float[Tensor, "n_heads d_model_plus_1 d_head"]:
+        """``q_basis`` (``side="q"``) or ``k_basis`` (``"k"``) in ``dtype``, converted once."""
+        full = self.q_basis if side == "q" else self.k_basis
+        if dtype == full.dtype:
+            return full
+        if (side, dtype) not in self._bases:
+            self._bases[side, dtype] = full.to(dtype)
+        return self._bases[side, dtype]
 
     @property
     def n_cached(self) -> int:
@@ -191,8 +213,12 @@ class LayerQK:
         have = 0 if self._cores is None else self._cores[1].shape[0]
         if n_offsets > have:
             extra = max(n_offsets, 2 * have) - have
-            mat = self.q_r.new_zeros(extra, n_heads, d_head, d_head)
-            new = (mat, self.q_r.new_zeros(extra, n_heads, d_head), mat.clone())
+            # left unset: ``_done`` marks what has been written
+            new = (
+                self.q_r.new_empty(extra, n_heads, d_head, d_head),
+                self.q_r.new_empty(extra, n_heads, d_head),
+                self.q_r.new_empty(extra, n_heads, d_head, d_head),
+            )
             done = torch.zeros(extra, n_heads, dtype=torch.bool)
             if self._cores is not None and self._done is not None:
                 new = tuple(torch.cat([old, p]) for old, p in zip(self._cores, new))
@@ -220,8 +246,10 @@ class LayerQK:
         n_heads = self.q_r.shape[0]
         self._grow(int(offset.max()) + 1 if len(offset) else 1)
         assert self._done is not None
-        key = (offset * n_heads + head).unique()
-        key = key[~self._done.flatten()[key]]
+        key = offset * n_heads + head
+        key = key[~self._done.flatten()[key]]  # usually none: skip the sort of unique()
+        if len(key):
+            key = key.unique()
         return key // n_heads, key % n_heads
 
     def _core_matrices(self, offset: Tensor, head: Tensor) -> Float[Tensor, "n d_head d_head"]:
@@ -257,7 +285,8 @@ class LayerQK:
 
         Returns:
             ``(U_c, S, V_c)`` stacked ``[n_offsets, n_heads, ...]``, indexed by offset (0 for
-            non-rotary models) and head; only the pairs decomposed so far are filled.
+            non-rotary models) and head; only the pairs decomposed so far hold values (the
+            other entries are unset).
         """
         o, h = self._missing(offset, head)
         if len(o):
@@ -349,14 +378,21 @@ class LayerQK:
 
 
 class QKSVDCache:
-    """Per-layer :class:`LayerQK` objects of a model, built on first use and kept."""
+    """Per-layer :class:`LayerQK` objects of a model, built on first use and kept.
 
-    def __init__(self, model: HookedTransformer):
+    Args:
+        model: the model.
+        n_offsets: offsets each layer's core arrays are allocated for at once
+            (:meth:`LayerQK.from_model`; the longest prompt's length saves later copies).
+    """
+
+    def __init__(self, model: HookedTransformer, n_offsets: int = 1):
         check_supported(model)
         self.model = model
+        self.n_offsets = n_offsets
         self._layers: dict[int, LayerQK] = {}
 
     def __getitem__(self, layer: int) -> LayerQK:
         if layer not in self._layers:
-            self._layers[layer] = LayerQK.from_model(self.model, layer)
+            self._layers[layer] = LayerQK.from_model(self.model, layer, self.n_offsets)
         return self._layers[layer]

@@ -270,7 +270,7 @@ def trace(
     dest = _check_positions("seed_dest", seed_dest, lengths).numpy()
     src = None if seed_src is None else _check_positions("seed_src", seed_src, lengths).numpy()
     role_pos = {k: _check_positions(f"roles[{k!r}]", v, lengths) for k, v in (roles or {}).items()}
-    qk = QKSVDCache(model)
+    qk = QKSVDCache(model, n_offsets=int(lengths.max()))
     writers = ResidualWriters.from_model(model)
     workspace = Workspace()
     device = next(model.parameters()).device
