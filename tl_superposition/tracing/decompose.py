@@ -179,19 +179,30 @@ class RowCores:
 
         With ``transpose``, ``x[i] @ M_i^T`` (that is ``M_i x[i]``).
         """
-        if not len(x):
-            return x.clone()
-        mats = self.u if which == "u" else self.v
-        dev = mats.device
+        xu, xv = (x, None) if which == "u" else (None, x)
+        out_u, out_v = self.apply_both(xu, xv, transpose)
+        return out_u if which == "u" else out_v  # type: ignore[return-value]
+
+    def apply_both(
+        self, xu: Tensor | None, xv: Tensor | None, transpose: bool = False
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """``(xu[i] @ U_c,i, xv[i] @ V_c,i)`` per row (:meth:`apply`), in one pass of the groups.
+
+        Either input may be ``None`` (its output is then ``None``).
+        """
+        dev = self.u.device
         order = self.order.to(dev)
-        xs = x.to(dev)[order]
-        out = torch.empty_like(xs)
+        pairs = [(x.to(dev)[order], m) for x, m in ((xu, self.u), (xv, self.v)) if x is not None]
+        outs = [torch.empty_like(xs) for xs, _ in pairs]
         for (t, h), lo, hi in zip(self.groups, self.bounds[:-1], self.bounds[1:]):
-            m = mats[t, h]
-            torch.mm(xs[lo:hi], m.T if transpose else m, out=out[lo:hi])
-        result = torch.empty_like(out)
-        result[order] = out
-        return result
+            for (xs, mats), out in zip(pairs, outs):
+                m = mats[t, h]
+                torch.mm(xs[lo:hi], m.T if transpose else m, out=out[lo:hi])
+        results = iter([torch.empty_like(out).index_copy_(0, order, out) for out in outs])
+        return (
+            None if xu is None else next(results),
+            None if xv is None else next(results),
+        )
 
 
 @dataclass
@@ -261,8 +272,8 @@ def project(
     pd = _on_basis(x_dest, qk.basis("q", x_dest.dtype), head)
     ps = _on_basis(x_src, qk.basis("k", x_src.dtype), head)
     cores = RowCores(qk, head, offset)
-    a = cores.apply(pd, "u")
-    b = cores.apply(ps, "v")
+    a, b = cores.apply_both(pd, ps)
+    assert a is not None and b is not None
     return Projections(a=a, b=b, s=cores.s.to(a.device), cores=cores)
 
 
@@ -274,7 +285,9 @@ def _weighted_coordinates(
     """``(V_c w, U_c w)`` with ``w_k = dest_sign_k sqrt(S_k)`` on the selected components."""
     s = cores.s.to(dest_sign.device)
     w = torch.where(selected, dest_sign * s.sqrt(), torch.zeros_like(s))
-    return cores.apply(w, "v", transpose=True), cores.apply(w, "u", transpose=True)
+    t_dest, t_src = cores.apply_both(w, w, transpose=True)
+    assert t_src is not None and t_dest is not None
+    return t_src, t_dest
 
 
 def signal_coordinates(
@@ -326,12 +339,20 @@ def basis_to_model(
     The last coordinate is the bias coordinate of ``x~ = [x, 1]``; the first ``d_model`` are
     the direction in the residual stream. The loop is over heads, never over rows.
     """
-    out = coords.new_empty(len(head), basis.shape[1])
     head = head.to(coords.device)
-    for h in head.unique().tolist():
-        rows = head == h
-        out[rows] = coords[rows] @ basis[h].T.to(coords.dtype)
-    return out
+    order = torch.argsort(head, stable=True)
+    counts = torch.bincount(head, minlength=basis.shape[0]).tolist()
+    sorted_coords = coords[order]
+    out = coords.new_empty(len(head), basis.shape[1])
+    start = 0
+    for h, c in enumerate(counts):
+        if c:
+            rows = slice(start, start + c)
+            torch.mm(sorted_coords[rows], basis[h].T.to(coords.dtype), out=out[rows])
+            start += c
+    result = torch.empty_like(out)
+    result[order] = out
+    return result
 
 
 def signal_directions(

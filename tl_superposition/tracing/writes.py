@@ -263,6 +263,26 @@ class ChunkWriters:
         )
         self._blocks.append(block)
 
+    def transposed_outputs(
+        self, prompt: Int[Tensor, " n"], pos: Int[Tensor, " n"]
+    ) -> list[Float[Tensor, "d_model width"]]:
+        """The outputs formed at each ``(prompt[i], pos[i])``, as transposed views (no copy).
+
+        One lookup for all the positions; :meth:`outputs` is the same for one position.
+
+        Raises:
+            KeyError: a position was not formed (:meth:`form`).
+        """
+        where = self._where[prompt.long().cpu() - self.lo, pos.long().cpu()]
+        if (where[:, 0] < 0).any():
+            i = int((where[:, 0] < 0).nonzero()[0, 0])
+            raise KeyError(
+                f"position {int(pos[i])} of prompt {int(prompt[i])} was not formed "
+                "(call form first)"
+            )
+        views = [block.permute(1, 2, 0) for block in self._blocks]  # [m, d_model, width]
+        return [views[b][r] for b, r in where[:, :2].tolist()]
+
     def outputs(self, prompt: int, pos: int) -> Float[Tensor, "width d_model"]:
         """The per-head outputs formed at ``(prompt, pos)`` (prompt within the batch).
 
@@ -273,6 +293,33 @@ class ChunkWriters:
         if block < 0:
             raise KeyError(f"position {pos} of prompt {prompt} was not formed (call form first)")
         return self._blocks[block][:, row]
+
+
+def _products(
+    chunk: ChunkWriters,
+    g: Float[Tensor, "n_sides d_model"],
+    prompt: Int[Tensor, " m"],
+    pos: Int[Tensor, " m"],
+    bounds: list[int],
+    widths: list[int],
+    heads: Float[Tensor, "n_sides n_upstream_heads"],
+    mlps: Float[Tensor, "n_sides n_layers"],
+) -> None:
+    """Fill the head and MLP writes of the sides of ``m`` positions of one chunk.
+
+    Position ``i``'s sides are rows ``bounds[i] .. bounds[i + 1] - 1`` of ``g``, ``heads`` and
+    ``mlps``; they read its first ``widths[i]`` head outputs (formed, :meth:`ChunkWriters.form`)
+    and every MLP output. Two matrix products per position, written in place: this loop
+    runs once per position a walk step reads, so it does nothing else.
+    """
+    outs = chunk.transposed_outputs(prompt, pos) if any(widths) else [None] * len(widths)
+    mlp_t = chunk.mlp.transpose(-1, -2)  # [b, pos, d_model, n_layers], a view
+    rel = (prompt - chunk.lo).tolist()
+    for bi, p, out, w, lo, hi in zip(rel, pos.tolist(), outs, widths, bounds, bounds[1:]):
+        gi = g[lo:hi]
+        if w:
+            torch.mm(gi, out[:, :w], out=heads[lo:hi, :w])
+        torch.mm(gi, mlp_t[bi, p], out=mlps[lo:hi])
 
 
 @torch.inference_mode()
@@ -331,7 +378,7 @@ def signal_writes(
     )
     own = Workspace()  # the chunks this call makes (a caller's ``chunk`` only gains positions)
     key_b, key_p = keys // P, keys % P
-    b_list, p_list, top_list = key_b.tolist(), key_p.tolist(), top.tolist()
+    b_list, top_list = key_b.tolist(), top.tolist()
     start = 0
     while start < len(keys):
         if chunk is None or b_list[start] not in chunk:
@@ -341,12 +388,9 @@ def signal_writes(
         width = max(top_list[start:end]) * n_heads
         if width:
             chunk.form(key_b[start:end], key_p[start:end], width)
-        for i in range(start, end):
-            bi, p, lo, hi = b_list[i], p_list[i], bounds[i], bounds[i + 1]
-            if top_list[i]:
-                out = chunk.outputs(bi, p)[: top_list[i] * n_heads]
-                heads[lo:hi, : len(out)] = g[lo:hi] @ out.T
-            torch.mm(g[lo:hi], chunk.mlp[bi - chunk.lo, p].T, out=mlps[lo:hi])
+        widths = [t * n_heads for t in top_list[start:end]]
+        where = (key_b[start:end], key_p[start:end], bounds[start : end + 1], widths)
+        _products(chunk, g, *where, heads, mlps)
         start = end
     # back to the order of the sides, scaled, writers at or above the firing's layer zeroed
     inverse = torch.empty_like(order)
