@@ -102,6 +102,31 @@ def test_layer_qk_decomposes_only_the_pairs_asked_for(model):
         assert torch.allclose(got, want[o, head], atol=1e-12)
 
 
+def test_cores_allocated_up_front_and_grown_later_equal_those_grown_on_demand(model):
+    """Allocating for a few offsets, then asking for more, changes no core."""
+    offset = torch.tensor([0, 2, 7, 5, 11])
+    head = torch.arange(len(offset)) % model.cfg.n_heads
+    small = LayerQK.from_model(model, 0, n_offsets=3)
+    want = LayerQK.from_model(model, 0).row_cores(offset, head)
+    for got, ref in zip(small.row_cores(offset, head), want):
+        assert torch.equal(got, ref)
+
+
+def test_float32_coordinates_give_the_float64_contributions(model, prompts):
+    """The coordinates on the bases are taken in the model's dtype; float64 inputs give the
+    same contributions to float32 rounding of the residual stream."""
+    cache = run_batch(model, prompts.tokens)
+    lq, x = QKSVDCache(model)[1], cache.x[:, :, 1]
+    fl = decompose_layer(lq, x, cache.pattern[1], cache.scores[1], prompts.lengths, 0.3)
+    b, h, d, s = fl.prompt, fl.head, fl.dest, fl.src
+    got = project(lq, x[b, d], x[b, s], h, d - s).contributions
+    want = project(lq, x[b, d].double(), x[b, s].double(), h, d - s).contributions
+    assert len(got) > 0 and x.dtype == torch.float32
+    tol = 1e-5 * want.abs().sum(1, keepdim=True)
+    assert ((got - want).abs() <= tol).all()
+    assert not torch.equal(got, want)  # the float32 path was taken
+
+
 def test_rotary_depends_only_on_offset(tiny_llama):
     mats = rotary_matrices(tiny_llama, 0, torch.arange(12))
     for p in range(12):

@@ -135,8 +135,13 @@ def test_chunk_outputs_are_z_W_O_in_one_workspace_and_a_given_chunk_is_kept(tiny
         chunk.form(prompt, pos, L * H)  # then every position with every head
         for b, p in zip(prompt.tolist(), pos.tolist()):
             torch.testing.assert_close(chunk.outputs(b, p), z_W_O[b, p])
+        # the one-lookup form the walk uses: the same outputs, transposed
+        for b, p, out in zip(prompt.tolist(), pos.tolist(), chunk.transposed_outputs(prompt, pos)):
+            assert torch.equal(out, chunk.outputs(b, p).T)
     with pytest.raises(KeyError, match="not formed"):
         ChunkWriters(writers, cache, 0, 2).outputs(1, 0)
+    with pytest.raises(KeyError, match="position 0 of prompt 1 was not formed"):
+        ChunkWriters(writers, cache, 0, 2).transposed_outputs(torch.tensor([1]), torch.tensor([0]))
     # rows outside the given chunk: their chunk is formed apart, the given one is untouched
     chunk = ChunkWriters(writers, cache, 0, WRITE_PROMPTS, workspace)
     prompt, pos = _every_position(chunk, P)
