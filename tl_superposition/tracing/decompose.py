@@ -14,7 +14,7 @@ any kind reaching the target.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
@@ -174,35 +174,23 @@ class RowCores:
         self.groups = [divmod(int(k), n_heads) for k in keys.tolist()]
         self.bounds = [0, *counts.cumsum(0).tolist()]
 
-    def apply(self, x: Float[Tensor, "n d_head"], which: str, transpose: bool = False) -> Tensor:
-        """``x[i] @ M_i`` per row; ``M_i`` is row ``i``'s ``U_c`` (``which="u"``) or ``V_c``.
+    def apply(
+        self, xu: Float[Tensor, "n d_head"], xv: Float[Tensor, "n d_head"], transpose: bool = False
+    ) -> tuple[Float[Tensor, "n d_head"], Float[Tensor, "n d_head"]]:
+        """``(xu[i] @ U_c,i, xv[i] @ V_c,i)`` per row, in one pass of the groups.
 
-        With ``transpose``, ``x[i] @ M_i^T`` (that is ``M_i x[i]``).
-        """
-        xu, xv = (x, None) if which == "u" else (None, x)
-        out_u, out_v = self.apply_both(xu, xv, transpose)
-        return out_u if which == "u" else out_v  # type: ignore[return-value]
-
-    def apply_both(
-        self, xu: Tensor | None, xv: Tensor | None, transpose: bool = False
-    ) -> tuple[Tensor | None, Tensor | None]:
-        """``(xu[i] @ U_c,i, xv[i] @ V_c,i)`` per row (:meth:`apply`), in one pass of the groups.
-
-        Either input may be ``None`` (its output is then ``None``).
+        With ``transpose``, ``U_c,i^T`` and ``V_c,i^T`` instead (that is ``U_c,i xu[i]``).
         """
         dev = self.u.device
         order = self.order.to(dev)
-        pairs = [(x.to(dev)[order], m) for x, m in ((xu, self.u), (xv, self.v)) if x is not None]
-        outs = [torch.empty_like(xs) for xs, _ in pairs]
+        xs = [xu.to(dev)[order], xv.to(dev)[order]]
+        outs = [torch.empty_like(x) for x in xs]
         for (t, h), lo, hi in zip(self.groups, self.bounds[:-1], self.bounds[1:]):
-            for (xs, mats), out in zip(pairs, outs):
+            for x, mats, out in zip(xs, (self.u, self.v), outs):
                 m = mats[t, h]
-                torch.mm(xs[lo:hi], m.T if transpose else m, out=out[lo:hi])
-        results = iter([torch.empty_like(out).index_copy_(0, order, out) for out in outs])
-        return (
-            None if xu is None else next(results),
-            None if xv is None else next(results),
-        )
+                torch.mm(x[lo:hi], m.T if transpose else m, out=out[lo:hi])
+        out_u, out_v = (torch.empty_like(out).index_copy_(0, order, out) for out in outs)
+        return out_u, out_v
 
 
 @dataclass
@@ -224,6 +212,32 @@ class Projections:
         return self.s * self.a * self.b
 
 
+def _by_head(
+    x: Float[Tensor, "n d_in"],
+    head: Int[Tensor, " n"],
+    n_heads: int,
+    width: int,
+    product: Callable[[int, Tensor, Tensor], object],
+) -> Float[Tensor, "n width"]:
+    """``product(h, rows, out)`` once per head, on the rows of ``x`` of that head.
+
+    The rows are sorted by head once, so each head's rows and outputs are contiguous slices;
+    ``product`` writes ``out`` (``[rows, width]``). The result comes back in the order of ``x``.
+    The loop is over heads, never over rows.
+    """
+    head = head.to(x.device)
+    order = torch.argsort(head, stable=True)
+    counts = torch.bincount(head, minlength=n_heads).tolist()
+    xs = x[order]
+    out = xs.new_empty(len(head), width)
+    start = 0
+    for h, c in enumerate(counts):
+        if c:
+            product(h, xs[start : start + c], out[start : start + c])
+            start += c
+    return torch.empty_like(out).index_copy_(0, order, out)
+
+
 def _on_basis(
     x: Float[Tensor, "n d_model"],
     basis: Float[Tensor, "n_heads d_model_plus_1 d_head"],
@@ -235,20 +249,13 @@ def _on_basis(
     :meth:`LayerQK.basis`): the columns are orthonormal, so a float32 product keeps each
     coordinate to float32 rounding of ``|x~|``, the precision ``x`` was cached in.
     """
-    head = head.to(basis.device)
-    order = torch.argsort(head, stable=True)
-    counts = torch.bincount(head, minlength=basis.shape[0]).tolist()
-    xs = x.to(device=basis.device)[order].to(basis.dtype)
-    out = xs.new_empty(len(head), basis.shape[2])
-    start = 0
-    for h, c in enumerate(counts):
-        if c:
-            rows = slice(start, start + c)
-            torch.addmm(basis[h, -1], xs[rows], basis[h, :-1], out=out[rows])
-            start += c
-    result = torch.empty(out.shape, dtype=torch.float64, device=out.device)
-    result[order] = out.to(torch.float64)
-    return result
+    xs = x.to(device=basis.device, dtype=basis.dtype)
+    n_heads, _, d_head = basis.shape
+
+    def product(h: int, rows: Tensor, out: Tensor) -> None:
+        torch.addmm(basis[h, -1], rows, basis[h, :-1], out=out)
+
+    return _by_head(xs, head, n_heads, d_head, product).to(torch.float64)
 
 
 def project(
@@ -272,8 +279,7 @@ def project(
     pd = _on_basis(x_dest, qk.basis("q", x_dest.dtype), head)
     ps = _on_basis(x_src, qk.basis("k", x_src.dtype), head)
     cores = RowCores(qk, head, offset)
-    a, b = cores.apply_both(pd, ps)
-    assert a is not None and b is not None
+    a, b = cores.apply(pd, ps)
     return Projections(a=a, b=b, s=cores.s.to(a.device), cores=cores)
 
 
@@ -285,8 +291,7 @@ def _weighted_coordinates(
     """``(V_c w, U_c w)`` with ``w_k = dest_sign_k sqrt(S_k)`` on the selected components."""
     s = cores.s.to(dest_sign.device)
     w = torch.where(selected, dest_sign * s.sqrt(), torch.zeros_like(s))
-    t_dest, t_src = cores.apply_both(w, w, transpose=True)
-    assert t_src is not None and t_dest is not None
+    t_dest, t_src = cores.apply(w, w, transpose=True)
     return t_src, t_dest
 
 
@@ -339,20 +344,14 @@ def basis_to_model(
     The last coordinate is the bias coordinate of ``x~ = [x, 1]``; the first ``d_model`` are
     the direction in the residual stream. The loop is over heads, never over rows.
     """
-    head = head.to(coords.device)
-    order = torch.argsort(head, stable=True)
-    counts = torch.bincount(head, minlength=basis.shape[0]).tolist()
-    sorted_coords = coords[order]
-    out = coords.new_empty(len(head), basis.shape[1])
-    start = 0
-    for h, c in enumerate(counts):
-        if c:
-            rows = slice(start, start + c)
-            torch.mm(sorted_coords[rows], basis[h].T.to(coords.dtype), out=out[rows])
-            start += c
-    result = torch.empty_like(out)
-    result[order] = out
-    return result
+    n_heads, d_aug, _ = basis.shape
+    return _by_head(
+        coords,
+        head,
+        n_heads,
+        d_aug,
+        lambda h, c, o: torch.mm(c, basis[h].T.to(coords.dtype), out=o),
+    )
 
 
 def signal_directions(

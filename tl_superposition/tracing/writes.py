@@ -289,10 +289,7 @@ class ChunkWriters:
         Raises:
             KeyError: that position was not formed (:meth:`form`).
         """
-        block, row, _ = self._where[prompt - self.lo, pos].tolist()
-        if block < 0:
-            raise KeyError(f"position {pos} of prompt {prompt} was not formed (call form first)")
-        return self._blocks[block][:, row]
+        return self.transposed_outputs(torch.tensor([prompt]), torch.tensor([pos]))[0].T
 
 
 def _products(
