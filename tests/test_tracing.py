@@ -28,6 +28,7 @@ from tl_superposition.tracing import (
     trace_ioi,
     upstream_writes,
 )
+from tl_superposition.tracing.cache import Workspace
 from tl_superposition.tracing.decompose import (
     basis_to_model,
     decompose_layer,
@@ -150,6 +151,32 @@ def test_bilinear_form_reproduces_model_scores(model, prompts):
             got = proj.contributions.sum(1)
             want = scores[b, h, d, s].double()
             assert torch.allclose(got, want, atol=2e-5, rtol=1e-4), (L, h, (got - want).abs().max())
+
+
+def test_run_batch_holds_the_hooked_activations_in_a_reused_workspace(model, prompts):
+    """Every stacked activation equals TransformerLens's cache, also when the workspace was
+    laid out for another (larger) batch before."""
+    n = model.cfg.n_layers
+    _, ref = model.run_with_cache(prompts.tokens)
+    workspace = Workspace()
+    run_batch(model, prompts.tokens[:, :-1].repeat(2, 1), workspace)  # overwritten below
+    got = run_batch(model, prompts.tokens, workspace)
+    assert got.x.data_ptr() == workspace.take(1, got.x.dtype, got.x.device).data_ptr()
+    stacked = {"x": "ln1.hook_normalized", "z": "attn.hook_z", "mlp": "hook_mlp_out"}
+    for field, name in stacked.items():
+        want = torch.stack([ref[f"blocks.{L}.{name}"] for L in range(n)], 2)
+        assert torch.equal(getattr(got, field), want), field
+    assert torch.equal(
+        got.scale, torch.stack([ref[f"blocks.{L}.ln1.hook_scale"][..., 0] for L in range(n)], 2)
+    )
+    for L in range(n):
+        assert torch.equal(got.pattern[L], ref[f"blocks.{L}.attn.hook_pattern"])
+        assert torch.equal(got.scores[L], ref[f"blocks.{L}.attn.hook_attn_scores"])
+    embed = (
+        ref["hook_embed"] + ref["hook_pos_embed"] if "hook_pos_embed" in ref else ref["hook_embed"]
+    )
+    assert torch.equal(got.embed, embed)
+    assert torch.equal(got.resid, ref[f"blocks.{n - 1}.hook_resid_post"])
 
 
 def test_firings_respect_the_definition(model, prompts):

@@ -20,7 +20,7 @@ from tl_superposition.tracing import (
     upstream_writes,
     walk_upstream,
 )
-from tl_superposition.tracing.cache import run_batch
+from tl_superposition.tracing.cache import Workspace, run_batch
 from tl_superposition.tracing.decompose import decompose_batch
 from tl_superposition.tracing.graph import paper_graph
 from tl_superposition.tracing.seeds import SeedChooser
@@ -29,7 +29,6 @@ from tl_superposition.tracing.walk import CandidateEdges, batch_edges, seed_firi
 from tl_superposition.tracing.writes import (
     WRITE_PROMPTS,
     ChunkWriters,
-    Workspace,
     side_directions,
     signal_writes,
 )

@@ -2,26 +2,41 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
+from transformer_lens.hook_points import HookPoint
 
 
-def _hook_names(n_layers: int, absolute_positions: bool) -> set[str]:
-    names = {"hook_embed"} | ({"hook_pos_embed"} if absolute_positions else set())
-    for L in range(n_layers):
-        names |= {
-            f"blocks.{L}.ln1.hook_normalized",
-            f"blocks.{L}.ln1.hook_scale",
-            f"blocks.{L}.attn.hook_attn_scores",
-            f"blocks.{L}.attn.hook_pattern",
-            f"blocks.{L}.attn.hook_z",
-            f"blocks.{L}.hook_mlp_out",
-        }
-    return names
+class Workspace:
+    """A flat tensor that successive batches (or chunks) of a trace are laid out in.
+
+    The trace's large per-batch tensors (the stacked activations of :func:`run_batch`, the
+    writers' outputs of :class:`~tl_superposition.tracing.writes.ChunkWriters`) take tens to
+    hundreds of MB. A fresh allocation of that size is returned to the system when freed
+    and paid again in page faults by the next batch, which on CPU costs about as much as
+    the work that fills it; one workspace, grown when a batch needs more, is paid once.
+    Whatever was laid out in a workspace is overwritten by its next use.
+    """
+
+    def __init__(self) -> None:
+        self._flat: Tensor | None = None
+
+    def take(self, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A flat tensor of ``n`` elements (its values are whatever was there before).
+
+        ``device`` is compared as given: pass a tensor's ``.device`` (``cuda:0``, not
+        ``cuda``), or the workspace is allocated again on every call.
+        """
+        flat = self._flat
+        if flat is None or len(flat) < n or (flat.dtype, flat.device) != (dtype, device):
+            flat = self._flat = torch.empty(n, dtype=dtype, device=device)
+        return flat[:n]
 
 
 @dataclass
@@ -52,40 +67,88 @@ class BatchCache:
     scores: list[Tensor]
 
 
+def _stacked(
+    model: HookedTransformer, tokens: Tensor, workspace: Workspace
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Empty ``(x, scale, z, mlp)`` of :class:`BatchCache` for ``tokens``, laid out in
+    ``workspace``."""
+    cfg = model.cfg
+    B, P, n = *tokens.shape, cfg.n_layers
+    shapes = [
+        (B, P, n, cfg.d_model),
+        (B, P, n),
+        (B, P, n, cfg.n_heads, cfg.d_head),
+        (B, P, n, cfg.d_model),
+    ]
+    sizes = [math.prod(s) for s in shapes]
+    flat = workspace.take(sum(sizes), cfg.dtype, model.W_E.device)
+    parts = flat.split(sizes)
+    x, scale, z, mlp = (p.view(s) for p, s in zip(parts, shapes))
+    return x, scale, z, mlp
+
+
 @torch.inference_mode()
-def run_batch(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -> BatchCache:
+def run_batch(
+    model: HookedTransformer, tokens: Int[Tensor, "batch pos"], workspace: Workspace | None = None
+) -> BatchCache:
     """Run ``model`` on ``tokens`` up to its last block and keep what the trace reads.
 
-    The unembedding is not run: the logits a caller needs (for example the logit
-    difference at END, :func:`~tl_superposition.tracing.ioi_trace.logit_attribution`) come
-    from ``resid``.
+    Hooks copy each layer's activations into stacked tensors as the forward pass produces
+    them (nothing else is kept alive). The unembedding is not run: the logits a caller needs
+    (for example the logit difference at END,
+    :func:`~tl_superposition.tracing.ioi_trace.logit_attribution`) come from ``resid``.
 
     Args:
         model: a processed ``HookedTransformer`` (:func:`tl_superposition.load_model`).
         tokens: token ids, on the model's device.
+        workspace: where the stacked activations are laid out (default: new memory). A
+            trace passes one workspace to every batch, so the returned cache is overwritten
+            by the next call with that workspace.
     """
     n = model.cfg.n_layers
-    names = _hook_names(n, model.cfg.positional_embedding_type == "standard")
-    resid, cache = model.run_with_cache(
-        tokens, names_filter=lambda name: name in names, stop_at_layer=n
-    )
-    assert isinstance(resid, Tensor)
-    embed = cache["hook_embed"]
-    if "hook_pos_embed" in cache:
-        embed = embed + cache["hook_pos_embed"]
+    x, scale, z, mlp = _stacked(model, tokens, workspace or Workspace())
+    pattern: list[Tensor] = []
+    scores: list[Tensor] = []
+    embed: list[Tensor] = []
+
+    def into(buffer: Tensor, layer: int, squeeze: bool = False):
+        def hook(act: Tensor, hook: HookPoint) -> None:
+            del hook
+            buffer[:, :, layer].copy_(act[..., 0] if squeeze else act)
+
+        return hook
+
+    def keep(acts: list[Tensor]):
+        def hook(act: Tensor, hook: HookPoint) -> None:
+            del hook
+            acts.append(act)
+
+        return hook
+
+    hooks: list[tuple[str | Callable, Callable]] = [("hook_embed", keep(embed))]
+    if model.cfg.positional_embedding_type == "standard":
+        hooks.append(("hook_pos_embed", keep(embed)))
+    for L in range(n):
+        hooks += [
+            (f"blocks.{L}.ln1.hook_normalized", into(x, L)),
+            (f"blocks.{L}.ln1.hook_scale", into(scale, L, squeeze=True)),
+            (f"blocks.{L}.attn.hook_attn_scores", keep(scores)),
+            (f"blocks.{L}.attn.hook_pattern", keep(pattern)),
+            (f"blocks.{L}.attn.hook_z", into(z, L)),
+        ]
+        if not model.cfg.attn_only:
+            hooks.append((f"blocks.{L}.hook_mlp_out", into(mlp, L)))
     if model.cfg.attn_only:
-        mlp = torch.zeros(
-            *resid.shape[:2], n, resid.shape[2], dtype=resid.dtype, device=resid.device
-        )
-    else:
-        mlp = torch.stack([cache[f"blocks.{L}.hook_mlp_out"] for L in range(n)], 2)
+        mlp.zero_()
+    resid = model.run_with_hooks(tokens, fwd_hooks=hooks, stop_at_layer=n)
+    assert isinstance(resid, Tensor)
     return BatchCache(
-        x=torch.stack([cache[f"blocks.{L}.ln1.hook_normalized"] for L in range(n)], 2),
-        scale=torch.stack([cache[f"blocks.{L}.ln1.hook_scale"][..., 0] for L in range(n)], 2),
-        z=torch.stack([cache[f"blocks.{L}.attn.hook_z"] for L in range(n)], 2),
+        x=x,
+        scale=scale,
+        z=z,
         mlp=mlp,
-        embed=embed,
+        embed=embed[0] if len(embed) == 1 else embed[0] + embed[1],
         resid=resid,
-        pattern=[cache[f"blocks.{L}.attn.hook_pattern"] for L in range(n)],
-        scores=[cache[f"blocks.{L}.attn.hook_attn_scores"] for L in range(n)],
+        pattern=pattern,
+        scores=scores,
     )

@@ -1,9 +1,9 @@
 """Signal tracing through attention firings, on any prompts, in one forward pass.
 
 Follows Franco & Crovella 2024 (arXiv 2410.00340, Sec. 5). :func:`trace` runs the model once
-over the prompts, batch by batch. Per batch, :func:`~.cache.run_batch` caches what the steps
-read (``run_with_cache`` up to the last block, no unembedding); the seed chooser
-(:mod:`.seeds`) sees the batch; then
+over the prompts, batch by batch. Per batch, :func:`~.cache.run_batch` keeps what the steps
+read (hooks copying into memory reused by every batch, up to the last block, no
+unembedding); the seed chooser (:mod:`.seeds`) sees the batch; then
 
 1. :func:`~.decompose.decompose_batch` finds every firing of every head, decomposes its
    score into singular-component contributions, keeps the shortest set reaching
@@ -42,7 +42,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from tl_superposition.tracing.cache import BatchCache, run_batch
+from tl_superposition.tracing.cache import BatchCache, Workspace, run_batch
 from tl_superposition.tracing.config import TraceConfig
 from tl_superposition.tracing.decompose import BatchFirings, decompose_batch
 from tl_superposition.tracing.graph import build_graph, paper_graph
@@ -50,7 +50,7 @@ from tl_superposition.tracing.qk_svd import QKSVDCache
 from tl_superposition.tracing.seeds import FixedSeeds, SeedChooser
 from tl_superposition.tracing.store import TraceStore
 from tl_superposition.tracing.walk import WalkResult, seed_firings, walk_batch
-from tl_superposition.tracing.writes import ResidualWriters, Workspace
+from tl_superposition.tracing.writes import ResidualWriters
 
 # Bit of the reach masks that marks firings reached from the final seeds in a batch walked
 # again (:func:`trace`); bits 0 .. FINAL_BIT - 1 number the candidate seeds.
@@ -272,7 +272,7 @@ def trace(
     role_pos = {k: _check_positions(f"roles[{k!r}]", v, lengths) for k, v in (roles or {}).items()}
     qk = QKSVDCache(model, n_offsets=int(lengths.max()))
     writers = ResidualWriters.from_model(model)
-    workspace = Workspace()
+    workspace, cache_workspace = Workspace(), Workspace()
     device = next(model.parameters()).device
     tmpdir = tempfile.TemporaryDirectory(prefix="tl-trace-") if out_dir is None else None
     out = Path(tmpdir.name if tmpdir is not None else out_dir)  # type: ignore[arg-type]
@@ -280,7 +280,8 @@ def trace(
     walked: list[set[tuple[int, int]]] = []
 
     def run(lo: int, hi: int, heads: Sequence[tuple[tuple[int, int], int]], observe: bool):
-        cache = run_batch(model, tokens[lo:hi, : int(lengths[lo:hi].max())].to(device))
+        batch_tokens = tokens[lo:hi, : int(lengths[lo:hi].max())].to(device)
+        cache = run_batch(model, batch_tokens, cache_workspace)
         if observe:
             chooser.observe(model, cache, lo, hi)
             heads = bits.assign(chooser.candidates())

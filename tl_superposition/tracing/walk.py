@@ -26,7 +26,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from tl_superposition.tracing.cache import BatchCache
+from tl_superposition.tracing.cache import BatchCache, Workspace
 from tl_superposition.tracing.config import TraceConfig
 from tl_superposition.tracing.decompose import BatchFirings
 from tl_superposition.tracing.edges import select_edges
@@ -36,7 +36,6 @@ from tl_superposition.tracing.writes import (
     ChunkWriters,
     ResidualWriters,
     SideWrites,
-    Workspace,
     signal_writes,
 )
 

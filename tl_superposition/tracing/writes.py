@@ -18,7 +18,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from tl_superposition.tracing.cache import BatchCache
+from tl_superposition.tracing.cache import BatchCache, Workspace
 from tl_superposition.tracing.decompose import (
     BatchFirings,
     basis_to_model,
@@ -165,31 +165,6 @@ def side_directions(
     if centred:
         g[:, :-1] -= g[:, :-1].mean(1, keepdim=True)
     return g
-
-
-class Workspace:
-    """A flat tensor that successive :class:`ChunkWriters` of a trace are formed in.
-
-    A chunk's outputs take up to hundreds of MB (:data:`WRITE_PROMPTS`). A fresh allocation of
-    that size is returned to the system when freed and paid again in page faults by the
-    next chunk, which on CPU costs more than the product that fills it; one workspace,
-    grown when a chunk needs more, is paid once. Whatever was formed in a workspace is
-    overwritten by its next use.
-    """
-
-    def __init__(self) -> None:
-        self._flat: Tensor | None = None
-
-    def take(self, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """A flat tensor of ``n`` elements (its values are whatever was there before).
-
-        ``device`` is compared as given: pass a tensor's ``.device`` (``cuda:0``, not
-        ``cuda``), or the workspace is allocated again on every call.
-        """
-        flat = self._flat
-        if flat is None or len(flat) < n or (flat.dtype, flat.device) != (dtype, device):
-            flat = self._flat = torch.empty(n, dtype=dtype, device=device)
-        return flat[:n]
 
 
 class ChunkWriters:
