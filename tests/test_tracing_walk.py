@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 
@@ -36,6 +37,7 @@ from tl_superposition.tracing.writes import (
 CFG = TraceConfig(pattern_thresh=0.3, batch_size=4)
 # the module (the package's attribute ``trace`` is the function of the same name)
 trace_module = importlib.import_module("tl_superposition.tracing.trace")
+qk_svd_module = importlib.import_module("tl_superposition.tracing.qk_svd")
 
 
 def _edges(*rows):
@@ -191,6 +193,59 @@ def test_two_runs_write_identical_files(tiny_gpt2, tmp_path):
     for name in ("firings.parquet", "edges.csv", "edge_records.parquet", "writers.csv"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert not list(tmp_path.glob("*/.trace-*"))  # the temporary folder is gone
+
+
+def test_traces_sharing_a_qk_cache_decompose_once_and_write_the_same_files(
+    tiny_llama, tmp_path, monkeypatch
+):
+    """One QKSVDCache passed to several traces: each writes what a trace with its own cache
+    writes, and a trace whose cores are all cached decomposes none."""
+    top = tiny_llama.cfg.n_layers - 1
+    seeds = ",".join(f"{top}.{h}" for h in range(tiny_llama.cfg.n_heads))
+    sets = {
+        "a": make_ioi_dataset(tiny_llama, 6, seed=7),
+        "b": make_ioi_dataset(tiny_llama, 9, seed=8),
+    }
+    shared = QKSVDCache(tiny_llama)
+
+    def run(ds, out, qk):
+        trace_ioi(
+            tiny_llama, ds, seeds=seeds, seed_src="any", config=CFG, progress=False,
+            out_dir=out, qk=qk,
+        )  # fmt: skip
+
+    for name, ds in sets.items():
+        run(ds, tmp_path / "shared" / name, shared)
+        run(ds, tmp_path / "own" / name, None)
+        for f in ("firings.parquet", "edges.csv", "edge_records.parquet", "writers.csv"):
+            assert (tmp_path / "shared" / name / f).read_bytes() == (
+                tmp_path / "own" / name / f
+            ).read_bytes()
+    assert sum(shared[L].n_cached for L in range(tiny_llama.cfg.n_layers)) > 0
+    calls = []
+    real = qk_svd_module.core_svd
+    monkeypatch.setattr(qk_svd_module, "core_svd", lambda *a: calls.append(1) or real(*a))
+    run(sets["a"], tmp_path / "again", shared)
+    assert not calls
+
+
+def test_a_qk_cache_of_other_weights_is_refused_before_the_model_runs(
+    tiny_llama, tiny_gpt2, monkeypatch
+):
+    ds = make_ioi_dataset(tiny_llama, 4, seed=1)
+    calls = []
+    monkeypatch.setattr(trace_module, "run_batch", lambda *a: calls.append(1))
+    edited = copy.deepcopy(tiny_llama)
+    qk = QKSVDCache(edited)
+    with torch.no_grad():
+        edited.blocks[0].attn.W_Q[0, 0, 0] += 1.0
+    for model, cache, message in (
+        (tiny_llama, QKSVDCache(tiny_gpt2), "another model"),
+        (edited, qk, "weights changed"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            trace_ioi(model, ds, seeds="2.0", config=CFG, progress=False, qk=cache)
+    assert not calls
 
 
 def test_tables_agree_with_the_firings(tiny_llama):

@@ -31,6 +31,7 @@ from tl_superposition.ioi import IOIDataset
 from tl_superposition.tracing.cache import BatchCache
 from tl_superposition.tracing.config import TraceConfig
 from tl_superposition.tracing.graph import check_heads, head_name, parse_heads
+from tl_superposition.tracing.qk_svd import QKSVDCache
 from tl_superposition.tracing.seeds import SeedChooser
 from tl_superposition.tracing.trace import TraceResult, trace
 
@@ -365,6 +366,7 @@ def trace_ioi(
     config: TraceConfig | None = None,
     progress: bool = True,
     out_dir: str | Path | None = None,
+    qk: QKSVDCache | None = None,
 ) -> IOITrace:
     """Trace the IOI circuit of ``model`` on ``dataset``, in one forward pass.
 
@@ -384,6 +386,8 @@ def trace_ioi(
         progress: tqdm bars.
         out_dir: folder the trace's files are streamed to (see
             :func:`~tl_superposition.tracing.trace.trace`); ``None``: a temporary folder.
+        qk: QK decompositions of ``model`` shared with other traces (see
+            :func:`~tl_superposition.tracing.trace.trace`); ``None``: new ones.
 
     Returns:
         :class:`IOITrace`; its ``firings`` carry ``dest_role``/``src_role`` (IO, S1, S2, END,
@@ -391,7 +395,8 @@ def trace_ioi(
 
     Raises:
         ValueError: bad seeds or ``seed_src`` (:func:`resolve_seeds`,
-            :func:`resolve_seed_src`), checked before the model runs.
+            :func:`resolve_seed_src`), or a ``qk`` of another model or of other weights,
+            checked before the model runs.
         NotImplementedError: an attention variant the decomposition does not cover.
     """
     cfg = config or TraceConfig()
@@ -410,6 +415,7 @@ def trace_ioi(
         progress=progress,
         out_dir=out_dir,
         roles=ioi_roles(dataset),
+        qk=qk,
     )
     prompts = dataset.to_dataframe()
     prompts["logit_diff"] = chooser.logit_diff.numpy()

@@ -377,8 +377,18 @@ class LayerQK:
         return (u * s) @ v.T
 
 
+def _attention_weights_state(model: HookedTransformer) -> list[tuple[int, int]]:
+    """``(data_ptr, version)`` of every attention parameter: changes when one is replaced or
+    edited in place."""
+    return [(p.data_ptr(), p._version) for block in model.blocks for p in block.attn.parameters()]
+
+
 class QKSVDCache:
     """Per-layer :class:`LayerQK` objects of a model, built on first use and kept.
+
+    The decompositions depend on the weights only, so one cache can serve every trace of a
+    model (:func:`~tl_superposition.tracing.trace.trace`'s ``qk``): each (offset, head) core
+    is decomposed once, by the first trace that meets it.
 
     Args:
         model: the model.
@@ -391,6 +401,25 @@ class QKSVDCache:
         self.model = model
         self.n_offsets = n_offsets
         self._layers: dict[int, LayerQK] = {}
+        self._weights = _attention_weights_state(model)
+
+    def check_model(self, model: HookedTransformer) -> None:
+        """Raise ``ValueError`` unless this cache was made for ``model`` as it is now.
+
+        Raises:
+            ValueError: ``model`` is another model, or one of its attention parameters was
+                replaced or edited in place since the cache was made (its decompositions
+                would be stale).
+        """
+        if model is not self.model:
+            raise ValueError(
+                "this QKSVDCache was made for another model; make one with QKSVDCache(model)"
+            )
+        if _attention_weights_state(model) != self._weights:
+            raise ValueError(
+                "the model's attention weights changed since this QKSVDCache was made; its "
+                "decompositions are stale: make a new one with QKSVDCache(model)"
+            )
 
     def __getitem__(self, layer: int) -> LayerQK:
         if layer not in self._layers:

@@ -231,6 +231,7 @@ def trace(
     progress: bool = True,
     out_dir: str | Path | None = None,
     roles: Mapping[str, Tensor] | None = None,
+    qk: QKSVDCache | None = None,
 ) -> TraceResult:
     """Decompose every firing and trace signals upstream from seed firings, in one pass.
 
@@ -252,13 +253,18 @@ def trace(
             lives as long as the result.
         roles: named positions per prompt (``{"IO": io_pos, ...}``): the firings table gets
             ``dest_role`` and ``src_role`` columns.
+        qk: the QK decompositions of ``model`` to use and extend (default: a new
+            :class:`~tl_superposition.tracing.qk_svd.QKSVDCache`). Pass one cache to every
+            trace of a model (several prompt sets, both edge rules) and each head's form is
+            decomposed once, by the first trace that needs it.
 
     Returns:
         :class:`TraceResult`; its files are described by
         :class:`~tl_superposition.tracing.store.TraceStore`.
 
     Raises:
-        ValueError: a seed head or a seed position is out of range, or no prompts.
+        ValueError: a seed head or a seed position is out of range, no prompts, or ``qk``
+            is not that of ``model`` as it is now (:meth:`QKSVDCache.check_model`).
         NotImplementedError: an attention variant the decomposition does not cover.
     """
     cfg = config or TraceConfig()
@@ -270,7 +276,9 @@ def trace(
     dest = _check_positions("seed_dest", seed_dest, lengths).numpy()
     src = None if seed_src is None else _check_positions("seed_src", seed_src, lengths).numpy()
     role_pos = {k: _check_positions(f"roles[{k!r}]", v, lengths) for k, v in (roles or {}).items()}
-    qk = QKSVDCache(model, n_offsets=int(lengths.max()))
+    if qk is None:
+        qk = QKSVDCache(model, n_offsets=int(lengths.max()))
+    qk.check_model(model)
     writers = ResidualWriters.from_model(model)
     workspace, cache_workspace = Workspace(), Workspace()
     device = next(model.parameters()).device
