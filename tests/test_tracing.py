@@ -9,6 +9,7 @@ import networkx as nx
 import pandas as pd
 import pytest
 import torch
+from transformer_lens import HookedTransformer
 
 from tl_superposition.ioi import make_ioi_dataset
 from tl_superposition.tracing import (
@@ -177,6 +178,22 @@ def test_run_batch_holds_the_hooked_activations_in_a_reused_workspace(model, pro
     )
     assert torch.equal(got.embed, embed)
     assert torch.equal(got.resid, ref[f"blocks.{n - 1}.hook_resid_post"])
+
+
+def test_run_batch_keeps_the_float32_normalisation_of_a_bfloat16_model(tiny_llama):
+    """TransformerLens normalises half-precision models in float32; the cache keeps that."""
+    cfg = dataclasses.replace(tiny_llama.cfg, dtype=torch.bfloat16)
+    model = HookedTransformer(cfg, tokenizer=tiny_llama.tokenizer)
+    model.load_state_dict(tiny_llama.state_dict(), strict=False)
+    model.to(torch.bfloat16)
+    tokens = make_ioi_dataset(tiny_llama, 3, seed=2).tokens
+    _, ref = model.run_with_cache(tokens)
+    got = run_batch(model, tokens, Workspace())
+    assert got.x.dtype == got.scale.dtype == torch.float32
+    assert got.z.dtype == got.mlp.dtype == torch.bfloat16
+    for L in range(cfg.n_layers):
+        assert torch.equal(got.x[:, :, L], ref[f"blocks.{L}.ln1.hook_normalized"])
+        assert torch.equal(got.z[:, :, L], ref[f"blocks.{L}.attn.hook_z"])
 
 
 def test_firings_respect_the_definition(model, prompts):

@@ -25,17 +25,19 @@ class Workspace:
     """
 
     def __init__(self) -> None:
-        self._flat: Tensor | None = None
+        self._flats: dict[tuple[torch.dtype, torch.device], Tensor] = {}
 
     def take(self, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         """A flat tensor of ``n`` elements (its values are whatever was there before).
 
+        Every call with the same ``dtype`` and ``device`` returns the start of the same
+        memory (grown when ``n`` needs more): take what one use needs in one call.
         ``device`` is compared as given: pass a tensor's ``.device`` (``cuda:0``, not
         ``cuda``), or the workspace is allocated again on every call.
         """
-        flat = self._flat
-        if flat is None or len(flat) < n or (flat.dtype, flat.device) != (dtype, device):
-            flat = self._flat = torch.empty(n, dtype=dtype, device=device)
+        flat = self._flats.get((dtype, device))
+        if flat is None or len(flat) < n:
+            flat = self._flats[dtype, device] = torch.empty(n, dtype=dtype, device=device)
         return flat[:n]
 
 
@@ -43,7 +45,8 @@ class Workspace:
 class BatchCache:
     """The activations of one batch that the trace reads, stacked over layers.
 
-    Tensors stay on the model's device, in its dtype.
+    Tensors stay on the model's device, in its dtype; ``x`` and ``scale`` in the dtype
+    TransformerLens normalises in (float32 for half-precision models).
 
     Attributes:
         x: ``blocks.{L}.ln1.hook_normalized``, the input of W_Q/W_K of layer L.
@@ -71,20 +74,25 @@ def _stacked(
     model: HookedTransformer, tokens: Tensor, workspace: Workspace
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Empty ``(x, scale, z, mlp)`` of :class:`BatchCache` for ``tokens``, laid out in
-    ``workspace``."""
+    ``workspace`` (one take per dtype)."""
     cfg = model.cfg
     B, P, n = *tokens.shape, cfg.n_layers
-    shapes = [
-        (B, P, n, cfg.d_model),
-        (B, P, n),
-        (B, P, n, cfg.n_heads, cfg.d_head),
-        (B, P, n, cfg.d_model),
-    ]
-    sizes = [math.prod(s) for s in shapes]
-    flat = workspace.take(sum(sizes), cfg.dtype, model.W_E.device)
-    parts = flat.split(sizes)
-    x, scale, z, mlp = (p.view(s) for p, s in zip(parts, shapes))
-    return x, scale, z, mlp
+    # TransformerLens normalises half-precision models in float32 (ln1's hooks see float32)
+    norm_dtype = cfg.dtype if cfg.dtype in (torch.float32, torch.float64) else torch.float32
+    parts = {
+        "x": ((B, P, n, cfg.d_model), norm_dtype),
+        "scale": ((B, P, n), norm_dtype),
+        "z": ((B, P, n, cfg.n_heads, cfg.d_head), cfg.dtype),
+        "mlp": ((B, P, n, cfg.d_model), cfg.dtype),
+    }
+    out: dict[str, Tensor] = {}
+    for dtype in dict.fromkeys(d for _, d in parts.values()):
+        names = [k for k, (_, d) in parts.items() if d == dtype]
+        sizes = [math.prod(parts[k][0]) for k in names]
+        flat = workspace.take(sum(sizes), dtype, model.W_E.device)
+        for name, piece in zip(names, flat.split(sizes)):
+            out[name] = piece.view(parts[name][0])
+    return out["x"], out["scale"], out["z"], out["mlp"]
 
 
 @torch.inference_mode()
