@@ -39,15 +39,13 @@ class ResidualWriters:
     """The weights that write to the residual stream (made once per trace).
 
     Attributes:
-        W_O: every head's output matrix (float64, for :func:`upstream_writes`).
-        W_O_model: the same, flattened over heads, in the model's dtype and device
-            (for :func:`signal_writes`).
+        W_O_model: every head's output matrix, flattened over heads (layer-major), in the
+            model's dtype and device (for :func:`signal_writes`).
         b_O_cumsum: row ``L`` is the sum of ``b_O`` over the layers before ``L`` (float64).
         centred: whether the model normalises with LayerNorm (which subtracts the mean, so
             signal directions are centred before the writes are measured).
     """
 
-    W_O: Float[Tensor, "n_layers n_heads d_head d_model"]
     W_O_model: Float[Tensor, "n_layers_x_n_heads d_head d_model"]
     b_O_cumsum: Float[Tensor, "n_layers_plus_1 d_model"]
     centred: bool
@@ -57,11 +55,17 @@ class ResidualWriters:
         """Copy the writers of ``model``."""
         b_O = model.b_O.detach().to(torch.float64)
         return cls(
-            W_O=model.W_O.detach().to(torch.float64),
             W_O_model=model.W_O.detach().flatten(0, 1),
             b_O_cumsum=torch.cat([torch.zeros_like(b_O[:1]), b_O.cumsum(0)]),
             centred=model.cfg.normalization_type in ("LN", "LNPre"),
         )
+
+    @property
+    def W_O(self) -> Float[Tensor, "n_layers n_heads d_head d_model"]:
+        """Every head's output matrix in float64 (for :func:`upstream_writes`), made on each
+        access: the trace itself reads ``W_O_model`` only."""
+        n_layers = self.b_O_cumsum.shape[0] - 1
+        return self.W_O_model.unflatten(0, (n_layers, -1)).to(torch.float64)
 
 
 def upstream_writes(
