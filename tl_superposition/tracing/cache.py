@@ -120,18 +120,18 @@ def run_batch(
     embed: list[Tensor] = []
 
     def into(buffer: Tensor, layer: int, squeeze: bool = False):
-        def hook(act: Tensor, hook: HookPoint) -> None:
+        def copy_in(act: Tensor, hook: HookPoint) -> None:
             del hook
             buffer[:, :, layer].copy_(act[..., 0] if squeeze else act)
 
-        return hook
+        return copy_in
 
     def keep(acts: list[Tensor]):
-        def hook(act: Tensor, hook: HookPoint) -> None:
+        def append(act: Tensor, hook: HookPoint) -> None:
             del hook
             acts.append(act)
 
-        return hook
+        return append
 
     hooks: list[tuple[str | Callable, Callable]] = [("hook_embed", keep(embed))]
     if model.cfg.positional_embedding_type == "standard":
