@@ -24,6 +24,7 @@ from tl_superposition.tracing import (
 from tl_superposition.tracing.cache import Workspace, run_batch
 from tl_superposition.tracing.decompose import decompose_batch
 from tl_superposition.tracing.graph import paper_graph
+from tl_superposition.tracing.ioi_trace import ioi_roles
 from tl_superposition.tracing.seeds import SeedChooser
 from tl_superposition.tracing.trace import start_bits
 from tl_superposition.tracing.walk import CandidateEdges, batch_edges, seed_firings, walk_batch
@@ -193,6 +194,27 @@ def test_two_runs_write_identical_files(tiny_gpt2, tmp_path):
     for name in ("firings.parquet", "edges.csv", "edge_records.parquet", "writers.csv"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert not list(tmp_path.glob("*/.trace-*"))  # the temporary folder is gone
+
+
+def test_a_batch_without_edge_records_keeps_the_later_batches_records(tiny_llama, tmp_path):
+    """The first batch's seed position is 0, whose only source (BOS) never fires: it writes no
+    edge records, and the next batch writes what a trace seeded in every prompt writes."""
+    ds = make_ioi_dataset(tiny_llama, 2 * CFG.batch_size, seed=6)
+    top = tiny_llama.cfg.n_layers - 1
+    seeds = [(top, h) for h in range(tiny_llama.cfg.n_heads)]
+    no_seed = ds.end_pos.clone()
+    no_seed[: CFG.batch_size] = 0
+    records = {}
+    for name, dest in (("first empty", no_seed), ("all", ds.end_pos)):
+        trace(
+            tiny_llama, ds.tokens, seeds, seed_dest=dest, lengths=ds.lengths, config=CFG,
+            progress=False, out_dir=tmp_path / name, roles=ioi_roles(ds),
+        )  # fmt: skip
+        records[name] = pd.read_parquet(tmp_path / name / "edge_records.parquet")
+    later = records["all"][records["all"].prompt_id >= CFG.batch_size].reset_index(drop=True)
+    assert len(records["all"]) > len(later) > 0  # both batches of the full trace have records
+    pd.testing.assert_frame_equal(records["first empty"], later)
+    assert set(later.pos_role) - {""} <= {"IO", "S1", "S2", "END"}
 
 
 def test_traces_sharing_a_qk_cache_decompose_once_and_write_the_same_files(

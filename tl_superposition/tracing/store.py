@@ -330,7 +330,10 @@ class TraceStore:
             "pos": np.where(side == 0, srcp, dest).astype(np.int32),
         }
         if self.has_roles:
-            out["pos_role"] = np.where(side == 0, take("src_role"), take("dest_role"))
+            # typed as strings even when empty: a batch without edges must write the schema
+            # of the batches with edges (an empty object column would be arrow's null type)
+            roles = np.where(side == 0, take("src_role"), take("dest_role"))
+            out["pos_role"] = pd.array(roles, dtype="str")
         out |= {
             "up_layer": c.up_layer.to_numpy(),
             "up_head": c.up_head.to_numpy(),
