@@ -257,17 +257,42 @@ def test_a_qk_cache_of_other_weights_is_refused_before_the_model_runs(
     ds = make_ioi_dataset(tiny_llama, 4, seed=1)
     calls = []
     monkeypatch.setattr(trace_module, "run_batch", lambda *a: calls.append(1))
-    edited = copy.deepcopy(tiny_llama)
-    qk = QKSVDCache(edited)
-    with torch.no_grad():
-        edited.blocks[0].attn.W_Q[0, 0, 0] += 1.0
-    for model, cache, message in (
-        (tiny_llama, QKSVDCache(tiny_gpt2), "another model"),
-        (edited, qk, "weights changed"),
-    ):
+    edits = {
+        "in place": lambda attn: attn.W_Q[0, 0, 0].add_(1.0),
+        "through .data": lambda attn: attn.W_Q.data[0, 0, 0].add_(1.0),  # no version bump
+        "of a grouped key": lambda attn: attn._W_K.data[0, 0, 0].add_(1.0),
+        "of a query bias": lambda attn: attn.b_Q.data[0, 0].add_(1.0),
+    }
+    cases = [(tiny_llama, QKSVDCache(tiny_gpt2), "another model")]
+    for edit in edits.values():
+        edited = copy.deepcopy(tiny_llama)
+        qk = QKSVDCache(edited)
+        with torch.no_grad():
+            edit(edited.blocks[1].attn)
+        cases.append((edited, qk, "query or key weights changed"))
+    for model, cache, message in cases:
         with pytest.raises(ValueError, match=message):
             trace_ioi(model, ds, seeds="2.0", config=CFG, progress=False, qk=cache)
     assert not calls
+
+
+def test_a_qk_cache_outlives_edits_of_value_and_output_weights(tiny_llama, tmp_path):
+    """W_V and W_O are not part of any QK form: after editing them, a trace given the cache
+    made before writes what a trace with a new cache writes."""
+    model = copy.deepcopy(tiny_llama)
+    ds = make_ioi_dataset(model, 6, seed=3)
+    qk = QKSVDCache(model)
+    trace_ioi(model, ds, seeds="2.0", config=CFG, progress=False, qk=qk)
+    with torch.no_grad():
+        model.blocks[1].attn._W_V.mul_(2.0)
+        model.blocks[1].attn.W_O.data.mul_(-1.0)
+    for name, cache in (("kept", qk), ("new", None)):
+        trace_ioi(
+            model, ds, seeds="2.0", config=CFG, progress=False, qk=cache,
+            out_dir=tmp_path / name,
+        )  # fmt: skip
+    for f in ("firings.parquet", "edges.csv", "edge_records.parquet", "writers.csv"):
+        assert (tmp_path / "kept" / f).read_bytes() == (tmp_path / "new" / f).read_bytes()
 
 
 def test_tables_agree_with_the_firings(tiny_llama):

@@ -377,18 +377,29 @@ class LayerQK:
         return (u * s) @ v.T
 
 
-def _attention_weights_state(model: HookedTransformer) -> list[tuple[int, int]]:
-    """``(data_ptr, version)`` of every attention parameter: changes when one is replaced or
-    edited in place."""
-    return [(p.data_ptr(), p._version) for block in model.blocks for p in block.attn.parameters()]
+# the attention parameters a head's QK form is made of (TransformerLens names; grouped-query
+# attention keeps its key weights as ``_W_K`` and ``_b_K``)
+QK_PARAMETERS = ("W_Q", "b_Q", "W_K", "b_K", "_W_K", "_b_K")
+
+
+def _qk_weights(model: HookedTransformer) -> list[Tensor]:
+    """The query and key weights and biases of every layer, in a fixed order."""
+    return [
+        p.detach()
+        for block in model.blocks
+        for name, p in block.attn.named_parameters()
+        if name in QK_PARAMETERS
+    ]
 
 
 class QKSVDCache:
     """Per-layer :class:`LayerQK` objects of a model, built on first use and kept.
 
-    The decompositions depend on the weights only, so one cache can serve every trace of a
-    model (:func:`~tl_superposition.tracing.trace.trace`'s ``qk``): each (offset, head) core
-    is decomposed once, by the first trace that meets it.
+    The decompositions depend on the query and key weights only, so one cache can serve every
+    trace of a model (:func:`~tl_superposition.tracing.trace.trace`'s ``qk``): each (offset,
+    head) core is decomposed once, by the first trace that meets it. The cache keeps a copy
+    of those weights (``W_Q``, ``b_Q``, ``W_K``, ``b_K``: 53 MB for SmolLM2-135M) to refuse
+    itself once they change (:meth:`check_model`).
 
     Args:
         model: the model.
@@ -401,23 +412,28 @@ class QKSVDCache:
         self.model = model
         self.n_offsets = n_offsets
         self._layers: dict[int, LayerQK] = {}
-        self._weights = _attention_weights_state(model)
+        self._weights = [w.clone() for w in _qk_weights(model)]
 
     def check_model(self, model: HookedTransformer) -> None:
         """Raise ``ValueError`` unless this cache was made for ``model`` as it is now.
 
+        The query and key weights and biases are compared with the cache's copy, so every
+        change is seen, however it was made (replaced parameters, in-place edits, edits
+        through ``.data`` or ``load_state_dict``); changes to other weights (``W_V``,
+        ``W_O``, the MLPs) leave the decompositions valid and are accepted.
+
         Raises:
-            ValueError: ``model`` is another model, or one of its attention parameters was
-                replaced or edited in place since the cache was made (its decompositions
-                would be stale).
+            ValueError: ``model`` is another model, or a query or key weight or bias of it
+                changed since the cache was made (its decompositions would be stale).
         """
         if model is not self.model:
             raise ValueError(
                 "this QKSVDCache was made for another model; make one with QKSVDCache(model)"
             )
-        if _attention_weights_state(model) != self._weights:
+        now = _qk_weights(model)
+        if len(now) != len(self._weights) or not all(map(torch.equal, now, self._weights)):
             raise ValueError(
-                "the model's attention weights changed since this QKSVDCache was made; its "
+                "the model's query or key weights changed since this QKSVDCache was made; its "
                 "decompositions are stale: make a new one with QKSVDCache(model)"
             )
 
