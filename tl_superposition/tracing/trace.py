@@ -278,7 +278,8 @@ def trace(
     role_pos = {k: _check_positions(f"roles[{k!r}]", v, lengths) for k, v in (roles or {}).items()}
     if qk is None:
         qk = QKSVDCache(model, n_offsets=int(lengths.max()))
-    qk.check_model(model)
+    else:
+        qk.check_model(model)
     writers = ResidualWriters.from_model(model)
     workspace, cache_workspace = Workspace(), Workspace()
     device = next(model.parameters()).device
