@@ -36,6 +36,8 @@ from tl_superposition.tracing.writes import (
 )
 
 CFG = TraceConfig(pattern_thresh=0.3, batch_size=4)
+# the files two traces that should agree are compared on, byte for byte
+COMPARED_FILES = ("firings.parquet", "edges.csv", "edge_records.parquet", "writers.csv")
 # the module (the package's attribute ``trace`` is the function of the same name)
 trace_module = importlib.import_module("tl_superposition.tracing.trace")
 qk_svd_module = importlib.import_module("tl_superposition.tracing.qk_svd")
@@ -191,7 +193,7 @@ def test_two_runs_write_identical_files(tiny_gpt2, tmp_path):
             tiny_gpt2, ds, seeds=seeds, seed_src="any", config=CFG, progress=False,
             out_dir=tmp_path / run,
         )  # fmt: skip
-    for name in ("firings.parquet", "edges.csv", "edge_records.parquet", "writers.csv"):
+    for name in COMPARED_FILES:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert not list(tmp_path.glob("*/.trace-*"))  # the temporary folder is gone
 
@@ -239,7 +241,7 @@ def test_traces_sharing_a_qk_cache_decompose_once_and_write_the_same_files(
     for name, ds in sets.items():
         run(ds, tmp_path / "shared" / name, shared)
         run(ds, tmp_path / "own" / name, None)
-        for f in ("firings.parquet", "edges.csv", "edge_records.parquet", "writers.csv"):
+        for f in COMPARED_FILES:
             assert (tmp_path / "shared" / name / f).read_bytes() == (
                 tmp_path / "own" / name / f
             ).read_bytes()
@@ -291,7 +293,7 @@ def test_a_qk_cache_outlives_edits_of_value_and_output_weights(tiny_llama, tmp_p
             model, ds, seeds="2.0", config=CFG, progress=False, qk=cache,
             out_dir=tmp_path / name,
         )  # fmt: skip
-    for f in ("firings.parquet", "edges.csv", "edge_records.parquet", "writers.csv"):
+    for f in COMPARED_FILES:
         assert (tmp_path / "kept" / f).read_bytes() == (tmp_path / "new" / f).read_bytes()
 
 
