@@ -98,6 +98,42 @@ def smollm2() -> HookedTransformer:
     return load_model("smollm2-135m")
 
 
+def _save(hf_model, tokenizer, path):
+    hf_model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def hf_models(gpt2_tokenizer, tmp_path_factory):
+    """Tiny random GPT-2 and Llama models saved as Hugging Face folders (model, path)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(
+        GPT2Config(
+            n_layer=2, n_embd=64, n_head=4, n_positions=64, vocab_size=gpt2_tokenizer.vocab_size
+        )
+    ).eval()
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            vocab_size=gpt2_tokenizer.vocab_size,
+        )
+    ).eval()
+    root = tmp_path_factory.mktemp("hf")
+    return {
+        "gpt2": (gpt2, _save(gpt2, gpt2_tokenizer, root / "tiny-gpt2")),
+        "llama": (llama, _save(llama, gpt2_tokenizer, root / "tiny-llama")),
+    }
+
+
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """Make every way of loading pretrained weights fail the test (for argument checks)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from transformer_lens import HookedTransformerConfig
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from tl_superposition import load_model
 from tl_superposition.models import (
@@ -16,40 +15,8 @@ from tl_superposition.models import (
 )
 
 
-def _save(hf_model, tokenizer, path):
-    hf_model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def _centred(logits):
     return logits - logits.mean(-1, keepdim=True)
-
-
-@pytest.fixture(scope="module")
-def hf_models(gpt2_tokenizer, tmp_path_factory):
-    torch.manual_seed(0)
-    gpt2 = GPT2LMHeadModel(
-        GPT2Config(
-            n_layer=2, n_embd=64, n_head=4, n_positions=64, vocab_size=gpt2_tokenizer.vocab_size
-        )
-    ).eval()
-    llama = LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            vocab_size=gpt2_tokenizer.vocab_size,
-        )
-    ).eval()
-    root = tmp_path_factory.mktemp("hf")
-    return {
-        "gpt2": (gpt2, _save(gpt2, gpt2_tokenizer, root / "tiny-gpt2")),
-        "llama": (llama, _save(llama, gpt2_tokenizer, root / "tiny-llama")),
-    }
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -175,7 +142,8 @@ def test_trace_ioi_cli_on_a_local_folder(hf_models, tmp_path):
         "edges.csv",
         "graph.graphml",
         "summary.json",
-        "circuit.png",
+        "seeds.csv",
+        "signal_graph.png",
         "components.png",
     ):
         assert (out / name).stat().st_size > 0, name
@@ -193,7 +161,8 @@ def test_trace_ioi_cli_checks_seeds_against_the_folder_config(
         (["--seeds", "2.0"], "head 2.0 out of range: the model has 2 layers"),
         (["--seeds", "1.0,0.4"], "head 0.4 out of range"),
         (["--seeds", "name-movers"], "2 layers x 4 heads"),
-        (["--n-seeds", "9"], "between 1 and the number of heads (8)"),
+        (["--seeds", "dla", "--n-seeds", "9"], "between 1 and the number of heads (8)"),
+        (["--seeds", "dla"], "the circuit needs per-prompt seeds; pass --seeds per-prompt"),
     ):
         out = tmp_path / "run"
         assert main(["trace-ioi", "--model", str(path), "--out", str(out), *extra]) == 2

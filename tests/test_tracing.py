@@ -370,7 +370,9 @@ def test_graph_is_non_empty_and_round_trips(model, prompts, tmp_path):
         "seconds",
     ):
         assert key in summary
-    assert paths["circuit.png"].stat().st_size > 0 and paths["components.png"].stat().st_size > 0
+    assert (
+        paths["signal_graph.png"].stat().st_size > 0 and paths["components.png"].stat().st_size > 0
+    )
     # edges only point from lower to higher layers, into heads
     for u, v in zip(edges.upstream, edges.downstream):
         up, down = Node.parse(u), Node.parse(v)
@@ -379,7 +381,7 @@ def test_graph_is_non_empty_and_round_trips(model, prompts, tmp_path):
 
 def test_dla_seeds_are_the_top_heads(tiny_gpt2):
     ds = make_ioi_dataset(tiny_gpt2, 8, seed=2)
-    res = trace_ioi(tiny_gpt2, ds, n_seeds=2, config=CFG, progress=False)
+    res = trace_ioi(tiny_gpt2, ds, seeds="dla", n_seeds=2, config=CFG, progress=False)
     mean = res.dla.mean(0)
     top = torch.topk(mean.flatten(), 2).indices
     assert res.summary["seeds"] == [
@@ -407,7 +409,7 @@ def test_bad_seeds_and_heads(tiny_gpt2, monkeypatch):
         with pytest.raises(ValueError, match=match):
             trace_ioi(tiny_gpt2, ds, seeds=seeds, progress=False)
     with pytest.raises(ValueError, match="n_seeds"):
-        trace_ioi(tiny_gpt2, ds, n_seeds=13, progress=False)  # 3 layers x 4 heads
+        trace_ioi(tiny_gpt2, ds, seeds="dla", n_seeds=13, progress=False)  # 3 layers x 4 heads
     with pytest.raises(ValueError, match="seed_src"):
         trace_ioi(tiny_gpt2, ds, seed_src="END", progress=False)
 

@@ -142,20 +142,29 @@ def _signal_model() -> HookedTransformer:
 def test_a_provable_edge_is_traced_and_validated_and_a_non_edge_is_not():
     model = _signal_model()
     tokens = torch.tensor([[3, 4, MARKER, 5, 6, 7, 8, 9]])
-    for rule in ("paper", "positive"):
+    # Head 1.0's query is its bias b_Q alone: the authors' bias coordinate adds the same
+    # constant to both upstream heads on the destination side, and their rule then keeps both
+    # (tied); the provable edges are those of the writes alone.
+    expected = {
+        ("paper", True): {("src", 0, 0), ("dest", 0, 0), ("dest", 0, 1)},
+        ("paper", False): {("src", 0, 0)},
+        ("positive", False): {("src", 0, 0)},
+    }
+    for rule, bias in expected:
         res = trace(
             model,
             tokens,
             seeds=[(1, 0)],
             seed_dest=torch.tensor([END]),
             seed_src=torch.tensor([POS]),
-            config=TraceConfig(edge_rule=rule, nonfiring_frac=0.0),
+            config=TraceConfig(edge_rule=rule, nonfiring_frac=0.0, augmented_bias=bias),
             progress=False,
         )
         rec = res.edge_records
         seed = rec[(rec.layer == 1) & (rec["head"] == 0) & (rec.dest_pos == END)]
-        assert set(zip(seed.side, seed.up_layer, seed.up_head)) == {("src", 0, 0)}, rule
-    edge = seed.iloc[[0]]
+        got = set(zip(seed.side, seed.up_layer, seed.up_head))
+        assert got == expected[rule, bias], (rule, bias)
+    edge = seed[seed.side == "src"].iloc[[0]]
     non_edge = edge.assign(up_head=1, weight=float("nan"))
     comps = res.firings.set_index("firing_id").components
     inst = pd.concat([edge, non_edge], ignore_index=True)
@@ -185,7 +194,7 @@ def test_validate_edges_on_an_ioi_trace(tiny_llama, tmp_path):
     # the boost adds back what the ablation removes: opposite signs on average
     assert v.summary["mean_d_score_boost"] > 0 > v.summary["mean_d_score_ablate"]
     paths = res.save(tmp_path, validation=v)
-    html = paths["circuit.html"].read_text()
+    html = paths["signal_graph.html"].read_text()
     assert "validated" in html and "http" not in html.replace("http://www.w3.org/2000/svg", "")
     assert pd.read_csv(paths["validation_edges.csv"]).shape[0] == len(v.edges)
 

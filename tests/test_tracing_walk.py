@@ -163,7 +163,9 @@ def test_dla_seeds_need_one_pass_and_give_the_trace_of_those_seeds(tiny_llama, m
     calls = []
     real = trace_module.run_batch
     monkeypatch.setattr(trace_module, "run_batch", lambda *a: calls.append(1) or real(*a))
-    res = trace_ioi(tiny_llama, ds, n_seeds=2, seed_src="any", config=CFG, progress=False)
+    res = trace_ioi(
+        tiny_llama, ds, seeds="dla", n_seeds=2, seed_src="any", config=CFG, progress=False
+    )
     assert len(calls) == 3  # 10 prompts in batches of 4: each runs once
     again = trace(
         tiny_llama,
@@ -173,7 +175,7 @@ def test_dla_seeds_need_one_pass_and_give_the_trace_of_those_seeds(tiny_llama, m
         lengths=ds.lengths,
         config=CFG,
         progress=False,
-        roles=dict(ds.positions()),
+        roles=ioi_roles(ds, tiny_llama.tokenizer),
     )
     pd.testing.assert_frame_equal(res.firings, again.firings)
     pd.testing.assert_frame_equal(res.edges, again.edges)

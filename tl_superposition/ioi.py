@@ -278,6 +278,75 @@ class IOIDataset:
         )
 
 
+# The roles of ACC++ (Franco & Crovella, arXiv 2602.13483; their ``datasets/ioi.py``), in
+# their order of precedence: a position with two roles takes the later one.
+ROLES: tuple[str, ...] = (
+    "IO", "IO-1", "IO+1", "S1", "S1-1", "S1+1", "S2", "S2-1", "S2+1", "END", "END-1",
+    "start", "punct", "verb",
+)  # fmt: skip
+PUNCTUATION: tuple[str, ...] = (",", ".")
+# The verbs of this module's templates (ACC++'s GPT-2 templates use " gave", " give", " said").
+VERBS: tuple[str, ...] = (
+    "gave", "give", "handed", "passed", "said", "threw", "offered", "sent", "brought",
+    "showed", "returned", "lent",
+)  # fmt: skip
+
+
+def _last_of(tokens: Tensor, lengths: Tensor, ids: Sequence[int]) -> Tensor:
+    """Per prompt, the last real position holding one of ``ids`` (-1 where none does).
+
+    ``ids`` are tried in order and a later one that occurs wins, as ACC++ does.
+    """
+    out = torch.full((len(tokens),), -1, dtype=torch.long)
+    pos = torch.arange(tokens.shape[1])
+    real = pos[None, :] < lengths[:, None]
+    for token_id in ids:
+        hit = (tokens == token_id) & real
+        last = torch.where(hit, pos[None, :], torch.full_like(tokens, -1)).amax(1)
+        out = torch.where(last >= 0, last, out)
+    return out
+
+
+def role_positions(dataset: IOIDataset, tokenizer_or_model: Any) -> dict[str, Tensor]:
+    """ACC++'s named positions of each prompt: the names, their neighbours and more.
+
+    Roles (:data:`ROLES`): IO, S1, S2 and END with the positions either side of each
+    (``IO-1``, ``IO+1``, ...; END only before), ``start`` (position 0), ``punct`` (the last
+    ``","`` or ``"."``; a full stop wins over a comma, as in ACC++) and ``verb`` (the last of
+    :data:`VERBS`). Where a role has no position (a prompt without a full stop or verb) its
+    entry is -1. Several roles can name one position; a reader labelling positions lets
+    later roles of :data:`ROLES` win, as the trace's tables do.
+
+    Args:
+        dataset: the prompts.
+        tokenizer_or_model: the tokenizer (or a ``HookedTransformer`` holding it) of
+            ``dataset``, for the punctuation and verb tokens.
+
+    Returns:
+        ``{role: [n_prompts] positions}``, in the order of :data:`ROLES`.
+    """
+    tokenizer = getattr(tokenizer_or_model, "tokenizer", None) or tokenizer_or_model
+
+    def ids(words: Sequence[str], space: str) -> list[int]:
+        out = []
+        for w in words:
+            enc = tokenizer.encode(space + w, add_special_tokens=False)
+            if len(enc) == 1:
+                out.append(enc[0])
+        return out
+
+    base = {"IO": dataset.io_pos, "S1": dataset.s1_pos, "S2": dataset.s2_pos}
+    roles: dict[str, Tensor] = {}
+    for name, p in base.items():
+        roles |= {name: p, f"{name}-1": p - 1, f"{name}+1": p + 1}
+    roles |= {"END": dataset.end_pos, "END-1": dataset.end_pos - 1}
+    roles["start"] = torch.zeros_like(dataset.end_pos)
+    roles["punct"] = _last_of(dataset.tokens, dataset.lengths, ids(PUNCTUATION, ""))
+    roles["verb"] = _last_of(dataset.tokens, dataset.lengths, ids(VERBS, " "))
+    inside = lambda p: torch.where((p >= 0) & (p < dataset.lengths), p, -1)  # noqa: E731
+    return {name: inside(roles[name].long()) for name in ROLES}
+
+
 def single_token_words(tokenizer: Any, words: Sequence[str]) -> list[str]:
     """The words that ``tokenizer`` encodes as exactly one token when preceded by a space."""
     keep = []

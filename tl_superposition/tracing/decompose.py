@@ -36,25 +36,52 @@ REACH_RTOL = 1e-6
 CHUNK = 2048
 
 
+def firing_mask(
+    pattern: Float[Tensor, "batch n_heads dest src"],
+    scores: Float[Tensor, "batch n_heads dest src"],
+    pattern_thresh: float | Float[Tensor, " dest"] = 0.5,
+    exclude_first: bool = True,
+    positions: Bool[Tensor, "batch pos"] | None = None,
+) -> Bool[Tensor, "batch n_heads dest src"]:
+    """Where the heads of one layer fire: ``pattern >= threshold`` and ``score > 0``.
+
+    Args:
+        pattern, scores: the layer's ``hook_pattern`` and ``hook_attn_scores``.
+        pattern_thresh: minimum attention probability, one number or one per destination
+            (:meth:`~tl_superposition.tracing.config.TraceConfig.pattern_thresholds`).
+        exclude_first: skip source position 0 (BOS / attention sink).
+        positions: where firings may be: both the destination and the source must be
+            ``True`` (``None``: everywhere).
+    """
+    thr = torch.as_tensor(pattern_thresh, dtype=pattern.dtype, device=pattern.device)
+    if thr.ndim == 1:
+        thr = thr[: pattern.shape[2], None]
+    fire = (pattern >= thr) & (scores > 0)
+    if exclude_first:
+        fire[..., 0] = False
+    if positions is not None:
+        ok = positions.to(pattern.device)
+        fire &= ok[:, None, :, None] & ok[:, None, None, :]
+    return fire
+
+
 def find_firings(
     pattern: Float[Tensor, "batch n_heads dest src"],
     scores: Float[Tensor, "batch n_heads dest src"],
     lengths: Int[Tensor, " batch"] | None = None,
-    pattern_thresh: float = 0.5,
+    pattern_thresh: float | Float[Tensor, " dest"] = 0.5,
     exclude_first: bool = True,
+    positions: Bool[Tensor, "batch pos"] | None = None,
 ) -> tuple[Int[Tensor, " n"], Int[Tensor, " n"], Int[Tensor, " n"], Int[Tensor, " n"]]:
-    """Indices ``(batch, head, dest, src)`` of every firing in one layer.
+    """Indices ``(batch, head, dest, src)`` of every firing in one layer (:func:`firing_mask`).
 
     Args:
         pattern, scores: the layer's ``hook_pattern`` and ``hook_attn_scores``.
         lengths: real length of each (right-padded) prompt; positions at or beyond it are
             ignored. ``None``: every position is real.
-        pattern_thresh: minimum attention probability.
-        exclude_first: skip source position 0 (BOS / attention sink).
+        pattern_thresh, exclude_first, positions: the firing rule (:func:`firing_mask`).
     """
-    fire = (pattern >= pattern_thresh) & (scores > 0)
-    if exclude_first:
-        fire[..., 0] = False
+    fire = firing_mask(pattern, scores, pattern_thresh, exclude_first, positions)
     if lengths is not None:
         dest_ok = (
             torch.arange(pattern.shape[2], device=pattern.device)[None, :]
@@ -72,8 +99,9 @@ def sample_nonfirings(
     prompt_ids: Int[Tensor, " batch"],
     frac: float,
     seed: int = 0,
-    pattern_thresh: float = 0.5,
+    pattern_thresh: float | Float[Tensor, " dest"] = 0.5,
     exclude_first: bool = True,
+    positions: Bool[Tensor, "batch pos"] | None = None,
 ) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
     """A random share ``frac`` of the places where each layer's heads do *not* fire.
 
@@ -88,7 +116,8 @@ def sample_nonfirings(
         prompt_ids: each prompt's index over the whole trace.
         frac: share of the candidates kept, in [0, 1].
         seed: seed of the draws.
-        pattern_thresh, exclude_first: the firing rule.
+        pattern_thresh, exclude_first: the firing rule (:func:`firing_mask`).
+        positions: where places may be (destination and source), as for firings.
 
     Returns:
         Per layer, ``(batch, head, dest, src)`` indices as :func:`find_firings`.
@@ -104,10 +133,14 @@ def sample_nonfirings(
     causal = torch.ones(P, P, dtype=torch.bool).tril()
     if exclude_first:
         causal[:, 0] = False
+    allowed = causal[None, None]
+    if positions is not None:
+        ok = positions.cpu()
+        allowed = allowed & ok[:, None, :, None] & ok[:, None, None, :]
     out = []
     for L in range(n_layers):
-        fire = ((patterns[L] >= pattern_thresh) & (scores[L] > 0)).cpu()
-        keep = (draw[:, L] < frac) & causal & ~fire
+        fire = firing_mask(patterns[L], scores[L], pattern_thresh, exclude_first).cpu()
+        keep = (draw[:, L] < frac) & allowed & ~fire
         b, h, d, s = keep.nonzero(as_tuple=True)
         out.append((b, h, d, s))
     return out
@@ -496,7 +529,7 @@ def decompose_layer(
     pattern: Float[Tensor, "batch n_heads dest src"],
     scores: Float[Tensor, "batch n_heads dest src"],
     lengths: Int[Tensor, " batch"],
-    pattern_thresh: float = 0.5,
+    pattern_thresh: float | Float[Tensor, " dest"] = 0.5,
     thresh: float = 1.0,
     exclude_first: bool = True,
 ) -> LayerFirings:
@@ -551,20 +584,23 @@ def decompose_batch(
     lengths: Int[Tensor, " batch"],
     cfg: TraceConfig,
     prompt_ids: Int[Tensor, " batch"] | None = None,
+    positions: Bool[Tensor, "batch pos"] | None = None,
 ) -> tuple[BatchFirings, BatchFirings]:
     """Step 1: find and decompose the firings of every layer, and a sample of non-firings.
 
-    Firings: :func:`~tl_superposition.tracing.decompose.find_firings`; non-firings: a share
-    ``cfg.nonfiring_frac`` of the other places
-    (:func:`~tl_superposition.tracing.decompose.sample_nonfirings`, drawn per prompt from
-    ``prompt_ids``, default ``0 .. batch - 1``). Both are decomposed in one call per layer
-    (:func:`~tl_superposition.tracing.decompose.decompose_places`).
+    Firings: :func:`~tl_superposition.tracing.decompose.find_firings`, with the thresholds of
+    :meth:`TraceConfig.pattern_thresholds`; non-firings: a share ``cfg.nonfiring_frac`` of
+    the other places (:func:`~tl_superposition.tracing.decompose.sample_nonfirings`, drawn
+    per prompt from ``prompt_ids``, default ``0 .. batch - 1``). Both are decomposed in one
+    call per layer (:func:`~tl_superposition.tracing.decompose.decompose_places`) and kept
+    to ``positions`` (destination and source) when given.
 
     Returns:
         ``(firings, nonfirings)``.
     """
     n_layers, B = cache.x.shape[2], cache.x.shape[0]
     ids = torch.arange(B) if prompt_ids is None else prompt_ids
+    thr = cfg.pattern_thresholds(cache.x.shape[1])
     samples = sample_nonfirings(
         cache.pattern,
         cache.scores,
@@ -572,13 +608,14 @@ def decompose_batch(
         ids,
         cfg.nonfiring_frac,
         cfg.seed,
-        cfg.pattern_thresh,
+        thr,
         cfg.exclude_first,
+        positions,
     )
     fire_layers, non_layers = [], []
     for L in range(n_layers):
         fire = find_firings(
-            cache.pattern[L], cache.scores[L], lengths, cfg.pattern_thresh, cfg.exclude_first
+            cache.pattern[L], cache.scores[L], lengths, thr, cfg.exclude_first, positions
         )
         n_fire = len(fire[0])
         prompt, head, dest, src = (torch.cat([a.cpu(), b]) for a, b in zip(fire, samples[L]))

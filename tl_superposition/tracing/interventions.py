@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
@@ -118,6 +118,17 @@ def span_basis(
     diag = torch.diagonal(r, dim1=-2, dim2=-1).abs()
     tol = 1e-10 * d.flatten(1).abs().amax(1, keepdim=True).clamp(min=1e-30)
     return q * (diag > tol)[:, None, :]
+
+
+def compact_columns(
+    directions: Float[Tensor, "n d k"], mask: Bool[Tensor, "n k"]
+) -> Float[Tensor, "n d k"]:
+    """The masked columns of each row moved to the front, the others zeroed (for
+    :func:`span_basis` of a subset of directions, such as a firing's sparse set)."""
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
+    cols = torch.gather(directions, 2, order[:, None, :].expand_as(directions))
+    keep = torch.gather(mask, 1, order)
+    return cols * keep[:, None, :]
 
 
 def project_onto(

@@ -1,11 +1,16 @@
-"""The IOI circuit trace: SVD-sparse signal tracing from the name movers' END -> IO firings.
+"""The IOI circuit trace: SVD-sparse signal tracing from the components that make the answer.
 
 :func:`trace_ioi` is the main job of the package (``tl-superposition trace-ioi``). It follows
 Franco & Crovella 2024 (arXiv 2410.00340) on IOI prompts (Wang et al. 2022): decompose every
-firing of every head, seed the trace with the heads that move the IO name to END, and recurse
-upstream. Seeds are, by default, the heads with the largest mean direct logit attribution
-(DLA) to ``logit(IO) - logit(S)`` at END, which works for any model; for GPT-2 small the
-paper's name movers 9.6, 9.9 and 10.0 can be asked for with ``seeds="name-movers"``.
+firing of every head, seed the trace at END, and recurse upstream. By default it seeds and
+labels as their follow-up ACC++ does (arXiv 2602.13483): each prompt the model answers
+correctly is traced from its own seeds, the heads (through a source position) whose direct
+logit attribution makes up ``logit(IO) - logit(S)``
+(:class:`~tl_superposition.tracing.prompt_seeds.PromptSeeds`), and only the positions ACC++
+names (IO, S1, S2, END, their neighbours, the first token, punctuation, the verb:
+:func:`~tl_superposition.ioi.role_positions`) are traced. The earlier seedings remain:
+``seeds="dla"`` (the heads with the largest mean DLA, for every prompt) and, for GPT-2 small,
+the paper's name movers 9.6, 9.9 and 10.0 (``seeds="name-movers"``).
 """
 
 from __future__ import annotations
@@ -27,15 +32,17 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from tl_superposition._atomic import atomic_path, write_json_atomic
-from tl_superposition.ioi import IOIDataset
+from tl_superposition.ioi import IOIDataset, role_positions
 from tl_superposition.tracing.cache import BatchCache
 from tl_superposition.tracing.config import TraceConfig
 from tl_superposition.tracing.graph import check_heads, head_name, parse_heads
+from tl_superposition.tracing.prompt_seeds import PromptSeeds
 from tl_superposition.tracing.qk_svd import QKSVDCache
 from tl_superposition.tracing.seeds import SeedChooser
 from tl_superposition.tracing.trace import TraceResult, trace
 
 GPT2_NAME_MOVERS: list[tuple[int, int]] = [(9, 6), (9, 9), (10, 0)]
+PER_PROMPT = "per-prompt"
 
 
 @torch.inference_mode()
@@ -123,8 +130,9 @@ def resolve_seeds(
     """Check a seed request against a model's shape, before any model work.
 
     Args:
-        seeds: ``None`` or ``"dla"`` (the ``n_seeds`` heads with the largest mean DLA),
+        seeds: ``"dla"`` (the ``n_seeds`` heads with the largest mean DLA),
             ``"name-movers"`` (GPT-2 small's 9.6, 9.9, 10.0), or heads such as ``"9.6,9.9"``.
+            (``None`` and ``"per-prompt"``, ACC++'s seeds, are resolved by :func:`trace_ioi`.)
         n_seeds: number of DLA seeds.
         n_layers, n_heads: the model's shape.
 
@@ -135,7 +143,9 @@ def resolve_seeds(
         ValueError: a bad head list, a head out of range, name movers asked of a model that is
             not 12 x 12, or ``n_seeds`` outside ``1..n_layers * n_heads`` for DLA seeds.
     """
-    if seeds is None or seeds == "dla":
+    if seeds is None or seeds == PER_PROMPT:
+        return None
+    if seeds == "dla":
         if not 1 <= n_seeds <= n_layers * n_heads:
             raise ValueError(
                 f"n_seeds must be between 1 and the number of heads ({n_layers * n_heads}), "
@@ -152,7 +162,9 @@ def resolve_seeds(
         return list(GPT2_NAME_MOVERS)
     heads = parse_heads(seeds) or []
     if not heads:
-        raise ValueError("no seed heads given: pass 'dla', 'name-movers' or heads like '9.6,9.9'")
+        raise ValueError(
+            "no seed heads given: pass 'per-prompt', 'dla', 'name-movers' or heads like '9.6,9.9'"
+        )
     check_heads(heads, n_layers, n_heads)
     return heads
 
@@ -160,13 +172,14 @@ def resolve_seeds(
 def resolve_seed_src(seed_src: str, seeds: str | Iterable[Any] | None) -> str:
     """``"IO"``, ``"S2"`` or ``"any"``: which END firings of the seeds start the trace.
 
-    ``"auto"`` is ``"any"`` for DLA seeds and ``"IO"`` otherwise (see :func:`trace_ioi`).
+    ``"auto"`` is ``"any"`` for DLA seeds and ``"IO"`` for given heads (see
+    :func:`trace_ioi`); per-prompt seeds carry their own sources and ignore it.
 
     Raises:
         ValueError: an unknown value.
     """
     if seed_src == "auto":
-        return "any" if seeds is None or seeds == "dla" else "IO"
+        return "any" if seeds in (None, "dla", PER_PROMPT) else "IO"
     if seed_src not in ("IO", "S2", "any"):
         raise ValueError(f"seed_src must be 'IO', 'S2', 'any' or 'auto', got {seed_src!r}")
     return seed_src
@@ -265,6 +278,9 @@ class IOITrace:
         result: the trace (its files and tables).
         dla: ``[n_prompts, n_layers, n_heads]`` direct logit attribution at END.
         summary: the figures of ``summary.json``.
+        seed_table: per-prompt seeds (:meth:`PromptSeeds.table`, ``seeds.csv``), or
+            ``None`` when seeds are heads.
+        qk: the QK decompositions the trace used (the circuit's interventions read them).
     """
 
     dataset: IOIDataset
@@ -272,6 +288,8 @@ class IOITrace:
     result: TraceResult
     dla: Float[Tensor, "n_prompts n_layers n_heads"]
     summary: dict[str, Any]
+    seed_table: pd.DataFrame | None = None
+    qk: QKSVDCache | None = None
 
     @property
     def firings(self) -> pd.DataFrame:
@@ -297,7 +315,8 @@ class IOITrace:
     ) -> dict[str, Path]:
         """Write the trace's files, prompts.csv, paper_graph.graphml, summary.json, figures.
 
-        Figures: ``circuit.png``, ``components.png`` and the self-contained ``circuit.html``
+        Figures: ``signal_graph.png``, ``components.png`` and the self-contained
+        ``signal_graph.html``
         (:mod:`~tl_superposition.tracing.html`), which shows ``validation`` (a
         :class:`~tl_superposition.tracing.validate.EdgeValidation`) where given; its tables
         are written too. Every file is written atomically. Returns the paths written.
@@ -307,6 +326,10 @@ class IOITrace:
         paths = {"prompts.csv": out / "prompts.csv"}
         with atomic_path(paths["prompts.csv"]) as tmp:
             self.prompts.to_csv(tmp, index=False)
+        if self.seed_table is not None:
+            paths["seeds.csv"] = out / "seeds.csv"
+            with atomic_path(paths["seeds.csv"]) as tmp:
+                self.seed_table.to_csv(tmp, index=False)
         graph = self.graph()
         paths.update(self.result.save(out))
         paths["paper_graph.graphml"] = out / "paper_graph.graphml"
@@ -324,10 +347,11 @@ class IOITrace:
         from tl_superposition.tracing.html import write_html
         from tl_superposition.tracing.plots import plot_circuit, plot_component_usage
 
-        paths = {name: out / name for name in ("circuit.png", "components.png", "circuit.html")}
+        names = ("signal_graph.png", "components.png", "signal_graph.html")
+        paths = {name: out / name for name in names}
         seeds = self.summary["seeds"]
         title = f"IOI signal graph, {self.summary['model']} (seeds {', '.join(seeds)})"
-        with atomic_path(paths["circuit.png"], suffix=".png") as tmp:
+        with atomic_path(paths["signal_graph.png"], suffix=".png") as tmp:
             plot_circuit(graph, tmp, seeds=seeds, title=title)
         usage = pd.read_parquet(
             self.result.path("firings.parquet"),
@@ -335,7 +359,7 @@ class IOITrace:
         )
         with atomic_path(paths["components.png"], suffix=".png") as tmp:
             plot_component_usage(usage, tmp, d_head=self.summary["d_head"])
-        with atomic_path(paths["circuit.html"], suffix=".html") as tmp:
+        with atomic_path(paths["signal_graph.html"], suffix=".html") as tmp:
             write_html(
                 tmp,
                 graph,
@@ -349,82 +373,148 @@ class IOITrace:
         return paths
 
 
-def ioi_roles(dataset: IOIDataset) -> dict[str, Tensor]:
-    """The named positions of each prompt: IO, S1, S2, END, and BOS when prompts have one."""
-    roles = dict(dataset.positions())
+def ioi_roles(dataset: IOIDataset, tokenizer: Any = None) -> dict[str, Tensor]:
+    """The named positions of each prompt.
+
+    With a tokenizer, ACC++'s roles (:func:`~tl_superposition.ioi.role_positions`: IO, S1,
+    S2, END, their neighbours, ``start``, ``punct``, ``verb``); without, IO, S1, S2 and END.
+    ``BOS`` comes first when prompts have one (so ``start`` names it with ACC++'s roles).
+    """
+    roles = dict(dataset.positions()) if tokenizer is None else role_positions(dataset, tokenizer)
     if dataset.prepend_bos:
         roles = {"BOS": torch.zeros_like(dataset.end_pos), **roles}
     return roles
 
 
+def role_mask(dataset: IOIDataset, roles: dict[str, Tensor]) -> Tensor:
+    """``[n_prompts, pos]``: the positions some role names (what an ACC++ trace looks at)."""
+    mask = torch.zeros(dataset.tokens.shape, dtype=torch.bool)
+    rows = torch.arange(len(dataset))
+    for where in roles.values():
+        ok = where >= 0
+        mask[rows[ok], where[ok]] = True
+    return mask
+
+
 def trace_ioi(
     model: HookedTransformer,
     dataset: IOIDataset,
-    seeds: str | Iterable[Any] | None = None,
+    seeds: str | Iterable[Any] | None = PER_PROMPT,
     n_seeds: int = 3,
     seed_src: str = "auto",
     config: TraceConfig | None = None,
     progress: bool = True,
     out_dir: str | Path | None = None,
     qk: QKSVDCache | None = None,
+    positions: str | None = None,
+    beta: float = 1.0,
+    correct_only: bool = True,
 ) -> IOITrace:
     """Trace the IOI circuit of ``model`` on ``dataset``, in one forward pass.
 
-    The seeds are chosen from the direct logit attribution computed on the trace's own
-    forward pass (:class:`DLASeeds`), once every batch is decomposed.
+    The seeds come from the direct logit attribution computed on the trace's own forward
+    pass: per prompt (ACC++, :class:`PromptSeeds`, the default) or, for ``"dla"``, the heads
+    with the largest mean (:class:`DLASeeds`, chosen once every batch is decomposed).
 
     Args:
         model: a processed ``HookedTransformer`` (see :func:`tl_superposition.load_model`).
         dataset: IOI prompts (:func:`tl_superposition.ioi.make_ioi_dataset`).
-        seeds: see :func:`resolve_seeds` (default: top ``n_seeds`` heads by DLA).
-        n_seeds: number of DLA seeds.
-        seed_src: which END firings of the seed heads start the trace: ``"IO"`` (END -> IO, as
+        seeds: ``"per-prompt"`` (or ``None``; ACC++'s seeds of each correctly answered
+            prompt), or heads for every prompt: see :func:`resolve_seeds`.
+        n_seeds: number of DLA seeds (``seeds="dla"``).
+        seed_src: which END firings of seed heads start the trace: ``"IO"`` (END -> IO, as
             in the paper), ``"S2"``, or ``"any"`` (every END firing). ``"auto"``: ``"any"`` for
             DLA seeds (a head can raise logit(IO) - logit(S) by attending to S and
-            suppressing it), ``"IO"`` otherwise.
+            suppressing it), ``"IO"`` for given heads. Per-prompt seeds name their sources.
         config: thresholds and edge rule (:class:`TraceConfig`).
         progress: tqdm bars.
         out_dir: folder the trace's files are streamed to (see
             :func:`~tl_superposition.tracing.trace.trace`); ``None``: a temporary folder.
         qk: QK decompositions of ``model`` shared with other traces (see
             :func:`~tl_superposition.tracing.trace.trace`); ``None``: new ones.
+        positions: ``"roles"`` (only the positions ACC++ names are traced) or ``"all"``;
+            ``None``: ``"roles"`` for per-prompt seeds, ``"all"`` otherwise.
+        beta: per-prompt seeds exceed this share of the logit difference
+            (:func:`~tl_superposition.tracing.prompt_seeds.seed_mask`; ACC++: 1.0).
+        correct_only: per-prompt seeds only for prompts whose END argmax is the IO token
+            (ACC++); ``False`` also seeds the others (every prompt with a positive logit
+            difference).
 
     Returns:
-        :class:`IOITrace`; its ``firings`` carry ``dest_role``/``src_role`` (IO, S1, S2, END,
-        BOS or empty).
+        :class:`IOITrace`; its ``firings`` carry ``dest_role``/``src_role`` (ACC++'s roles,
+        BOS, or empty).
 
     Raises:
-        ValueError: bad seeds or ``seed_src`` (:func:`resolve_seeds`,
-            :func:`resolve_seed_src`), or a ``qk`` of another model or of other weights,
-            checked before the model runs.
+        ValueError: bad seeds, ``seed_src``, ``positions`` or ``beta``
+            (:func:`resolve_seeds`, :func:`resolve_seed_src`), or a ``qk`` of another model
+            or of other weights, checked before the model runs.
         NotImplementedError: an attention variant the decomposition does not cover.
     """
     cfg = config or TraceConfig()
-    chooser = DLASeeds(dataset, seeds, n_seeds, model.cfg.n_layers, model.cfg.n_heads)
+    per_prompt = seeds is None or seeds == PER_PROMPT
+    if positions is None:
+        positions = "roles" if per_prompt else "all"
+    if positions not in ("roles", "all"):
+        raise ValueError(f"positions must be 'roles' or 'all', got {positions!r}")
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    if per_prompt:
+        chooser: DLASeeds | PromptSeeds = PromptSeeds(
+            dataset, n_layers, n_heads, beta=beta, correct_only=correct_only
+        )
+    else:
+        chooser = DLASeeds(dataset, seeds, n_seeds, n_layers, n_heads)
     seed_src = resolve_seed_src(seed_src, seeds)
     src_positions = {"IO": dataset.io_pos, "S2": dataset.s2_pos, "any": None}
+    roles = ioi_roles(dataset, model.tokenizer)
     t0 = time.time()
     result = trace(
         model,
         dataset.tokens,
         chooser,
         seed_dest=dataset.end_pos,
-        seed_src=src_positions[seed_src],
+        seed_src=None if per_prompt else src_positions[seed_src],
         lengths=dataset.lengths,
         config=cfg,
         progress=progress,
         out_dir=out_dir,
-        roles=ioi_roles(dataset),
+        roles=roles,
         qk=qk,
+        positions=role_mask(dataset, roles) if positions == "roles" else None,
     )
     prompts = dataset.to_dataframe()
     prompts["logit_diff"] = chooser.logit_diff.numpy()
+    table = chooser.table() if isinstance(chooser, PromptSeeds) else None
+    if isinstance(chooser, PromptSeeds):
+        prompts["correct"] = chooser.correct.numpy()
     summary = _summary(
         model, dataset, result, chooser.logit_diff, chooser.dla, seed_src, time.time() - t0
     )
+    summary["positions"] = positions
+    if table is not None:
+        summary |= _seed_summary(table, prompts)
     return IOITrace(
-        dataset=dataset, prompts=prompts, result=result, dla=chooser.dla, summary=summary
+        dataset=dataset,
+        prompts=prompts,
+        result=result,
+        dla=chooser.dla,
+        summary=summary,
+        seed_table=table,
+        qk=result.qk,
     )
+
+
+def _seed_summary(table: pd.DataFrame, prompts: pd.DataFrame) -> dict[str, Any]:
+    """Figures of per-prompt seeds: prompts answered and seeded, seeds per prompt."""
+    per_prompt = table.groupby("prompt_id").size().to_numpy()
+    heads = table[table.kind == "head"]
+    return {
+        "seeding": PER_PROMPT,
+        "n_correct": int(prompts.correct.sum()),
+        "n_seeded_prompts": int(len(per_prompt)),
+        "mean_seeds_per_prompt": float(per_prompt.mean()) if len(per_prompt) else 0.0,
+        "seed_kinds": {str(k): int(v) for k, v in table.kind.value_counts().sort_index().items()},
+        "n_seed_heads": int(heads.groupby(["layer", "head"]).ngroups),
+    }
 
 
 def _summary(
@@ -481,17 +571,40 @@ def _summary(
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    """A few human-readable lines of a trace summary."""
-    return (
-        f"model {summary['model']}: {summary['n_prompts']} prompts, mean logit diff "
-        f"{summary['mean_logit_diff']:.3f} ({summary['frac_logit_diff_positive']:.0%} > 0)\n"
-        f"firings {summary['n_firings']}, median components per firing "
-        f"{summary['median_n_components']:.1f}, seeds {', '.join(summary['seeds'])} "
-        f"({summary['n_seed_firings']} seed firings at END, by source: "
-        f"{summary['seed_firings_by_src_role']})\n"
-        f"traced firings {summary['n_traced_firings']}, edges {summary['n_edges']}, "
-        f"max |residual| {summary['max_abs_residual']:.2e}, {summary['seconds']:.1f} s"
+    """A few human-readable lines of a trace summary (and of its circuit, if any)."""
+    seeding = (
+        f"seeds per prompt ({summary['n_seeded_prompts']} of {summary['n_prompts']} prompts "
+        f"answered correctly and seeded, {summary['mean_seeds_per_prompt']:.1f} seeds each, "
+        f"{summary['n_seed_heads']} heads)"
+        if summary.get("seeding") == PER_PROMPT
+        else f"seeds {', '.join(summary['seeds'])} ({summary['n_seed_firings']} seed firings at "
+        f"END, by source: {summary['seed_firings_by_src_role']})"
     )
+    lines = [
+        f"model {summary['model']}: {summary['n_prompts']} prompts, mean logit diff "
+        f"{summary['mean_logit_diff']:.3f} ({summary['frac_logit_diff_positive']:.0%} > 0)",
+        f"firings {summary['n_firings']}, median components per firing "
+        f"{summary['median_n_components']:.1f}, {seeding}",
+        f"traced firings {summary['n_traced_firings']}, edges {summary['n_edges']}, "
+        f"max |residual| {summary['max_abs_residual']:.2e}, {summary['seconds']:.1f} s",
+    ]
+    circuit = summary.get("circuit")
+    if circuit and "skipped" in circuit:
+        lines.append(f"circuit: none ({circuit['skipped']})")
+    elif circuit:
+        line = (
+            f"circuit: {circuit['n_heads_circuit']} heads ({circuit['n_nodes']} nodes, "
+            f"{circuit['n_edges']} edges; {circuit['n_edges_measured']} edges measured by "
+            "local edits)"
+        )
+        if "faithfulness_heldout" in circuit:
+            line += (
+                f"; held-out faithfulness {circuit['faithfulness_heldout']:.3f} on "
+                f"{circuit['heldout_prompts']} prompts (seed {circuit['heldout_seed']}, "
+                "other names)"
+            )
+        lines.append(line)
+    return "\n".join(lines)
 
 
 __all__ = [
@@ -507,4 +620,6 @@ __all__ = [
     "resolve_seed_src",
     "format_summary",
     "GPT2_NAME_MOVERS",
+    "PER_PROMPT",
+    "role_mask",
 ]

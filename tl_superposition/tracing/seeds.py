@@ -8,6 +8,11 @@ of all prompts (such as the direct logit attribution of the IOI trace,
 batch is walked from the chooser's current :meth:`SeedChooser.candidates`; a batch whose
 candidates turn out to miss a final seed is walked again (the only second pass, and only of
 that batch).
+
+A chooser can instead pick seed *firings* prompt by prompt (:meth:`SeedChooser.seed_firings`,
+as ACC++ does, :class:`~tl_superposition.tracing.prompt_seeds.PromptSeeds`): a prompt's
+seeds depend on that prompt alone, so they are final as soon as its batch is observed and
+no batch is walked again.
 """
 
 from __future__ import annotations
@@ -16,12 +21,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from transformer_lens import HookedTransformer
 
 from tl_superposition.tracing.graph import check_heads, parse_heads
 
 if TYPE_CHECKING:
     from tl_superposition.tracing.cache import BatchCache
+    from tl_superposition.tracing.decompose import BatchFirings
 
 
 class SeedChooser(ABC):
@@ -43,6 +50,16 @@ class SeedChooser(ABC):
         :meth:`choose` would give now.
         """
         return self.choose()
+
+    def seed_firings(self, firings: BatchFirings, lo: int) -> np.ndarray | None:
+        """Per firing of the batch starting at prompt ``lo``, whether it starts the walk.
+
+        ``None`` (the default) means seeds are heads: the walk starts from the firings of
+        :meth:`candidates` at the trace's ``seed_dest`` / ``seed_src``. A chooser that picks
+        seeds per prompt returns a boolean mask (``firings.prompt`` counts from ``lo``).
+        """
+        del firings, lo
+        return None
 
 
 class FixedSeeds(SeedChooser):

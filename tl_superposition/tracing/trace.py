@@ -37,7 +37,7 @@ import networkx as nx
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Int
+from jaxtyping import Bool, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
@@ -71,6 +71,8 @@ class TraceResult:
         stats: counts written by :meth:`TraceStore.finalize` (``n_firings``,
             ``n_traced_firings``, ``n_edges``, ``n_edge_records``, ``n_nonfirings``,
             ``max_abs_residual``, ``median_n_components``).
+        qk: the QK decompositions used (pass them to later traces or interventions on the
+            same model).
     """
 
     out_dir: Path
@@ -80,6 +82,7 @@ class TraceResult:
     model_name: str = ""
     stats: dict[str, Any] = field(default_factory=dict)
     tmpdir: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+    qk: QKSVDCache | None = field(default=None, repr=False)
 
     def path(self, name: str) -> Path:
         """The path of file ``name`` of the trace (see :data:`TraceStore.FILES`)."""
@@ -132,14 +135,17 @@ class TraceResult:
         return TraceStore.copy(self.out_dir, Path(out_dir), self.graph())
 
 
-def _check_positions(name: str, positions: Tensor, lengths: Tensor) -> Tensor:
+def _check_positions(
+    name: str, positions: Tensor, lengths: Tensor, absent_ok: bool = False
+) -> Tensor:
     positions = positions.cpu()
     if positions.shape != lengths.shape:
         raise ValueError(
             f"{name} must hold one position per prompt ({len(lengths)}), got shape "
             f"{tuple(positions.shape)}"
         )
-    if (positions >= lengths).any() or (positions < 0).any():
+    low = -1 if absent_ok else 0
+    if (positions >= lengths).any() or (positions < low).any():
         raise ValueError(f"{name} has a position outside its prompt")
     return positions
 
@@ -199,6 +205,7 @@ class _Batch:
     firings: BatchFirings
     nonfirings: BatchFirings
     walk: WalkResult
+    own_seeds: bool = False
 
 
 def _run(
@@ -211,12 +218,17 @@ def _run(
     seeds: tuple[np.ndarray, np.ndarray | None],
     cfg: TraceConfig,
     workspace: Workspace,
+    chooser: SeedChooser,
+    positions: Tensor | None,
 ) -> _Batch:
-    """Decompose one batch and walk it from ``heads`` (steps 1 and 2)."""
-    firings, nonfirings = decompose_batch(qk, cache, lengths, cfg, prompt_ids)
-    start = start_bits(firings, heads, *seeds)
+    """Decompose one batch and walk it from ``heads``, or from the chooser's own seed
+    firings (steps 1 and 2)."""
+    firings, nonfirings = decompose_batch(qk, cache, lengths, cfg, prompt_ids, positions)
+    own = chooser.seed_firings(firings, int(prompt_ids[0]))
+    # per-prompt seed firings are final at once: they take the final seeds' bit
+    start = start_bits(firings, heads, *seeds) if own is None else own.astype(np.int64) << FINAL_BIT
     walk = walk_batch(qk, writers, cache, firings, start, cfg, workspace)
-    return _Batch(firings, nonfirings, walk)
+    return _Batch(firings, nonfirings, walk, own_seeds=own is not None)
 
 
 @torch.no_grad()
@@ -232,6 +244,7 @@ def trace(
     out_dir: str | Path | None = None,
     roles: Mapping[str, Tensor] | None = None,
     qk: QKSVDCache | None = None,
+    positions: Bool[Tensor, "n_prompts pos"] | None = None,
 ) -> TraceResult:
     """Decompose every firing and trace signals upstream from seed firings, in one pass.
 
@@ -251,8 +264,9 @@ def trace(
         out_dir: folder the files are streamed to (created if missing; files already there
             are replaced only once the trace is complete). ``None``: a temporary folder that
             lives as long as the result.
-        roles: named positions per prompt (``{"IO": io_pos, ...}``): the firings table gets
-            ``dest_role`` and ``src_role`` columns.
+        roles: named positions per prompt (``{"IO": io_pos, ...}``, -1 where a prompt has
+            none): the firings table gets ``dest_role`` and ``src_role`` columns (where two
+            roles name a position, the later one in ``roles``).
         qk: the QK decompositions of ``model`` to use and extend (default: a new
             :class:`~tl_superposition.tracing.qk_svd.QKSVDCache`). Pass one cache to every
             trace of a model (several prompt sets, both edge rules) and each head's form is
@@ -275,7 +289,14 @@ def trace(
     lengths = torch.full((n_prompts,), tokens.shape[1]) if lengths is None else lengths.cpu()
     dest = _check_positions("seed_dest", seed_dest, lengths).numpy()
     src = None if seed_src is None else _check_positions("seed_src", seed_src, lengths).numpy()
-    role_pos = {k: _check_positions(f"roles[{k!r}]", v, lengths) for k, v in (roles or {}).items()}
+    role_pos = {
+        k: _check_positions(f"roles[{k!r}]", v, lengths, absent_ok=True)
+        for k, v in (roles or {}).items()
+    }
+    if positions is not None and positions.shape[0] != n_prompts:
+        raise ValueError(
+            f"positions must have one row per prompt ({n_prompts}), got {tuple(positions.shape)}"
+        )
     if qk is None:
         qk = QKSVDCache(model, n_offsets=int(lengths.max()))
     else:
@@ -286,7 +307,8 @@ def trace(
     tmpdir = tempfile.TemporaryDirectory(prefix="tl-trace-") if out_dir is None else None
     out = Path(tmpdir.name if tmpdir is not None else out_dir)  # type: ignore[arg-type]
     bits = SeedBits()
-    walked: list[set[tuple[int, int]]] = []
+    # per batch, the candidate heads it was walked from (None: the chooser's own seed firings)
+    walked: list[set[tuple[int, int]] | None] = []
 
     def run(lo: int, hi: int, heads: Sequence[tuple[tuple[int, int], int]], observe: bool):
         batch_tokens = tokens[lo:hi, : int(lengths[lo:hi].max())].to(device)
@@ -296,9 +318,11 @@ def trace(
             heads = bits.assign(chooser.candidates())
         seeds_here = (dest[lo:hi], None if src is None else src[lo:hi])
         ids = torch.arange(lo, hi)
+        pos = None if positions is None else positions[lo:hi, : batch_tokens.shape[1]].cpu()
         return heads, _run(
-            qk, writers, cache, lengths[lo:hi], ids, heads, seeds_here, cfg, workspace
-        )
+            qk, writers, cache, lengths[lo:hi], ids, heads, seeds_here, cfg, workspace, chooser,
+            pos,
+        )  # fmt: skip
 
     t0 = time.time()
     starts = list(range(0, n_prompts, cfg.batch_size))
@@ -307,9 +331,9 @@ def trace(
             hi = min(lo + cfg.batch_size, n_prompts)
             heads, batch = run(lo, hi, [], observe=True)
             store.add_batch(lo, batch.firings, batch.walk, batch.nonfirings, role_pos)
-            walked.append({h for h, _ in heads})
+            walked.append(None if batch.own_seeds else {h for h, _ in heads})
         seed_heads = chooser.choose()
-        again = [i for i, w in enumerate(walked) if not set(seed_heads) <= w]
+        again = [i for i, w in enumerate(walked) if w is not None and not set(seed_heads) <= w]
         for i in tqdm(again, desc="walk again", unit="batch", disable=not progress or not again):
             lo = starts[i]
             hi = min(lo + cfg.batch_size, n_prompts)
@@ -327,6 +351,7 @@ def trace(
         model_name=model.cfg.model_name,
         stats=stats,
         tmpdir=tmpdir,
+        qk=qk,
     )
 
 

@@ -42,6 +42,7 @@ from tl_superposition._atomic import atomic_path, write_json_atomic
 from tl_superposition.tracing.graph import head_name
 from tl_superposition.tracing.interventions import (
     Readout,
+    compact_columns,
     logit_diff_from_resid,
     project_onto,
     resid_pre_cache,
@@ -124,16 +125,6 @@ def sample_instances(
         keep &= np.isin(group, chosen)
     kept = pd.DataFrame(rec[keep])
     return kept.sort_values(["prompt_id", "firing_id"], kind="mergesort", ignore_index=True)
-
-
-def _compact_columns(
-    directions: Float[Tensor, "n d k"], mask: Bool[Tensor, "n k"]
-) -> Float[Tensor, "n d k"]:
-    """The masked columns of each row moved to the front (others zeroed), for a QR."""
-    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
-    cols = torch.gather(directions, 2, order[:, None, :].expand_as(directions))
-    keep = torch.gather(mask, 1, order)
-    return cols * keep[:, None, :]
 
 
 def random_complement(
@@ -224,8 +215,8 @@ def edit_vectors(
         r = slice(c0, c0 + chunk)
         offset = it.dest[r] - it.src[r]
         dirs = singular_directions(qk, it.layer[r], it.head[r], offset, it.side[r])
-        p_sel[r] = project_onto(span_basis(_compact_columns(dirs, it.selected[r]), centred), y[r])
-        p_rand[r] = project_onto(span_basis(_compact_columns(dirs, rand[r]), centred), y[r])
+        p_sel[r] = project_onto(span_basis(compact_columns(dirs, it.selected[r]), centred), y[r])
+        p_rand[r] = project_onto(span_basis(compact_columns(dirs, rand[r]), centred), y[r])
     return y, p_sel, p_rand, rand
 
 
