@@ -14,6 +14,7 @@ import html
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import networkx as nx
@@ -158,6 +159,97 @@ def _edge_info(
     return {"title": f"{u} -> {v} ({side})", "rows": rows}, validated
 
 
+@dataclass
+class NodeView:
+    """One node of an HTML graph view: its position, label, style and details."""
+
+    key: str
+    label: str
+    x: float
+    y: float
+    info: dict[str, Any]
+    css: str = "node"
+    width: float = 48
+
+
+@dataclass
+class EdgeView:
+    """One edge of an HTML graph view, drawn as a curve from ``start`` to ``end``."""
+
+    key: str
+    start: tuple[float, float]
+    end: tuple[float, float]
+    info: dict[str, Any]
+    color: str = "#777"
+    width: float = 1.0
+    bend: float = 0.0
+    css: str = "edge"
+
+
+def render_graph_html(
+    path: str | os.PathLike,
+    nodes: Sequence[NodeView],
+    edges: Sequence[EdgeView],
+    title: str,
+    legend: str,
+    size: tuple[float, float],
+) -> None:
+    """Write a self-contained page: the SVG drawing and the details panel (module docstring).
+
+    Args:
+        path: the HTML file.
+        nodes, edges: what to draw, with the details shown on hover (``info``: a ``title``
+            and ``rows`` of (name, value) pairs).
+        title: the page's heading; legend: the line under it (say what subset is shown).
+        size: the drawing's width and height in pixels.
+    """
+    data: dict[str, Any] = {}
+    parts = []
+    for e in edges:
+        data[e.key] = e.info
+        (x0, y0), (x1, y1) = e.start, e.end
+        tip = html.escape("; ".join(f"{k}: {val}" for k, val in e.info["rows"]))
+        parts.append(
+            f'<path class="{e.css}" data-key="{e.key}" stroke="{e.color}" '
+            f'stroke-width="{e.width:.2f}" d="M{x0:.1f},{y0:.1f} Q{(x0 + x1) / 2 + e.bend:.1f},'
+            f'{(y0 + y1) / 2:.1f} {x1:.1f},{y1:.1f}"><title>{html.escape(e.info["title"])}: '
+            f"{tip}</title></path>"
+        )
+    for n in nodes:
+        data[n.key] = n.info
+        tip = html.escape("; ".join(f"{k}: {val}" for k, val in n.info["rows"]))
+        lines = n.label.split("\n")
+        height = 20 + 12 * (len(lines) - 1)
+        text = "".join(
+            f'<tspan x="0" dy="{(0 if i else -6 * (len(lines) - 1))}">{html.escape(t)}</tspan>'
+            if len(lines) > 1
+            else html.escape(t)
+            for i, t in enumerate(lines)
+        )
+        parts.append(
+            f'<g class="{n.css}" data-key="{n.key}" transform="translate({n.x:.1f},{n.y:.1f})">'
+            f'<rect x="{-n.width / 2:.1f}" y="{-height / 2:.1f}" width="{n.width:.1f}" '
+            f'height="{height}" rx="4"/><text>{text}</text>'
+            f"<title>{html.escape(n.info['title'])}: {tip}</title></g>"
+        )
+    width, height = size
+    doc = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>{_STYLE}</style></head>
+<body><div id="view"><h2 style="margin:12px">{html.escape(title)}</h2>
+<p style="margin:12px;font-size:13px">{html.escape(legend)}</p>
+<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}">
+{"".join(parts)}
+</svg></div>
+<div id="panel"><h3>details</h3><p>Move the pointer over a node or an edge.</p></div>
+<script type="application/json" id="trace-data">{_json_for_html(data)}</script>
+<script>{_SCRIPT}</script>
+</body></html>
+"""
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(doc)
+
+
 def write_html(
     path: str | os.PathLike,
     graph: nx.MultiDiGraph,
@@ -170,7 +262,7 @@ def write_html(
     per_node: int = 3,
     max_nodes: int = 40,
 ) -> None:
-    """Write the circuit grown from ``seeds`` (:func:`~.plots.circuit_subgraph`) as HTML.
+    """Write the signal graph grown from ``seeds`` (:func:`~.plots.circuit_subgraph`) as HTML.
 
     Layers run bottom (low) to top; source-side edges are blue, destination-side orange,
     edge width grows with the firing count, seeds are outlined in red; with ``validation``
@@ -192,55 +284,36 @@ def write_html(
     sub = circuit_subgraph(graph, list(seeds), per_node, max_nodes)
     pos = _layout(sub)
     height = ROW * (len({d["layer"] for _, d in sub.nodes(data=True)}) + 1)
-    data: dict[str, Any] = {}
-    parts = []
     max_n = max((d["n_firings"] for _, _, d in sub.edges(data=True)), default=1)
+    edges = []
     for i, (u, v, side, d) in enumerate(sorted(sub.edges(keys=True, data=True))):
-        key = f"e{i}"
         info, validated = _edge_info(u, v, side, d, validation)
-        data[key] = info
-        (x0, y0), (x1, y1) = pos[u], pos[v]
-        bend = 18 if side == "src" else -18
-        cls = "edge unvalidated" if validated is False else "edge"
-        width = 0.6 + 4 * d["n_firings"] / max_n
-        tip = html.escape("; ".join(f"{k}: {val}" for k, val in info["rows"]))
-        parts.append(
-            f'<path class="{cls}" data-key="{key}" stroke="{COLORS.get(side, "#777")}" '
-            f'stroke-width="{width:.2f}" d="M{x0:.1f},{y0:.1f} Q{(x0 + x1) / 2 + bend:.1f},'
-            f'{(y0 + y1) / 2:.1f} {x1:.1f},{y1:.1f}"><title>{html.escape(info["title"])}: '
-            f"{tip}</title></path>"
-        )
-    for i, (n, d) in enumerate(sorted(sub.nodes(data=True))):
-        key = f"n{i}"
-        info = _node_info(n, d, heads, usage)
-        data[key] = info
-        x, y = pos[n]
-        cls = "node seed" if n in seeds else "node"
-        tip = html.escape("; ".join(f"{k}: {val}" for k, val in info["rows"]))
-        parts.append(
-            f'<g class="{cls}" data-key="{key}" transform="translate({x:.1f},{y:.1f})">'
-            f'<rect x="-24" y="-10" width="48" height="20" rx="4"/>'
-            f"<text>{html.escape(n)}</text><title>{html.escape(n)}: {tip}</title></g>"
-        )
+        edges.append(
+            EdgeView(
+                key=f"e{i}", start=pos[u], end=pos[v], info=info,
+                color=COLORS.get(side, "#777"), width=0.6 + 4 * d["n_firings"] / max_n,
+                bend=18 if side == "src" else -18,
+                css="edge unvalidated" if validated is False else "edge",
+            )
+        )  # fmt: skip
+    nodes = [
+        NodeView(
+            key=f"n{i}",
+            label=n,
+            x=pos[n][0],
+            y=pos[n][1],
+            info=_node_info(n, d, heads, usage),
+            css="node seed" if n in seeds else "node",
+        )  # fmt: skip
+        for i, (n, d) in enumerate(sorted(sub.nodes(data=True)))
+    ]
     legend = (
         "blue: source-side signal (through the key); orange: destination-side (through the "
-        "query); red outline: seeds; dashed: intervened on and not validated. Hover for details."
+        "query); red outline: seeds; dashed: intervened on and not validated. Hover for details. "
+        f"Shown: the graph grown from the seeds, each node's {per_node} strongest head inputs, "
+        f"at most {max_nodes} nodes ({sub.number_of_nodes()} here)."
     )
-    doc = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>{_STYLE}</style></head>
-<body><div id="view"><h2 style="margin:12px">{html.escape(title)}</h2>
-<p style="margin:12px;font-size:13px">{html.escape(legend)}</p>
-<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}">
-{"".join(parts)}
-</svg></div>
-<div id="panel"><h3>details</h3><p>Move the pointer over a node or an edge.</p></div>
-<script type="application/json" id="trace-data">{_json_for_html(data)}</script>
-<script>{_SCRIPT}</script>
-</body></html>
-"""
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(doc)
+    render_graph_html(path, nodes, edges, title, legend, (WIDTH, height))
 
 
 def _json_for_html(data: Any) -> str:
