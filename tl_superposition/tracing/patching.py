@@ -1,23 +1,20 @@
-"""An independent check of a trace: head importance by activation patching, and faithfulness.
+"""A check of a trace's head set: activation patching, and faithfulness under mean ablation.
 
-Three steps, each a function:
+Built on :mod:`tl_superposition.evaluation` (ABC prompts, :func:`head_patching_effects`,
+:func:`important_heads`, :func:`precision_recall_f1`), it adds what is particular to a trace:
 
-1. :func:`abc_tokens` -- the corrupted prompts of Wang et al. (2022, arXiv 2211.00593): the same
-   templates with the IO, S1 and S2 names replaced by three different names (their *ABC*
-   distribution), so that the name-moving signal is gone while the rest of the text stays.
-2. :func:`head_patching_effects` -- every head's importance by TransformerLens's own activation
-   patching (:func:`transformer_lens.patching.get_act_patch_attn_head_out_all_pos`): the clean
-   head output (``hook_z``, all positions) patched into the corrupted run, scored by the mean
-   ``logit(IO) - logit(S)`` at END and normalised so that 0 is the corrupted run and 1 the clean
-   one. A head is *important* when ``|effect| >= threshold`` (:func:`important_heads`).
-3. :func:`circuit_faithfulness` -- the share of the clean logit difference that the model keeps
-   when every head outside a circuit is mean-ablated (its ``hook_z`` replaced by its mean over the
-   ABC prompts of the same template, per position, as Wang et al. do), against random circuits
-   of the same size.
+1. :func:`circuit_heads` -- the heads of a trace's edges (all of them, or the frequent ones);
+2. :func:`circuit_faithfulness` -- the share of the clean logit difference that the model keeps
+   when every head outside a circuit is mean-ablated (its ``hook_z`` replaced by its mean over
+   the ABC prompts of the same template, per position, as Wang et al. do), against random
+   circuits of the same size.
 
-:func:`compare_with_patching` runs the three on a trace and reports the precision, recall and F1
-of the traced circuit's heads against the important heads. For GPT-2 small, Franco & Crovella's
-method has an F1 of 0.644 against Wang et al.'s path-patching circuit (arXiv 2410.00340).
+:func:`compare_with_patching` runs them on a trace and reports the precision, recall and F1
+of the traced heads against the important heads. The circuit step
+(:mod:`tl_superposition.circuit`) and its MIB-style scoring (counterfactual patching, CPR and
+CMD: :mod:`tl_superposition.evaluation.faithfulness`) supersede this check for circuits; it
+remains for a trace's raw head set. For GPT-2 small, Franco & Crovella's method has an F1 of
+0.644 against Wang et al.'s path-patching circuit.
 """
 
 from __future__ import annotations
@@ -34,104 +31,19 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
-from transformer_lens.patching import get_act_patch_attn_head_out_all_pos
 
 from tl_superposition._atomic import atomic_path, write_json_atomic
-from tl_superposition.ioi import NAMES, IOIDataset, single_token_words
+from tl_superposition.evaluation.patching import (
+    head_patching_effects,
+    important_heads,
+    logit_diff_metric,
+    precision_recall_f1,
+)
+from tl_superposition.evaluation.prompts import abc_tokens
+from tl_superposition.ioi import IOIDataset
 from tl_superposition.tracing.graph import head_name, parse_heads
 
 Head = tuple[int, int]
-
-
-def abc_tokens(
-    model: HookedTransformer, dataset: IOIDataset, seed: int = 0
-) -> Int[Tensor, "n_prompts pos"]:
-    """The ABC corruption of ``dataset``: IO, S1 and S2 replaced by three different names.
-
-    Each prompt gets three distinct names drawn (with ``random.Random(seed)``) from the
-    single-token names that are neither its IO nor its S; the tokens elsewhere, and so every
-    position, stay the same.
-
-    Returns:
-        ``[n_prompts, pos]`` token ids, like ``dataset.tokens``.
-
-    Raises:
-        ValueError: a name position does not hold the name's token (a tokenizer that merges a
-            name with its neighbour), or fewer than five single-token names.
-    """
-    names = single_token_words(model.tokenizer, NAMES)
-    if len(names) < 5:
-        raise ValueError(f"the ABC corruption needs >= 5 single-token names, got {len(names)}")
-    ids = {n: model.to_single_token(" " + n) for n in names}
-    rng = random.Random(seed)
-    out = dataset.tokens.clone()
-    rows = torch.arange(len(dataset))
-    if not (
-        bool((out[rows, dataset.io_pos] == dataset.io_tokens).all())
-        and bool((out[rows, dataset.s2_pos] == dataset.s_tokens).all())
-    ):
-        raise ValueError("IO/S2 positions do not hold the names' tokens; cannot corrupt them")
-    for i in range(len(dataset)):
-        pool = [n for n in names if n not in (dataset.io_names[i], dataset.s_names[i])]
-        a, b, c = rng.sample(pool, 3)
-        out[i, dataset.io_pos[i]] = ids[a]
-        out[i, dataset.s1_pos[i]] = ids[b]
-        out[i, dataset.s2_pos[i]] = ids[c]
-    return out
-
-
-def logit_diff_metric(
-    dataset: IOIDataset,
-) -> Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, ""]]:
-    """The patching metric: mean ``logit(IO) - logit(S)`` at END over ``dataset``'s prompts."""
-
-    def metric(logits: Tensor) -> Tensor:
-        rows = torch.arange(len(dataset), device=logits.device)
-        end = logits[rows, dataset.end_pos.to(logits.device)]
-        io = end[rows, dataset.io_tokens.to(logits.device)]
-        s = end[rows, dataset.s_tokens.to(logits.device)]
-        return (io - s).mean()
-
-    return metric
-
-
-@torch.inference_mode()
-def head_patching_effects(
-    model: HookedTransformer, dataset: IOIDataset, corrupted: Int[Tensor, "n_prompts pos"]
-) -> tuple[Float[Tensor, "n_layers n_heads"], float, float]:
-    """Every head's normalised patching effect on ``logit(IO) - logit(S)``.
-
-    One forward pass per head over all of ``dataset`` (keep it to a few dozen prompts on a
-    CPU). The effect is ``(m_patched - m_corrupt) / (m_clean - m_corrupt)`` where ``m`` is the
-    mean logit difference at END and ``m_patched`` is the corrupted run with the head's clean
-    ``hook_z`` at every position (TransformerLens's
-    ``get_act_patch_attn_head_out_all_pos``).
-
-    Returns:
-        ``(effects, m_clean, m_corrupt)``: effects on the CPU, and the two means in logits.
-
-    Raises:
-        ValueError: clean and corrupted runs with the same metric (nothing to normalise by).
-    """
-    dev = model.cfg.device
-    metric = logit_diff_metric(dataset)
-    clean_logits, cache = model.run_with_cache(
-        dataset.tokens.to(dev), names_filter=lambda name: name.endswith("hook_z")
-    )
-    m_clean = float(metric(cast(Tensor, clean_logits)))
-    del clean_logits
-    m_corrupt = float(metric(cast(Tensor, model(corrupted.to(dev)))))
-    if abs(m_clean - m_corrupt) < 1e-6:
-        raise ValueError("clean and corrupted logit differences are equal; no effect to scale")
-    raw = get_act_patch_attn_head_out_all_pos(model, corrupted.to(dev), cache, metric)
-    effects = (raw.float().cpu() - m_corrupt) / (m_clean - m_corrupt)
-    return effects, m_clean, m_corrupt
-
-
-def important_heads(effects: Float[Tensor, "n_layers n_heads"], threshold: float) -> set[Head]:
-    """The heads whose normalised patching effect has ``|effect| >= threshold``."""
-    layers, heads = torch.nonzero(effects.abs() >= threshold, as_tuple=True)
-    return set(zip(layers.tolist(), heads.tolist()))
 
 
 def circuit_heads(
@@ -149,15 +61,6 @@ def circuit_heads(
         edges = pd.DataFrame(edges[edges.n_firings >= min_firings])
     names = [*edges.upstream.tolist(), *edges.downstream.tolist(), *seeds]
     return set(parse_heads([n for n in names if isinstance(n, str) and n.startswith("A")]) or [])
-
-
-def precision_recall_f1(found: set[Head], truth: set[Head]) -> dict[str, float]:
-    """Precision, recall and F1 of ``found`` against ``truth`` (0 where undefined)."""
-    hits = len(found & truth)
-    precision = hits / len(found) if found else 0.0
-    recall = hits / len(truth) if truth else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if hits else 0.0
-    return {"precision": precision, "recall": recall, "f1": f1}
 
 
 @torch.inference_mode()
