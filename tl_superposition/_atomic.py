@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,3 +58,53 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def is_empty_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is missing or an empty folder (what a new run may write into)."""
+    p = Path(path)
+    return not p.exists() or (p.is_dir() and not any(p.iterdir()))
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a new temporary folder beside ``path``; if the block succeeds it becomes ``path``.
+
+    A run writes every file into the temporary folder; only when the block exits without an
+    exception does the folder take ``path``'s place (the previous folder, if any, is moved
+    aside by one ``os.replace`` and removed after the new one is in place). On an exception
+    or an interrupt the temporary folder is removed and ``path`` is left as it was, so a
+    folder holds the files of one complete run, never a mix.
+
+    Args:
+        path: the final folder. Its parent is created if missing.
+        overwrite: replace a non-empty ``path``.
+
+    Raises:
+        FileExistsError: ``path`` is not empty and ``overwrite`` is false, or is a file.
+    """
+    final = Path(path)
+    if final.exists() and not final.is_dir():
+        raise FileExistsError(f"{final} is a file, not a folder")
+    if not overwrite and not is_empty_dir(final):
+        raise FileExistsError(f"{final} is not empty (replace it with overwrite=True)")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        old = None
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            os.replace(final, old / final.name)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            if old is not None:
+                os.replace(old / final.name, final)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,9 +1,18 @@
-"""``tl-superposition trace-ioi``: the IOI circuit trace from the command line.
+"""``tl-superposition trace-ioi``: the IOI trace and its circuit from the command line.
+
+The command traces IOI prompts (:func:`~tl_superposition.tracing.ioi_trace.trace_ioi`,
+per-prompt seeds by default), extracts the pruned circuit
+(:func:`~tl_superposition.circuit.extract_circuit`) and scores it on held-out prompts of
+another seed and other names (:class:`~tl_superposition.evaluation.Faithfulness`).
 
 Every argument is checked before the model loads (:func:`check_arguments`): the output folder
-must be writable, the thresholds valid (:class:`TraceConfig`), the model name known and the
-seed heads inside the model, whose shape is read from its config
-(:func:`tl_superposition.models.model_config`).
+must be writable and empty (or ``--overwrite`` given), the thresholds valid
+(:class:`TraceConfig`, :class:`~tl_superposition.circuit.CircuitConfig`), the model name
+known and the seed heads inside the model, whose shape is read from its config
+(:func:`tl_superposition.models.model_config`). Everything is written into a temporary
+folder that takes ``--out``'s place only once the run is complete
+(:func:`~tl_superposition._atomic.atomic_dir`): an interrupted run leaves the previous
+results whole.
 """
 
 from __future__ import annotations
@@ -16,11 +25,19 @@ from pathlib import Path
 
 import torch
 
+from tl_superposition.circuit.config import CircuitConfig
 from tl_superposition.tracing.config import TraceConfig
 
+_CIRCUIT_DEFAULTS = CircuitConfig()
 _DEFAULTS = TraceConfig()
 # TraceConfig fields set from the command line (option --pattern-thresh sets pattern_thresh)
-_CONFIG_OPTIONS = ("pattern_thresh", "thresh", "edge_thresh", "edge_rule", "batch_size")
+_CONFIG_OPTIONS = (
+    "pattern_thresh", "dynamic_thresh", "thresh", "edge_thresh", "edge_rule", "augmented_bias",
+    "batch_size",
+)  # fmt: skip
+# CircuitConfig fields and their options
+_CIRCUIT_OPTIONS = {"node_frac": "node_frac", "min_prompts": "min_prompts",
+                    "circuit_threshold": "threshold"}  # fmt: skip
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,7 +52,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--seed", type=int, default=0, help="prompt generation seed (default: %(default)s)"
     )
-    p.add_argument("--out", required=True, help="output folder (created if missing)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output folder (created if missing; must be empty unless --overwrite)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty --out (only once the new run is complete)",
+    )
     p.add_argument("--prompt-type", choices=["ABBA", "BABA", "mixed"], default="mixed")
     p.add_argument(
         "--prepend-bos",
@@ -44,9 +70,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--seeds",
-        default="dla",
-        help="'dla' (heads with the largest direct logit attribution), "
-        "'name-movers' (GPT-2 small 9.6, 9.9, 10.0) or a list like '9.6,9.9'",
+        default="per-prompt",
+        help="'per-prompt' (ACC++: each correctly answered prompt's components making up its "
+        "logit difference; needed for the circuit), 'dla' (the heads with the largest mean "
+        "direct logit attribution), 'name-movers' (GPT-2 small 9.6, 9.9, 10.0) or heads like "
+        "'9.6,9.9' (default: %(default)s)",
+    )
+    p.add_argument(
+        "--beta",
+        type=float,
+        default=1.0,
+        help="per-prompt seeds exceed this share of the logit difference (default: %(default)s)",
     )
     p.add_argument(
         "--seed-src",
@@ -63,6 +97,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=_DEFAULTS.pattern_thresh,
         help="firing: pattern >= this (default: %(default)s)",
+    )
+    p.add_argument(
+        "--dynamic-thresh",
+        type=float,
+        default=_DEFAULTS.dynamic_thresh,
+        metavar="C",
+        help="firing: pattern >= min(1, C / (dest + 1)) instead (ACC++: 2.5; default: off)",
     )
     p.add_argument(
         "--thresh",
@@ -82,6 +123,53 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=_DEFAULTS.edge_rule,
         help="'paper': the authors' rule (net sum, ties kept, heads only, layers from 1); "
         "'positive': positive writes only (default: %(default)s)",
+    )
+    p.add_argument(
+        "--bias-coordinate",
+        dest="augmented_bias",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="add the query/key bias coordinate to every head's write before the edge rule, "
+        "as the authors' code does (default: on for the paper rule, off for the positive one)",
+    )
+    p.add_argument(
+        "--no-circuit",
+        action="store_true",
+        help="stop after the trace: no circuit, no held-out faithfulness",
+    )
+    p.add_argument(
+        "--node-frac",
+        type=float,
+        default=_CIRCUIT_DEFAULTS.node_frac,
+        help="circuit: a node appears in at least this share of prompt graphs "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--min-prompts",
+        type=int,
+        default=_CIRCUIT_DEFAULTS.min_prompts,
+        help="circuit: an edge occurs in at least this many prompts (default: %(default)s)",
+    )
+    p.add_argument(
+        "--circuit-threshold",
+        type=float,
+        default=_CIRCUIT_DEFAULTS.threshold,
+        help="circuit: removing an edge changes logit(IO) - logit(S) by at least this on "
+        "average, in logits (default: %(default)s)",
+    )
+    p.add_argument(
+        "--heldout-prompts",
+        type=int,
+        default=256,
+        metavar="N",
+        help="score the circuit on N held-out prompts (another seed, the other half of the "
+        "names; 0: skip; default: %(default)s)",
+    )
+    p.add_argument(
+        "--heldout-seed",
+        type=int,
+        default=None,
+        help="the held-out prompts' seed (default: --seed + 1)",
     )
     p.add_argument(
         "--validate",
@@ -166,78 +254,161 @@ def _check_device(device: str) -> None:
         raise ValueError(f"--device {device}: CUDA is not available on this machine; use 'cpu'")
 
 
-def check_arguments(args: argparse.Namespace) -> tuple[TraceConfig, Path]:
-    """Check every ``trace-ioi`` argument without loading the model.
+def circuit_config(args: argparse.Namespace) -> CircuitConfig:
+    """The :class:`~tl_superposition.circuit.CircuitConfig` of the command line; errors name
+    the option.
 
-    Returns:
-        ``(config, out)``: the trace config and the output folder.
+    Raises:
+        ValueError: an option outside its range.
+    """
+    values = {field: getattr(args, option) for option, field in _CIRCUIT_OPTIONS.items()}
+    try:
+        return dataclasses.replace(_CIRCUIT_DEFAULTS, **values)
+    except ValueError as exc:
+        message = str(exc)
+        field = message.split(" ", 1)[0]
+        option = {f: o for o, f in _CIRCUIT_OPTIONS.items()}.get(field)
+        if option is not None:
+            message = _option(option) + message[len(field) :]
+        raise ValueError(message) from None
+
+
+@dataclasses.dataclass
+class Checked:
+    """What :func:`check_arguments` makes of the command line."""
+
+    config: TraceConfig
+    circuit: CircuitConfig | None
+    out: Path
+    heldout_seed: int
+
+
+def check_arguments(args: argparse.Namespace) -> Checked:
+    """Check every ``trace-ioi`` argument without loading the model.
 
     Raises:
         ValueError, FileNotFoundError, RuntimeError: a bad argument (the message names it).
     """
+    from tl_superposition._atomic import is_empty_dir
     from tl_superposition.models import model_config
     from tl_superposition.tracing.graph import parse_heads
-    from tl_superposition.tracing.ioi_trace import resolve_seed_src, resolve_seeds
+    from tl_superposition.tracing.ioi_trace import PER_PROMPT, resolve_seed_src, resolve_seeds
 
     if args.n_prompts < 1:
         raise ValueError(f"--n-prompts must be >= 1, got {args.n_prompts}")
-    for option in ("validate", "patching_prompts"):
+    for option in ("validate", "patching_prompts", "heldout_prompts"):
         if getattr(args, option, 0) < 0:
             raise ValueError(f"{_option(option)} must be >= 0, got {getattr(args, option)}")
+    if not args.beta > 0:
+        raise ValueError(f"--beta must be > 0, got {args.beta}")
     config = trace_config(args)
-    if args.seeds not in ("dla", "name-movers"):
+    circuit = None if args.no_circuit else circuit_config(args)
+    heldout_seed = args.seed + 1 if args.heldout_seed is None else args.heldout_seed
+    if heldout_seed == args.seed and args.heldout_prompts:
+        raise ValueError(f"--heldout-seed must differ from --seed ({args.seed})")
+    if args.seeds not in ("dla", "name-movers", PER_PROMPT):
         parse_heads(args.seeds)  # the syntax now; the range once the model's shape is known
     resolve_seed_src(args.seed_src, args.seeds)
     _check_device(args.device)
     out = check_output_dir(args.out)
+    if not args.overwrite and not is_empty_dir(out):
+        raise ValueError(f"--out {args.out} is not empty; pass --overwrite to replace it")
     cfg = model_config(args.model)  # the model's shape, without its weights
     try:
         resolve_seeds(args.seeds, args.n_seeds, cfg.n_layers, cfg.n_heads)
     except ValueError as exc:
         option = "--n-seeds" if args.seeds == "dla" else "--seeds"
         raise ValueError(f"{option}: {exc}") from None
-    return config, out
+    if circuit is not None and args.seeds != PER_PROMPT:
+        raise ValueError(
+            f"--seeds {args.seeds}: the circuit needs per-prompt seeds; pass --seeds per-prompt "
+            "or --no-circuit"
+        )
+    return Checked(config, circuit, out, heldout_seed)
+
+
+def _prompts(model, args: argparse.Namespace, heldout_seed: int):
+    """The traced prompts and the held-out ones (``None`` for 0), from the two name halves."""
+    from tl_superposition.evaluation.prompts import name_split
+    from tl_superposition.ioi import make_ioi_dataset
+
+    halves = name_split(model)
+    common = {"prompt_type": args.prompt_type, "prepend_bos": args.prepend_bos}
+    traced = make_ioi_dataset(model, args.n_prompts, seed=args.seed, names=halves[0], **common)
+    traced.meta["names"] = halves[0]
+    if not args.heldout_prompts:
+        return traced, None
+    heldout = make_ioi_dataset(
+        model, args.heldout_prompts, seed=heldout_seed, names=halves[1], **common
+    )
+    heldout.meta["names"] = halves[1]
+    return traced, heldout
+
+
+def _circuit(model, result, checked: Checked, heldout, args, out: Path) -> dict:
+    """Extract, save and score the circuit; its summary (or why there is none)."""
+    from tl_superposition.circuit import extract_circuit
+
+    if result.seed_table is None or result.seed_table.empty:
+        return {"skipped": "no prompt is seeded: the model answers none correctly"}
+    assert checked.circuit is not None
+    circuit = extract_circuit(model, result, checked.circuit)
+    circuit.save(out, plots=not args.no_plots)
+    summary = {k: v for k, v in circuit.summary().items() if k != "edges_by_status"}
+    summary["edges_by_status"] = circuit.summary()["edges_by_status"]
+    if heldout is not None:
+        from tl_superposition.evaluation import Faithfulness, abc_tokens
+
+        faith = Faithfulness.prepare(
+            model, heldout, abc_tokens(model, heldout, seed=heldout.meta["seed"])
+        )
+        summary |= {
+            "faithfulness_heldout": faith.score(circuit.head_set()),
+            "heldout_prompts": len(heldout),
+            "heldout_seed": heldout.meta["seed"],
+            "logit_diff_heldout_full": faith.m_full,
+            "logit_diff_heldout_empty": faith.m_empty,
+        }
+    return summary
 
 
 def run(args: argparse.Namespace) -> int:
-    """Check the arguments, load the model, generate prompts, trace, write, print the summary."""
-    from tl_superposition.ioi import make_ioi_dataset
+    """Check the arguments, load the model, trace, extract and score the circuit, write the
+    folder (all of it at once), print the summary."""
+    from tl_superposition._atomic import atomic_dir
     from tl_superposition.models import load_model
     from tl_superposition.tracing.ioi_trace import format_summary, trace_ioi
 
-    config, out = check_arguments(args)
+    checked = check_arguments(args)
     model = load_model(args.model, device=args.device)
-    dataset = make_ioi_dataset(
-        model,
-        args.n_prompts,
-        prompt_type=args.prompt_type,
-        seed=args.seed,
-        prepend_bos=args.prepend_bos,
-    )
-    result = trace_ioi(
-        model,
-        dataset,
-        seeds=args.seeds,
-        n_seeds=args.n_seeds,
-        seed_src=args.seed_src,
-        config=config,
-    )
-    result.summary["model_arg"] = args.model
-    validation = None
-    if args.validate:
-        from tl_superposition.tracing.validate import validate_edges
+    dataset, heldout = _prompts(model, args, checked.heldout_seed)
+    with atomic_dir(checked.out, overwrite=args.overwrite) as tmp:
+        result = trace_ioi(
+            model,
+            dataset,
+            seeds=args.seeds,
+            n_seeds=args.n_seeds,
+            seed_src=args.seed_src,
+            config=checked.config,
+            out_dir=tmp,
+            beta=args.beta,
+        )
+        result.summary["model_arg"] = args.model
+        if checked.circuit is not None:
+            result.summary["circuit"] = _circuit(model, result, checked, heldout, args, tmp)
+        validation = None
+        if args.validate:
+            from tl_superposition.tracing.validate import validate_edges
 
-        validation = validate_edges(model, result, max_instances=args.validate)
-        result.summary["validation"] = validation.summary
-    patching = None
-    if args.patching_prompts:
-        from tl_superposition.tracing.patching import compare_with_patching
+            validation = validate_edges(model, result, max_instances=args.validate)
+            result.summary["validation"] = validation.summary
+        if args.patching_prompts:
+            from tl_superposition.tracing.patching import compare_with_patching
 
-        patching = compare_with_patching(model, result, n_prompts=args.patching_prompts)
-        result.summary["patching"] = patching.summary
-    paths = result.save(out, plots=not args.no_plots, validation=validation)
-    if patching is not None:
-        paths.update(patching.save(out))
+            patching = compare_with_patching(model, result, n_prompts=args.patching_prompts)
+            result.summary["patching"] = patching.summary
+            patching.save(tmp)
+        result.save(tmp, plots=not args.no_plots, validation=validation)
     print(format_summary(result.summary))
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    print(f"wrote {checked.out}: " + ", ".join(sorted(p.name for p in checked.out.iterdir())))
     return 0
