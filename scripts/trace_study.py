@@ -87,7 +87,9 @@ def main() -> None:
         bare_forward(model, dataset.tokens[:32], 32)
         fwd = bare_forward(model, dataset.tokens, 32)
         t0 = time.perf_counter()
-        res = trace_ioi(model, dataset, config=TraceConfig(edge_rule=rule), progress=False)
+        res = trace_ioi(
+            model, dataset, seeds="dla", config=TraceConfig(edge_rule=rule), progress=False
+        )
         seconds = time.perf_counter() - t0
         traces[rule] = res
         report[rule] = {

@@ -279,3 +279,56 @@ def test_extract_circuit_needs_per_prompt_seeds(tiny_gpt2):
     res = trace_ioi(tiny_gpt2, ds, seeds="dla", progress=False)
     with pytest.raises(ValueError, match="per-prompt seeds"):
         extract_circuit(tiny_gpt2, res)
+
+
+def test_extract_circuit_end_to_end_on_a_tiny_model(tiny_llama, tmp_path):
+    """Every prompt seeded (a random model answers none correctly), every edge measurable:
+    kept edges were measured in every prompt where they occur, each circuit node reaches the
+    logits, and one edge's effect in one prompt is that of its local edits run alone."""
+    import networkx as nx
+
+    from tl_superposition.circuit import extract_circuit
+    from tl_superposition.circuit.extract import _records, clean_run, edit_deltas
+    from tl_superposition.circuit.graphs import role_labels
+    from tl_superposition.tracing import TraceConfig, trace_ioi
+    from tl_superposition.tracing.ioi_trace import ioi_roles
+    from tl_superposition.tracing.validate import InstanceBatch, edit_vectors
+
+    model = tiny_llama
+    ds = make_ioi_dataset(model, 12, seed=7)
+    res = trace_ioi(model, ds, config=TraceConfig(pattern_thresh=0.2), correct_only=False,
+                    progress=False)  # fmt: skip
+    cfg = CircuitConfig(min_prompts=1, threshold=0.0, node_frac=0.0, rows_per_pass=5)
+    circuit = extract_circuit(model, res, cfg, progress=False)
+    e = circuit.edges
+    kept = e[e.status == "kept"]
+    assert len(kept) > 0 and (kept.n_measured == kept.n_prompts).all()
+    g = circuit.graph()
+    assert all(nx.has_path(g, n, ROOT) for n in g.nodes)
+    assert circuit.summary()["n_heads_circuit"] == len(circuit.head_set()) > 0
+    # the deltas: the validation's projection of the same records, over the frozen scale
+    roles = role_labels(ioi_roles(ds, model.tokenizer), len(ds), ds.tokens.shape[1])
+    clean = clean_run(model, ds)
+    rec = _records(res, clean, roles)
+    first = kept[kept.n_prompts == 1].iloc[0]  # its mean effect is its one prompt's
+    mine = rec[(rec.up == first.up) & (rec.down == first.down) & (rec.side == first.side)]
+    delta = edit_deltas(model, res.qk, clean, mine.reset_index(drop=True), chunk=3)
+    _, cache = model.run_with_cache(ds.tokens)
+    z = torch.stack([cache[f"blocks.{L}.attn.hook_z"] for L in range(model.cfg.n_layers)], 2)
+    it = InstanceBatch.from_frame(mine.reset_index(drop=True), 0, model.cfg.d_head)
+    _, p_sel, _, _ = edit_vectors(model, res.qk, z, it, torch.Generator().manual_seed(0))
+    scale = clean.scale[it.prompt, it.pos, it.layer].double()[:, None]
+    assert torch.allclose(delta * scale, p_sel, atol=1e-4)
+    # one prompt's effect, run alone
+    p = int(mine.prompt_id.iloc[0])
+    sel = (mine.prompt_id == p).to_numpy()
+    L = int(parse_node(first.down)["layer"])
+    edits = LocalEdits(L, torch.zeros(int(sel.sum()), dtype=torch.long),
+                       torch.as_tensor(mine["head"].to_numpy()[sel]),
+                       torch.as_tensor((mine.side.to_numpy()[sel] == "dest").astype(np.int64)),
+                       torch.as_tensor(mine.pos.to_numpy()[sel]), delta[torch.as_tensor(sel)])  # fmt: skip
+    alone = run_local_edits(model, clean.resid_pre[[p], :, L], edits, ds.end_pos[[p]],
+                            ds.io_tokens[[p]], ds.s_tokens[[p]])  # fmt: skip
+    assert float(alone[0] - clean.logit_diff[p]) == pytest.approx(first.effect_mean, abs=1e-5)
+    paths = circuit.save(tmp_path)
+    assert (tmp_path / "circuit_heads.csv").exists() and len(paths) == 5

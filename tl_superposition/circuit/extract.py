@@ -135,30 +135,43 @@ def edit_deltas(
     onto the span of the downstream firing's selected singular directions on the record's
     side (centred for LayerNorm models), divided by the downstream ``ln1.hook_scale`` there.
 
+    The span of each (firing, side) is built once, for all the records that read it, ``chunk``
+    spans at a time (each a ``d_model x d_head`` float64 basis).
+
     Args:
-        rec: records with prompt_id, pos, up_layer, up_head, layer, head, dest_pos, src_pos,
-            side (``"src"``/``"dest"``) and components.
+        rec: records with firing_id, prompt_id, pos, up_layer, up_head, layer, head,
+            dest_pos, src_pos, side (``"src"``/``"dest"``) and components.
     """
     n = len(rec)
     out = torch.zeros(n, model.cfg.d_model, dtype=torch.float64)
     col = lambda k: torch.as_tensor(rec[k].to_numpy().astype(np.int64))  # noqa: E731
     prompt, pos, up_l, up_h = col("prompt_id"), col("pos"), col("up_layer"), col("up_head")
-    layer, head = col("layer"), col("head")
-    offset = col("dest_pos") - col("src_pos")
     side = torch.as_tensor((rec.side.to_numpy() == "dest").astype(np.int64))
-    selected = torch.zeros(n, model.cfg.d_head, dtype=torch.bool)
-    for i, comps in enumerate(rec.components):
+    span_of = np.unique(rec.firing_id.to_numpy() * 2 + side.numpy(), return_inverse=True)[1]
+    first = np.unique(span_of, return_index=True)[1]  # one record per span
+    spans = rec.iloc[first]
+    selected = torch.zeros(len(spans), model.cfg.d_head, dtype=torch.bool)
+    for i, comps in enumerate(spans.components):
         selected[i, torch.as_tensor(np.asarray(comps, dtype=np.int64))] = True
+    s_col = lambda k: torch.as_tensor(spans[k].to_numpy().astype(np.int64))  # noqa: E731
+    layer, head, offset = s_col("layer"), s_col("head"), s_col("dest_pos") - s_col("src_pos")
     centred = model.cfg.normalization_type in ("LN", "LNPre")
     W_O = model.W_O.detach().cpu().to(torch.float64)
-    for c0 in range(0, n, chunk):
-        r = slice(c0, c0 + chunk)
-        zi = clean.z[prompt[r], pos[r], up_l[r], up_h[r]].to(torch.float64)
-        y = torch.einsum("ne,ned->nd", zi, W_O[up_l[r], up_h[r]])
-        dirs = singular_directions(qk, layer[r], head[r], offset[r], side[r])
-        p = project_onto(span_basis(compact_columns(dirs, selected[r]), centred), y)
-        out[r] = p / clean.scale[prompt[r], pos[r], layer[r]].to(torch.float64)[:, None]
-    return out
+    zi = clean.z[prompt, pos, up_l, up_h].to(torch.float64)
+    y = torch.einsum("ne,ned->nd", zi, W_O[up_l, up_h])
+    order = np.argsort(span_of, kind="stable")
+    bounds = np.searchsorted(span_of[order], np.arange(len(spans) + 1))
+    for c0 in range(0, len(spans), chunk):
+        c1 = min(c0 + chunk, len(spans))
+        dirs = singular_directions(qk, layer[c0:c1], head[c0:c1], offset[c0:c1], side[first[c0:c1]])
+        basis = span_basis(compact_columns(dirs, selected[c0:c1]), centred)
+        mine = order[bounds[c0] : bounds[c1]]
+        for r0 in range(0, len(mine), chunk):  # the gathered bases of at most chunk records
+            rows = torch.as_tensor(mine[r0 : r0 + chunk])
+            at = torch.as_tensor(span_of[rows.numpy()] - c0)
+            out[rows] = project_onto(basis[at], y[rows])
+    layer_of_rec = col("layer")
+    return out / clean.scale[prompt, pos, layer_of_rec].to(torch.float64)[:, None]
 
 
 def _chunks(n: int, size: int) -> Iterator[slice]:
@@ -178,13 +191,20 @@ def edit_rows(
     """Run one forward pass per (edge, prompt) of ``rec`` (all downstream heads in
     ``layer``), with every record of that edge in that prompt edited.
 
+    Rows are batched by side (key-side edits need grouped-query keys ungrouped, query-side
+    edits do not) and by prompt length (less padding).
+
     Returns:
         One row per (up, down, side, prompt_id): ``effect``, the change of the logit
         difference from the clean run.
     """
     keys = ["up", "down", "side", "prompt_id"]
-    row = rec.groupby(keys, sort=False).ngroup().to_numpy()
-    groups = rec.iloc[np.unique(row, return_index=True)[1]][keys].reset_index(drop=True)
+    first = np.unique(rec.groupby(keys, sort=False).ngroup().to_numpy(), return_index=True)[1]
+    groups = rec.iloc[first][keys]
+    groups = groups.assign(length=dataset.end_pos.numpy()[groups.prompt_id.to_numpy()])
+    groups = groups.sort_values(["side", "length"], kind="stable").reset_index(drop=True)
+    groups = groups.drop(columns="length")
+    row = rec[keys].merge(groups.reset_index(), on=keys, how="left")["index"].to_numpy()
     prompt = torch.tensor(groups.prompt_id.to_numpy())
     effects = torch.zeros(len(groups))
     rec_head = torch.as_tensor(rec["head"].to_numpy().astype(np.int64))

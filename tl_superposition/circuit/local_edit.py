@@ -123,7 +123,8 @@ def run_local_edits(
     Returns:
         float32 on the CPU.
     """
-    with ungrouped(model), model.hooks(fwd_hooks=edits.hooks(model)):
+    keys = ungrouped(model) if bool((edits.side == 0).any()) else contextlib.nullcontext()
+    with keys, model.hooks(fwd_hooks=edits.hooks(model)):
         resid = model(
             resid_pre, start_at_layer=edits.layer, stop_at_layer=model.cfg.n_layers
         )  # fmt: skip

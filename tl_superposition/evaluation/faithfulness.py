@@ -22,7 +22,7 @@ integrates (:func:`cpr_cmd`). Higher CPR and lower CMD are better.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -112,6 +112,7 @@ class Faithfulness:
     m_full: float
     m_empty: float
     batch_size: int = 64
+    _memo: dict[frozenset, float] = field(default_factory=dict, repr=False)
 
     @classmethod
     @torch.inference_mode()
@@ -186,13 +187,16 @@ class Faithfulness:
         return keep
 
     def score(self, heads: Iterable[Head]) -> float:
-        """``f(heads)`` (module docstring)."""
+        """``f(heads)`` (module docstring); a head set scored before is not run again."""
         keep = self.mask(heads)
         if bool(keep.all()):
             return 1.0
         if not bool(keep.any()):
             return 0.0
-        return (self.metric(keep) - self.m_empty) / (self.m_full - self.m_empty)
+        key = frozenset(map(tuple, keep.nonzero().tolist()))
+        if key not in self._memo:
+            self._memo[key] = self.metric(keep)
+        return (self._memo[key] - self.m_empty) / (self.m_full - self.m_empty)
 
     def curve(
         self, ranking: Sequence[Head], fractions: Sequence[float] = MIB_FRACTIONS
