@@ -323,10 +323,14 @@ def test_extract_circuit_end_to_end_on_a_tiny_model(tiny_llama, tmp_path):
     p = int(mine.prompt_id.iloc[0])
     sel = (mine.prompt_id == p).to_numpy()
     L = int(parse_node(first.down)["layer"])
-    edits = LocalEdits(L, torch.zeros(int(sel.sum()), dtype=torch.long),
-                       torch.as_tensor(mine["head"].to_numpy()[sel]),
-                       torch.as_tensor((mine.side.to_numpy()[sel] == "dest").astype(np.int64)),
-                       torch.as_tensor(mine.pos.to_numpy()[sel]), delta[torch.as_tensor(sel)])  # fmt: skip
+    edits = LocalEdits(
+        L,
+        row=torch.zeros(int(sel.sum()), dtype=torch.long),
+        head=torch.as_tensor(mine["head"].to_numpy()[sel]),
+        side=torch.as_tensor((mine.side.to_numpy()[sel] == "dest").astype(np.int64)),
+        pos=torch.as_tensor(mine.pos.to_numpy()[sel]),
+        delta=delta[torch.as_tensor(sel)],
+    )
     alone = run_local_edits(model, clean.resid_pre[[p], :, L], edits, ds.end_pos[[p]],
                             ds.io_tokens[[p]], ds.s_tokens[[p]])  # fmt: skip
     assert float(alone[0] - clean.logit_diff[p]) == pytest.approx(first.effect_mean, abs=1e-5)
