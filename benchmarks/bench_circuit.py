@@ -81,84 +81,48 @@ def commit() -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from tl_superposition.circuit import CircuitConfig, extract_circuit
-    from tl_superposition.evaluation import (
-        Faithfulness,
-        Ranking,
-        abc_tokens,
-        eap_ig_scores,
-        eap_scores,
-        f1_table,
-        head_patching_effects,
-        important_heads,
-        ioi_split,
-        score_rankings,
-    )
+    from tl_superposition.evaluation import compare_methods, ioi_split
     from tl_superposition.evaluation.compare import timed
     from tl_superposition.models import load_model
     from tl_superposition.tracing import TraceConfig, trace_ioi
 
     t_start = time.perf_counter()
     model = load_model(args.model)
-    cfg = model.cfg
     discovery, heldout = ioi_split(model, args.n_discovery, args.n_heldout, args.seed,
                                    args.heldout_seed)  # fmt: skip
-    cf_discovery = abc_tokens(model, discovery, seed=args.seed)
-    cf_heldout = abc_tokens(model, heldout, seed=args.heldout_seed)
-    rankings: list[Ranking] = []
+    trace_cfg = TraceConfig(dynamic_thresh=args.dynamic_thresh)
+    circuit_cfg = CircuitConfig(min_prompts=args.min_prompts, threshold=args.circuit_threshold)
 
-    def svd() -> tuple:
-        trace = trace_ioi(model, discovery, config=TraceConfig(dynamic_thresh=args.dynamic_thresh),
-                          progress=False)  # fmt: skip
-        circuit = extract_circuit(
-            model, trace, CircuitConfig(min_prompts=args.min_prompts,
-                                        threshold=args.circuit_threshold), progress=False
-        )  # fmt: skip
-        return trace, circuit
+    def svd():
+        trace = trace_ioi(model, discovery, config=trace_cfg, progress=False)
+        return trace, extract_circuit(model, trace, circuit_cfg, progress=False)
 
-    (trace, circuit), s = timed(svd)
-    order = circuit.ranking()
-    rankings.append(Ranking("svd_trace", order, order, s, circuit=circuit.head_set()))
-    print(f"svd_trace: {len(circuit.head_set())} heads, {s:.0f} s", flush=True)
-
-    small = discovery[: args.patching_prompts]
-    patching = {}
-    for direction in ("noising", "denoising"):
-        (effects, m_clean, m_cf), s = timed(
-            lambda d=direction: head_patching_effects(model, small, cf_discovery[: len(small)], d)
+    (trace, circuit), s_svd = timed(svd)
+    print(f"svd_trace: {len(circuit.head_set())} heads, {s_svd:.0f} s", flush=True)
+    cmp, s_cmp = timed(
+        lambda: compare_methods(
+            model, discovery, heldout, circuit, s_svd, args.patching_prompts, args.ig_steps,
+            args.random_draws, args.threshold, args.seed,
         )
-        patching[direction] = {"effects": effects, "seconds": s, "m_clean": m_clean, "m_cf": m_cf}
-        name = "activation_patching" + ("" if direction == "noising" else "_denoising")
-        rankings.append(Ranking.from_scores(name, effects, s))
-        print(f"{name}: {s:.0f} s", flush=True)
-    scores, s = timed(lambda: eap_scores(model, discovery, cf_discovery))
-    rankings.append(Ranking.from_scores("eap", scores, s))
-    scores, s = timed(lambda: eap_ig_scores(model, discovery, cf_discovery, args.ig_steps))
-    rankings.append(Ranking.from_scores("eap_ig", scores, s))
-    print(f"eap, eap_ig: done, {s:.0f} s for eap_ig", flush=True)
-    rankings.append(Ranking.random(cfg.n_layers, cfg.n_heads, args.random_draws, args.seed))
-
-    faith, s_prep = timed(lambda: Faithfulness.prepare(model, heldout, cf_heldout))
-    (curves, mib), s_curves = timed(lambda: score_rankings(faith, rankings))
-    references = {d: important_heads(patching[d]["effects"], args.threshold)
-                  for d in ("denoising", "noising")}  # fmt: skip
-    n_circuit = len(circuit.head_set())
-    f1 = f1_table(rankings, n_circuit, references)
-    svd_f1 = f1[f1.method == "svd_trace"].set_index("reference")
+    )  # fmt: skip
+    svd_f1 = cmp.f1[cmp.f1.method == "svd_trace"].set_index("reference")
     result = {
-        "model": cfg.model_name,
-        "n_heads_circuit": n_circuit,
-        "faithfulness_circuit": faith.score(circuit.head_set()),
+        "model": model.cfg.model_name,
+        "n_heads_circuit": len(circuit.head_set()),
+        "faithfulness_circuit": cmp.circuit_faithfulness,
         "f1_vs_patching": float(svd_f1.loc["denoising", "f1"]),
         "f1_vs_patching_noising": float(svd_f1.loc["noising", "f1"]),
-        "cpr": mib["cpr"],
-        "cmd": mib["cmd"],
-        "seconds": {r.name: round(r.seconds, 1) for r in rankings if r.name != "random"},
-        "faithfulness_references": {d: faith.score(h) for d, h in references.items()},
-        "reference_heads": {d: sorted(f"{L}.{h}" for L, h in v) for d, v in references.items()},
+        "cpr": cmp.cpr,
+        "cmd": cmp.cmd,
+        "seconds": {r.name: round(r.seconds, 1) for r in cmp.rankings if r.name != "random"},
+        "faithfulness_references": cmp.reference_faithfulness,
+        "reference_heads": {
+            d: sorted(f"{L}.{h}" for L, h in v) for d, v in cmp.references.items()
+        },  # fmt: skip
         "circuit_heads": sorted(f"{L}.{h}" for L, h in circuit.head_set()),
-        "f1_table": f1.to_dict(orient="records"),
-        "m_full_heldout": faith.m_full,
-        "m_empty_heldout": faith.m_empty,
+        "f1_table": cmp.f1.to_dict(orient="records"),
+        "m_full_heldout": cmp.m_full,
+        "m_empty_heldout": cmp.m_empty,
         "circuit_summary": circuit.summary(),
         "trace_summary": {
             k: trace.summary.get(k)
@@ -171,9 +135,9 @@ def main(argv: list[str] | None = None) -> None:
                 "seconds",
             )
         },  # fmt: skip
-        "curves": curves.to_dict(orient="records"),
+        "curves": cmp.curves.to_dict(orient="records"),
         "settings": {**vars(args), "out": str(args.out) if args.out else None},
-        "seconds_scoring": round(s_prep + s_curves, 1),
+        "seconds_comparison": round(s_cmp, 1),
         "seconds_total": round(time.perf_counter() - t_start, 1),
         "commit": commit(),
         "torch": torch.__version__,
@@ -184,14 +148,13 @@ def main(argv: list[str] | None = None) -> None:
         from tl_superposition.evaluation.plots import plot_curves
 
         args.out.mkdir(parents=True, exist_ok=True)
-        curves.to_csv(args.out / "curves.csv", index=False)
-        f1.to_csv(args.out / "f1.csv", index=False)
+        cmp.curves.to_csv(args.out / "curves.csv", index=False)
+        cmp.table().to_csv(args.out / "methods.csv", index=False)
+        cmp.f1.to_csv(args.out / "f1.csv", index=False)
         circuit.save(args.out / "circuit")
-        plot_curves(
-            curves,
-            args.out / "faithfulness.png",
-            title=f"Faithfulness on {len(heldout)} held-out IOI prompts, {cfg.model_name}",
-        )
+        plot_curves(cmp.curves, args.out / "faithfulness.png",
+                    title=f"Faithfulness on {len(heldout)} held-out IOI prompts, "
+                    f"{model.cfg.model_name}")  # fmt: skip
         (args.out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))
 

@@ -162,3 +162,32 @@ def test_rankings_curves_and_f1(tiny_gpt2):
     row = table.set_index("method").loc["mine"]
     assert row.precision == 1.0 and row.recall == pytest.approx(1 / 3)
     assert isinstance(table, pd.DataFrame) and set(table.reference) == {"ref"}
+
+
+def test_compare_methods_scores_every_method_on_the_held_out_prompts(tiny_gpt2):
+    from tl_superposition.circuit import Circuit, node_name, parse_node
+    from tl_superposition.circuit.graphs import ROOT
+    from tl_superposition.evaluation import compare_methods
+
+    model = tiny_gpt2
+    discovery, heldout = ioi_split(model, 6, 5, seed=0)
+    a, b = node_name(2, 1, "END", "IO"), node_name(1, 3, "S2", "S1")
+    nodes = pd.DataFrame([{"node": n, "n_prompts": 6, **parse_node(n)} for n in (a, b, ROOT)])
+    edges = pd.DataFrame(
+        {"up": [a, b], "down": [ROOT, a], "side": ["logits", "src"], "weight": [1.0, 0.3],
+         "n_prompts": [6, 6], "effect_mean": [float("nan"), -0.4], "effect_std": [0.0, 0.1],
+         "n_measured": [0, 6], "status": ["root", "kept"]}
+    )  # fmt: skip
+    circuit = Circuit.from_edges(nodes, edges, {"n_layers": 3, "n_heads": 4, "n_prompt_graphs": 6})
+    cmp = compare_methods(model, discovery, heldout, circuit, patching_prompts=3, ig_steps=2,
+                          random_draws=2)  # fmt: skip
+    table = cmp.table()
+    methods = ["svd_trace", "activation_patching", "activation_patching_denoising", "eap",
+               "eap_ig", "random"]  # fmt: skip
+    assert table.method.tolist() == methods
+    assert set(cmp.references) == {"denoising", "noising"}
+    svd = cmp.curves[(cmp.curves.method == "svd_trace") & (cmp.curves.n_heads == 2)]
+    assert svd.faithfulness.iloc[0] == pytest.approx(cmp.circuit_faithfulness)  # its 2 heads
+    assert (table.cpr <= 1.5).all() and cmp.m_full != cmp.m_empty
+    with pytest.raises(ValueError, match="patching_prompts"):
+        compare_methods(model, discovery, heldout, circuit, patching_prompts=7)

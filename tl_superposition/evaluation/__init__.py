@@ -14,7 +14,13 @@ Data flow, one module per step:
 """
 
 from tl_superposition.evaluation.attribution import eap_ig_scores, eap_scores
-from tl_superposition.evaluation.compare import Ranking, f1_table, score_rankings
+from tl_superposition.evaluation.compare import (
+    Comparison,
+    Ranking,
+    compare_methods,
+    f1_table,
+    score_rankings,
+)
 from tl_superposition.evaluation.faithfulness import MIB_FRACTIONS, Faithfulness, cpr_cmd
 from tl_superposition.evaluation.patching import (
     head_patching_effects,
@@ -36,6 +42,8 @@ __all__ = [
     "MIB_FRACTIONS",
     "cpr_cmd",
     "Ranking",
+    "Comparison",
+    "compare_methods",
     "score_rankings",
     "f1_table",
 ]

@@ -6,6 +6,12 @@ module scores all of them on the same held-out prompts and counterfactuals
 does (``print_results.py``), a method with signed scores is ranked by its signed scores for
 CPR (the heads that support the answer first) and by their size for CMD (the heads that move
 the answer most first); a ranking without sign uses one order for both.
+
+:func:`compare_methods` runs the whole comparison for a circuit from
+:func:`~tl_superposition.circuit.extract_circuit`: the baselines' rankings on the discovery
+prompts (exact activation patching by noising and by denoising, EAP, EAP-IG, random orders),
+every ranking scored on the held-out prompts, and the F1 of each method's circuit against
+the heads patching finds important (:class:`Comparison`).
 """
 
 from __future__ import annotations
@@ -14,15 +20,27 @@ import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 from jaxtyping import Float
 from torch import Tensor
+from transformer_lens import HookedTransformer
 
+from tl_superposition.evaluation.attribution import eap_ig_scores, eap_scores
 from tl_superposition.evaluation.faithfulness import MIB_FRACTIONS, Faithfulness, cpr_cmd
-from tl_superposition.evaluation.patching import precision_recall_f1, ranking_from_scores
+from tl_superposition.evaluation.patching import (
+    head_patching_effects,
+    important_heads,
+    precision_recall_f1,
+    ranking_from_scores,
+)
+from tl_superposition.evaluation.prompts import abc_tokens
+from tl_superposition.ioi import IOIDataset
+
+if TYPE_CHECKING:
+    from tl_superposition.circuit.circuit import Circuit
 
 Head = tuple[int, int]
 
@@ -140,3 +158,118 @@ def f1_table(
                 }
             )
     return pd.DataFrame(rows)
+
+
+@dataclass
+class Comparison:
+    """What :func:`compare_methods` measured.
+
+    Attributes:
+        rankings: every method's :class:`Ranking` (with its time on the discovery prompts).
+        curves: faithfulness at MIB's sizes (:func:`score_rankings`).
+        cpr, cmd: per method.
+        f1: :func:`f1_table` at the circuit's size, against ``references``.
+        references: the important heads by denoising and by noising.
+        effects: per direction, the normalised patching effects they come from.
+        circuit_faithfulness: the held-out faithfulness of the circuit's own heads.
+        reference_faithfulness: the held-out faithfulness of each reference set.
+        m_full, m_empty: the held-out metric with no head and every head patched.
+    """
+
+    rankings: list[Ranking]
+    curves: pd.DataFrame
+    cpr: dict[str, float]
+    cmd: dict[str, float]
+    f1: pd.DataFrame
+    references: dict[str, set[Head]]
+    effects: dict[str, Tensor]
+    circuit_faithfulness: float
+    reference_faithfulness: dict[str, float]
+    m_full: float
+    m_empty: float
+
+    def table(self) -> pd.DataFrame:
+        """One row per method: cpr, cmd, seconds, and F1 against each reference."""
+        f1 = self.f1.pivot(index="method", columns="reference", values="f1")
+        rows = [
+            {"method": r.name, "cpr": self.cpr[r.name], "cmd": self.cmd[r.name],
+             "seconds": r.seconds,
+             **{f"f1_{ref}": float(f1.loc[r.name, ref]) for ref in f1.columns}}
+            for r in self.rankings
+        ]  # fmt: skip
+        return pd.DataFrame(rows)
+
+
+def compare_methods(
+    model: HookedTransformer,
+    discovery: IOIDataset,
+    heldout: IOIDataset,
+    circuit: Circuit,
+    circuit_seconds: float = 0.0,
+    patching_prompts: int = 64,
+    ig_steps: int = 5,
+    random_draws: int = 5,
+    threshold: float = 0.05,
+    seed: int = 0,
+    fractions: Sequence[float] = MIB_FRACTIONS,
+) -> Comparison:
+    """The SVD-sparse circuit against today's methods, MIB-style (module docstring).
+
+    Args:
+        model: the model.
+        discovery: the prompts the circuit was found on (and the baselines rank heads on).
+        heldout: the prompts everything is scored on (other seed, other names:
+            :func:`~tl_superposition.evaluation.prompts.ioi_split`).
+        circuit: the circuit (its ranking is ``svd_trace``); circuit_seconds: its time.
+        patching_prompts: exact activation patching runs on the first this many discovery
+            prompts (one pass per layer and head; EAP and EAP-IG use every prompt).
+        ig_steps: EAP-IG's points.
+        random_draws: random orders averaged.
+        threshold: a head is important when its patching effect is at least this in size.
+        seed: seed of the ABC counterfactuals and of the random orders (the held-out
+            counterfactuals use ``seed + 1``).
+        fractions: the circuit sizes, as fractions of every head.
+
+    Raises:
+        ValueError: ``patching_prompts`` outside ``1 .. len(discovery)``, or an error of the
+            steps.
+    """
+    if not 1 <= patching_prompts <= len(discovery):
+        raise ValueError(
+            f"patching_prompts must be in 1 .. {len(discovery)} (the discovery prompts), "
+            f"got {patching_prompts}"
+        )
+    cf_discovery = abc_tokens(model, discovery, seed=seed)
+    cf_heldout = abc_tokens(model, heldout, seed=seed + 1)
+    order = circuit.ranking()
+    rankings = [Ranking("svd_trace", order, order, circuit_seconds, circuit=circuit.head_set())]
+    small = discovery[:patching_prompts]
+    effects = {}
+    for direction in ("noising", "denoising"):
+        (eff, _, _), s = timed(
+            lambda d=direction: head_patching_effects(model, small, cf_discovery[: len(small)], d)
+        )
+        effects[direction] = eff
+        name = "activation_patching" + ("" if direction == "noising" else "_denoising")
+        rankings.append(Ranking.from_scores(name, eff, s))
+    scores, s = timed(lambda: eap_scores(model, discovery, cf_discovery))
+    rankings.append(Ranking.from_scores("eap", scores, s))
+    scores, s = timed(lambda: eap_ig_scores(model, discovery, cf_discovery, ig_steps))
+    rankings.append(Ranking.from_scores("eap_ig", scores, s))
+    rankings.append(Ranking.random(model.cfg.n_layers, model.cfg.n_heads, random_draws, seed))
+    faith = Faithfulness.prepare(model, heldout, cf_heldout)
+    curves, mib = score_rankings(faith, rankings, fractions)
+    references = {d: important_heads(e, threshold) for d, e in effects.items()}
+    return Comparison(
+        rankings=rankings,
+        curves=curves,
+        cpr=mib["cpr"],
+        cmd=mib["cmd"],
+        f1=f1_table(rankings, len(circuit.head_set()), references),
+        references=references,
+        effects=effects,
+        circuit_faithfulness=faith.score(circuit.head_set()),
+        reference_faithfulness={d: faith.score(h) for d, h in references.items()},
+        m_full=faith.m_full,
+        m_empty=faith.m_empty,
+    )
