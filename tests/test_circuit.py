@@ -326,10 +326,10 @@ def test_extract_circuit_end_to_end_on_a_tiny_model(tiny_llama, tmp_path):
     edits = LocalEdits(
         L,
         row=torch.zeros(int(sel.sum()), dtype=torch.long),
-        head=torch.as_tensor(mine["head"].to_numpy()[sel]),
+        head=torch.tensor(mine["head"].to_numpy()[sel]),
         side=torch.as_tensor((mine.side.to_numpy()[sel] == "dest").astype(np.int64)),
-        pos=torch.as_tensor(mine.pos.to_numpy()[sel]),
-        delta=delta[torch.as_tensor(sel)],
+        pos=torch.tensor(mine.pos.to_numpy()[sel]),
+        delta=delta[torch.tensor(sel)],
     )
     alone = run_local_edits(model, clean.resid_pre[[p], :, L], edits, ds.end_pos[[p]],
                             ds.io_tokens[[p]], ds.s_tokens[[p]])  # fmt: skip

@@ -153,7 +153,7 @@ def test_paper_rule_adds_the_bias_coordinate_as_the_authors_do(tiny_gpt2):
         u, s, vh = torch.linalg.svd(wq @ wk.T)
         x_d = torch.cat([cache[f"blocks.{L}.ln1.hook_normalized"][f.prompt_id, f.dest_pos],
                          torch.ones(1)]).double()  # fmt: skip
-        comps = np.asarray(f.components)
+        comps = torch.tensor(np.asarray(f.components, dtype=np.int64))
         for side, pos, vecs in (("src", f.src_pos, vh.T), ("dest", f.dest_pos, u)):
             w = torch.sign(x_d @ u[:, comps]) * s[comps].sqrt()
             g = (vecs[:, comps] * w).sum(1)  # the side's signal direction, [d_model + 1]

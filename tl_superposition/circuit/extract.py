@@ -152,7 +152,7 @@ def edit_deltas(
     spans = rec.iloc[first]
     selected = torch.zeros(len(spans), model.cfg.d_head, dtype=torch.bool)
     for i, comps in enumerate(spans.components):
-        selected[i, torch.as_tensor(np.asarray(comps, dtype=np.int64))] = True
+        selected[i, torch.tensor(np.asarray(comps, dtype=np.int64))] = True
     s_col = lambda k: torch.as_tensor(spans[k].to_numpy().astype(np.int64))  # noqa: E731
     layer, head, offset = s_col("layer"), s_col("head"), s_col("dest_pos") - s_col("src_pos")
     centred = model.cfg.normalization_type in ("LN", "LNPre")

@@ -116,8 +116,9 @@ def prompt_edges(
         roles: per prompt and position, the role naming it (``""``: none).
 
     Returns:
-        The records with ``up`` and ``down`` node names (records whose position has no role
-        are dropped: ACC++ traces named positions only).
+        The records with ``up`` and ``down`` node names. Records at a position without a
+        role, or into a firing without both roles, are dropped: ACC++ traces named positions
+        only (a trace kept to them, the IOI default, has no such records).
     """
     down = firings.set_index("firing_id")[["layer", "head", "dest_role", "src_role"]]
     rec = records.join(down, on="firing_id", rsuffix="_down")
@@ -130,7 +131,9 @@ def prompt_edges(
         down=_names(rec.layer, rec["head"], rec.dest_role, rec.src_role),
         pos_role=pos_role,
     )
-    return pd.DataFrame(rec[np.array(pos_role, dtype=object) != ""]).reset_index(drop=True)
+    named = (np.array(pos_role, dtype=object) != "") & (rec.dest_role != "").to_numpy()
+    named &= (rec.src_role != "").to_numpy()
+    return pd.DataFrame(rec[named]).reset_index(drop=True)
 
 
 @dataclass

@@ -111,7 +111,12 @@ def _shown_edges(circuit: Circuit, pos: dict[str, tuple[float, float]]) -> list[
 
 
 def write_circuit_png(circuit: Circuit, path: str | os.PathLike, max_nodes: int = 80) -> None:
-    """Draw the pruned circuit by role (module docstring) and save a PNG."""
+    """Draw the pruned circuit by role (:func:`circuit_figure`) and save a PNG."""
+    circuit_figure(circuit, max_nodes).savefig(path, format="png", dpi=110)
+
+
+def circuit_figure(circuit: Circuit, max_nodes: int = 80) -> Figure:
+    """The pruned circuit by role (module docstring) as a matplotlib figure (no pyplot)."""
     lay = layout(circuit, max_nodes)
     w, h = lay.size
     fig = Figure(figsize=(max(w / 90, 6), max(h / 90, 4) + 0.8))
@@ -141,7 +146,7 @@ def write_circuit_png(circuit: Circuit, path: str | os.PathLike, max_nodes: int 
     ax.legend(loc="lower right", fontsize=7)
     fig.suptitle(_wrap(lay.caption, 150), fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, format="png", dpi=110)
+    return fig
 
 
 def _wrap(text: str, width: int) -> str:
