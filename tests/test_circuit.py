@@ -133,17 +133,24 @@ def test_circuit_marks_ranks_and_loads_back_equal(tmp_path):
                             index=index)  # fmt: skip
 
     measured = prune_top_down(edges, layer_of, measure, 30, 0.1)
+    dla = [[0.0, 0.0] for _ in range(10)]
+    dla[9][0], dla[7][1], dla[6][0] = 1.0, -0.3, 0.1  # 7.1 and 6.0: outside the circuit
     params = {"n_layers": 10, "n_heads": 2, "n_prompt_graphs": 40, "min_prompts": 30,
-              "threshold": 0.1, "model": "hand"}  # fmt: skip
+              "threshold": 0.1, "model": "hand", "head_dla": dla}  # fmt: skip
     circuit = Circuit.from_edges(nodes, measured, params)
     assert circuit.head_set() == {(9, 0), (5, 0), (2, 0)}
     heads = circuit.heads()
     assert len(heads) == 20 and heads["rank"].tolist() == list(range(1, 21))
-    top = heads.head(3)
-    assert top.in_circuit.all() and top["head"].tolist() == ["9.0", "5.0", "2.0"]
-    assert top.score.tolist() == pytest.approx([1.0, 0.5, 0.2])  # seed weight, then effects
-    assert heads.set_index("head").loc["4.0", "score"] == pytest.approx(0.05)  # weak edge
-    assert circuit.ranking()[:3] == [(9, 0), (5, 0), (2, 0)]
+    # score: direct attribution + measured out-edges' -effect x share of prompt graphs
+    score = heads.set_index("head").score
+    assert score["9.0"] == pytest.approx(1.0)  # a seed, no measured out-edge
+    assert score["5.0"] == pytest.approx(0.5 * 40 / 40)
+    assert score["2.0"] == pytest.approx(-0.2 * 35 / 40)
+    assert score["4.0"] == pytest.approx(0.05 * 50 / 40)  # its weak edge counts too
+    # the circuit first, each order within it; then the rest
+    assert circuit.ranking()[:6] == [(9, 0), (5, 0), (2, 0), (7, 1), (6, 0), (4, 0)]
+    assert circuit.ranking(signed=True)[:5] == [(9, 0), (5, 0), (2, 0), (6, 0), (4, 0)]
+    assert circuit.ranking(signed=True)[-1] == (7, 1)  # the most opposing head last
     paths = circuit.save(tmp_path)
     assert {p.name for p in paths.values()} == {
         "circuit.json", "circuit.graphml", "circuit_heads.csv", "circuit.png", "circuit.html"

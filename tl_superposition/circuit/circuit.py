@@ -24,17 +24,26 @@ from tl_superposition.circuit.graphs import ROOT, parse_node
 FILES = ("circuit.json", "circuit.graphml", "circuit_heads.csv", "circuit.png", "circuit.html")
 
 
-def _node_scores(nodes: pd.DataFrame, edges: pd.DataFrame) -> np.ndarray:
-    """Per node, the largest size of the logit-difference change among its out-edges that
-    were measured (``kept`` or ``weak``), or of its mean attribution where it is a seed."""
-    best: dict[str, float] = {}
+def _indirect(edges: pd.DataFrame, n_graphs: int) -> dict[str, float]:
+    """Per node, its expected effect per prompt through its measured out-edges: the sum of
+    ``-effect_mean x n_prompts / n_graphs`` (removing a supporting edge lowers the logit
+    difference, so a positive value supports the answer)."""
+    out: dict[str, float] = {}
     measured = edges.status.isin(["kept", "weak"]).to_numpy()
-    root = (edges.status == "root").to_numpy()
-    size = np.where(measured, edges.effect_mean.abs(), np.where(root, edges.mean_weight.abs(), 0))
-    for up, value, used in zip(edges.up, size, measured | root):
+    for up, effect, n, used in zip(edges.up, edges.effect_mean, edges.n_prompts, measured):
         if used:
-            best[up] = max(best.get(up, 0.0), float(value))
-    return np.array([best.get(n, 0.0) for n in nodes.node])
+            out[up] = out.get(up, 0.0) - float(effect) * float(n) / n_graphs
+    return out
+
+
+def _node_scores(nodes: pd.DataFrame, edges: pd.DataFrame, n_graphs: int) -> np.ndarray:
+    """Per node, its expected effect per prompt: its weight into the logits where it is a
+    seed (its attribution summed over prompt graphs / their number) plus :func:`_indirect`."""
+    score = _indirect(edges, n_graphs)
+    for up, w, root in zip(edges.up, edges.weight, (edges.status == "root").to_numpy()):
+        if root:
+            score[up] = score.get(up, 0.0) + float(w)
+    return np.array([score.get(n, 0.0) for n in nodes.node])
 
 
 @dataclass
@@ -43,16 +52,18 @@ class Circuit:
 
     Attributes:
         nodes: one row per node of the unified graph: node, kind, layer, head, dest_role,
-            src_role, n_prompts (prompt graphs it appears in), in_circuit, score (see
-            :meth:`heads`).
+            src_role, n_prompts (prompt graphs it appears in), in_circuit, score (its
+            expected effect on the logit difference per prompt: its weight into the logits
+            if it is a seed, plus its measured out-edges' effects, as in :meth:`heads`).
         edges: one row per edge: up, down, side (``src``, ``dest``, ``logits``), weight
             (summed over prompt graphs / their number), mean_weight (over the prompts where
             it occurs), n_prompts, effect_mean and effect_std (change of logit(IO) - logit(S)
             under the local edit, over the prompts where it occurs), n_measured, status
             (``root``, ``kept``, ``weak``, ``rare``, ``unreached``: see
             :func:`~tl_superposition.circuit.extract.measure_edges`), in_circuit.
-        params: every setting (:class:`~tl_superposition.circuit.extract.CircuitConfig`, the
-            trace's, the model's shape, the prompt counts).
+        params: every setting (:class:`~tl_superposition.circuit.config.CircuitConfig`, the
+            trace's, the model's shape, the prompt counts) and ``head_dla``, each head's mean
+            direct logit attribution over the prompt graphs (``[n_layers][n_heads]``).
     """
 
     nodes: pd.DataFrame
@@ -72,7 +83,7 @@ class Circuit:
         inside = set(kept.up) | set(kept.down)
         nodes = nodes.copy()
         nodes["in_circuit"] = nodes.node.isin(inside)
-        nodes["score"] = _node_scores(nodes, edges)
+        nodes["score"] = _node_scores(nodes, edges, n_graphs)
         return cls(nodes=nodes, edges=edges, params=params)
 
     @property
@@ -91,23 +102,24 @@ class Circuit:
         return {(int(L), int(h)) for L, h in zip(heads.layer, heads["head"])}
 
     def heads(self) -> pd.DataFrame:
-        """Every head of the model, ranked (``circuit_heads.csv``).
+        """Every head of the model, scored and ranked (``circuit_heads.csv``).
 
-        A head's score is the largest score of its nodes: the size of the largest
-        logit-difference change among a node's measured out-edges, or its mean attribution
-        to the logit difference for a seed. Heads of the pruned circuit rank first, by score;
-        then the others, by score and then by the summed weight of their edges in the
-        unified graph (the trace's evidence); heads the trace never reached come last.
+        A head's score is its expected effect on ``logit(IO) - logit(S)`` per prompt, in
+        logits: its mean direct logit attribution over the prompt graphs (``direct``; from
+        the trace's seed step, ``params["head_dla"]``) plus, for every edge out of its nodes
+        that was measured by the local edit, the change removing it causes, signed so that a
+        supporting edge counts positive, weighted by the share of prompt graphs where the
+        edge occurs (``indirect``). The circuit's heads rank first, then every other head;
+        ``rank`` orders each group by the size of the score, ``rank_signed`` by the score
+        itself (supporting heads first): MIB's two orders (:meth:`ranking`).
 
         Returns:
-            head (``"L.H"``), layer, head_index, in_circuit, score, trace_weight, n_nodes
-            (circuit nodes), roles (their role pairs), rank (1 = first).
+            head (``"L.H"``), layer, head_index, in_circuit, score, direct, indirect, n_nodes
+            (circuit nodes), roles (their role pairs), rank, rank_signed (1 = first).
         """
         n_layers, n_heads = self.params["n_layers"], self.params["n_heads"]
-        touch: dict[str, float] = {}
-        for up, down, w in zip(self.edges.up, self.edges.down, self.edges.weight.abs()):
-            touch[up] = touch.get(up, 0.0) + float(w)
-            touch[down] = touch.get(down, 0.0) + float(w)
+        dla = np.asarray(self.params.get("head_dla", np.zeros((n_layers, n_heads))), float)
+        indirect = _indirect(self.edges, self.params.get("n_prompt_graphs", 1))
         per_head: dict[tuple[int, int], list[int]] = {}
         attn = self.nodes[self.nodes.kind == "attn"]
         for i, (L, h) in enumerate(zip(attn.layer, attn["head"])):
@@ -117,32 +129,35 @@ class Circuit:
             for h in range(n_heads):
                 mine = attn.iloc[per_head.get((L, h), [])]
                 inside = mine[mine.in_circuit.to_numpy(dtype=bool)]
+                through = sum(indirect.get(n, 0.0) for n in mine.node)
                 rows.append(
                     {
                         "head": f"{L}.{h}",
                         "layer": L,
                         "head_index": h,
                         "in_circuit": bool(len(inside)),
-                        "score": float(mine.score.max()) if len(mine) else 0.0,
-                        "trace_weight": sum(touch.get(n, 0.0) for n in mine.node),
+                        "score": float(dla[L, h]) + through,
+                        "direct": float(dla[L, h]),
+                        "indirect": through,
                         "n_nodes": int(len(inside)),
                         "roles": ";".join(
                             f"{d}>{s}" for d, s in zip(inside.dest_role, inside.src_role)
                         ),
                     }
                 )
-        table = pd.DataFrame(rows).sort_values(
-            ["in_circuit", "score", "trace_weight", "layer", "head_index"],
-            ascending=[False, False, False, True, True],
-            kind="stable",
-            ignore_index=True,
-        )
-        table["rank"] = np.arange(1, len(table) + 1)
-        return table
+        table = pd.DataFrame(rows)
+        outside = ~table.in_circuit.to_numpy(dtype=bool)
+        for col, key in (("rank_signed", table.score), ("rank", table.score.abs())):
+            order = np.lexsort((table.head_index, table.layer, -key.to_numpy(), outside))
+            rank = np.empty(len(table), dtype=int)
+            rank[order] = np.arange(1, len(table) + 1)
+            table[col] = rank
+        return table.sort_values("rank", ignore_index=True)
 
-    def ranking(self) -> list[tuple[int, int]]:
-        """Every head, best first (:meth:`heads`)."""
-        t = self.heads()
+    def ranking(self, signed: bool = False) -> list[tuple[int, int]]:
+        """Every head, best first (:meth:`heads`): by the size of its score, or with
+        ``signed`` by the score itself (the order MIB's CPR takes)."""
+        t = self.heads().sort_values("rank_signed" if signed else "rank")
         return [(int(L), int(h)) for L, h in zip(t.layer, t.head_index)]
 
     def graph(self) -> nx.MultiDiGraph:

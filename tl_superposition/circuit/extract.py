@@ -369,6 +369,7 @@ def extract_circuit(
         "n_prompts": len(dataset),
         "n_prompt_graphs": n_graphs,
         "min_node_prompts": graph.min_node_prompts,
+        "head_dla": trace.dla[sorted(set(seeds.prompt_id))].mean(0).tolist(),
         "model": model.cfg.model_name,
         "trace": {k: trace.summary.get(k) for k in ("config", "positions", "seed", "seeding")},
     }

@@ -241,8 +241,10 @@ def compare_methods(
         )
     cf_discovery = abc_tokens(model, discovery, seed=seed)
     cf_heldout = abc_tokens(model, heldout, seed=seed + 1)
-    order = circuit.ranking()
-    rankings = [Ranking("svd_trace", order, order, circuit_seconds, circuit=circuit.head_set())]
+    rankings = [
+        Ranking("svd_trace", circuit.ranking(signed=True), circuit.ranking(), circuit_seconds,
+                circuit=circuit.head_set())
+    ]  # fmt: skip
     small = discovery[:patching_prompts]
     effects = {}
     for direction in ("noising", "denoising"):
