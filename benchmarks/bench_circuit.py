@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     from tl_superposition.models import load_model
     from tl_superposition.tracing import TraceConfig, trace_ioi
 
-    t_start = time.perf_counter()
+    t_start, at_commit = time.perf_counter(), commit()  # the code that runs, not the last
     model = load_model(args.model)
     discovery, heldout = ioi_split(model, args.n_discovery, args.n_heldout, args.seed,
                                    args.heldout_seed)  # fmt: skip
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         "settings": {**vars(args), "out": str(args.out) if args.out else None},
         "seconds_comparison": round(s_cmp, 1),
         "seconds_total": round(time.perf_counter() - t_start, 1),
-        "commit": commit(),
+        "commit": at_commit,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
