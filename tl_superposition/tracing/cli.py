@@ -22,6 +22,7 @@ import dataclasses
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,7 +36,7 @@ _CONFIG_OPTIONS = (
     "pattern_thresh", "dynamic_thresh", "thresh", "edge_thresh", "edge_rule", "augmented_bias",
     "batch_size",
 )  # fmt: skip
-# CircuitConfig fields and their options
+# CircuitConfig fields set from the command line: {option: field}
 _CIRCUIT_OPTIONS = {"node_frac": "node_frac", "min_prompts": "min_prompts",
                     "circuit_threshold": "threshold"}  # fmt: skip
 
@@ -201,21 +202,42 @@ def _option(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
+def _config(args: argparse.Namespace, defaults: Any, options: dict[str, str]) -> Any:
+    """``defaults`` with the fields set from their options (``{option: field}``); a field's
+    error names its option.
+
+    Raises:
+        ValueError: an option outside its range.
+    """
+    values = {field: getattr(args, option) for option, field in options.items()}
+    try:
+        return dataclasses.replace(defaults, **values)
+    except ValueError as exc:
+        message = str(exc)
+        field = message.split(" ", 1)[0]
+        option = {f: o for o, f in options.items()}.get(field)
+        if option is not None:
+            message = _option(option) + message[len(field) :]
+        raise ValueError(message) from None
+
+
 def trace_config(args: argparse.Namespace) -> TraceConfig:
     """The :class:`TraceConfig` of the command line; errors name the option.
 
     Raises:
         ValueError: an option outside its range.
     """
-    values = {name: getattr(args, name) for name in _CONFIG_OPTIONS}
-    try:
-        return dataclasses.replace(_DEFAULTS, **values)
-    except ValueError as exc:
-        message = str(exc)
-        field = message.split(" ", 1)[0]
-        if field in _CONFIG_OPTIONS:
-            message = _option(field) + message[len(field) :]
-        raise ValueError(message) from None
+    return _config(args, _DEFAULTS, {name: name for name in _CONFIG_OPTIONS})
+
+
+def circuit_config(args: argparse.Namespace) -> CircuitConfig:
+    """The :class:`~tl_superposition.circuit.CircuitConfig` of the command line; errors name
+    the option.
+
+    Raises:
+        ValueError: an option outside its range.
+    """
+    return _config(args, _CIRCUIT_DEFAULTS, _CIRCUIT_OPTIONS)
 
 
 def check_output_dir(out: str | os.PathLike) -> Path:
@@ -252,25 +274,6 @@ def _check_device(device: str) -> None:
         ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available on this machine; use 'cpu'")
-
-
-def circuit_config(args: argparse.Namespace) -> CircuitConfig:
-    """The :class:`~tl_superposition.circuit.CircuitConfig` of the command line; errors name
-    the option.
-
-    Raises:
-        ValueError: an option outside its range.
-    """
-    values = {field: getattr(args, option) for option, field in _CIRCUIT_OPTIONS.items()}
-    try:
-        return dataclasses.replace(_CIRCUIT_DEFAULTS, **values)
-    except ValueError as exc:
-        message = str(exc)
-        field = message.split(" ", 1)[0]
-        option = {f: o for o, f in _CIRCUIT_OPTIONS.items()}.get(field)
-        if option is not None:
-            message = _option(option) + message[len(field) :]
-        raise ValueError(message) from None
 
 
 @dataclasses.dataclass
@@ -328,21 +331,17 @@ def check_arguments(args: argparse.Namespace) -> Checked:
 
 
 def _prompts(model, args: argparse.Namespace, heldout_seed: int):
-    """The traced prompts and the held-out ones (``None`` for 0), from the two name halves."""
-    from tl_superposition.evaluation.prompts import name_split
-    from tl_superposition.ioi import make_ioi_dataset
+    """The traced prompts and the held-out ones (``None`` for 0), from the two name halves
+    (:func:`~tl_superposition.evaluation.prompts.ioi_split`)."""
+    from tl_superposition.evaluation.prompts import ioi_split
 
-    halves = name_split(model)
-    common = {"prompt_type": args.prompt_type, "prepend_bos": args.prepend_bos}
-    traced = make_ioi_dataset(model, args.n_prompts, seed=args.seed, names=halves[0], **common)
-    traced.meta["names"] = halves[0]
-    if not args.heldout_prompts:
-        return traced, None
-    heldout = make_ioi_dataset(
-        model, args.heldout_prompts, seed=heldout_seed, names=halves[1], **common
-    )
-    heldout.meta["names"] = halves[1]
-    return traced, heldout
+    if not args.heldout_prompts:  # one held-out prompt made and dropped: the same names
+        heldout_seed = args.seed + 1
+    traced, heldout = ioi_split(
+        model, args.n_prompts, max(args.heldout_prompts, 1), args.seed, heldout_seed,
+        args.prompt_type, args.prepend_bos,
+    )  # fmt: skip
+    return traced, heldout if args.heldout_prompts else None
 
 
 def _circuit(model, result, checked: Checked, heldout, args, out: Path) -> dict:
