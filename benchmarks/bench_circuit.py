@@ -24,7 +24,7 @@ denoising and by noising.
     python benchmarks/bench_circuit.py --n-discovery 32 --n-heldout 32 --patching-prompts 8
 
 The last line printed is one JSON object: ``n_heads_circuit``, ``faithfulness_circuit``
-(held-out), ``f1_vs_patching`` (denoising), ``f1_vs_patching_noising``, ``cpr`` and ``cmd``
+(held-out; ``faithfulness_circuit_discovery`` on the discovery prompts), ``f1_vs_patching`` (denoising), ``f1_vs_patching_noising``, ``cpr`` and ``cmd``
 (method -> value), ``seconds`` (method -> seconds on the discovery prompts), and the rest
 (F1 table, reference heads, curves, settings). With ``--out`` the curves, the F1 table, the
 circuit's files and a plot of the curves are written there too.
@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         "model": model.cfg.model_name,
         "n_heads_circuit": len(circuit.head_set()),
         "faithfulness_circuit": cmp.circuit_faithfulness,
+        "faithfulness_circuit_discovery": cmp.discovery_faithfulness,
         "f1_vs_patching": float(svd_f1.loc["denoising", "f1"]),
         "f1_vs_patching_noising": float(svd_f1.loc["noising", "f1"]),
         "cpr": cmp.cpr,

@@ -180,9 +180,10 @@ class Circuit:
         return g
 
     def summary(self) -> dict[str, Any]:
-        """Counts of the circuit and of what was pruned."""
+        """Counts of the circuit (its nodes without the logits) and of what was pruned."""
         status = self.edges.status.value_counts()
         nodes = self.circuit_nodes
+        nodes = pd.DataFrame(nodes[nodes.node != ROOT])
         return {
             "n_heads_circuit": len(self.head_set()),
             "n_nodes": int(len(nodes)),

@@ -172,6 +172,8 @@ class Comparison:
         references: the important heads by denoising and by noising.
         effects: per direction, the normalised patching effects they come from.
         circuit_faithfulness: the held-out faithfulness of the circuit's own heads.
+        discovery_faithfulness: the same on the discovery prompts (what a choice between
+            circuit settings may look at; the held-out figure is what to report).
         reference_faithfulness: the held-out faithfulness of each reference set.
         m_full, m_empty: the held-out metric with no head and every head patched.
     """
@@ -184,6 +186,7 @@ class Comparison:
     references: dict[str, set[Head]]
     effects: dict[str, Tensor]
     circuit_faithfulness: float
+    discovery_faithfulness: float
     reference_faithfulness: dict[str, float]
     m_full: float
     m_empty: float
@@ -271,6 +274,9 @@ def compare_methods(
         references=references,
         effects=effects,
         circuit_faithfulness=faith.score(circuit.head_set()),
+        discovery_faithfulness=Faithfulness.prepare(model, discovery, cf_discovery).score(
+            circuit.head_set()
+        ),
         reference_faithfulness={d: faith.score(h) for d, h in references.items()},
         m_full=faith.m_full,
         m_empty=faith.m_empty,
