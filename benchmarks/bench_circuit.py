@@ -24,9 +24,10 @@ denoising and by noising.
     python benchmarks/bench_circuit.py --n-discovery 32 --n-heldout 32 --patching-prompts 8
 
 The last line printed is one JSON object: ``n_heads_circuit``, ``faithfulness_circuit``
-(held-out; ``faithfulness_circuit_discovery`` on the discovery prompts), ``f1_vs_patching`` (denoising), ``f1_vs_patching_noising``, ``cpr`` and ``cmd``
-(method -> value), ``seconds`` (method -> seconds on the discovery prompts), and the rest
-(F1 table, reference heads, curves, settings). With ``--out`` the curves, the F1 table, the
+(held-out; ``faithfulness_circuit_discovery`` on the discovery prompts), ``f1_vs_patching``
+(denoising), ``f1_vs_patching_noising``, ``cpr`` and ``cmd`` (method -> value), ``seconds``
+(method -> seconds on the discovery prompts), and the rest (F1 table, reference heads,
+curves, settings). With ``--out`` the curves, the F1 table, the
 circuit's files and a plot of the curves are written there too.
 """
 
