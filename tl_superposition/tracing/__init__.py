@@ -9,17 +9,20 @@ Data flow, one module per step:
 - :mod:`.writes` -- upstream writes into a firing's signal directions (step 2).
 - :mod:`.edges` -- the edge rules (the paper's and ours) as pure functions.
 - :mod:`.walk` -- edges by the rule and the walk from seed firings (step 3).
-- :mod:`.seeds` -- seed choosers fed by the same forward pass.
+- :mod:`.seeds` -- seed choosers fed by the same forward pass; :mod:`.prompt_seeds` --
+  ACC++'s per-prompt seeds (direct logit attribution split by source).
 - :mod:`.trace` -- :func:`trace` runs the steps batch by batch on any prompts and seeds.
 - :mod:`.store` -- the trace's files, streamed to parquet batch by batch.
 - :mod:`.graph` -- node names (``A9.6``, ``M3``, ``E``), aggregated tables, networkx graphs
   (ours and the paper's shape).
-- :mod:`.ioi_trace` -- the IOI job (:func:`trace_ioi`), DLA seeds, its outputs and summary.
+- :mod:`.ioi_trace` -- the IOI job (:func:`trace_ioi`): per-prompt or DLA seeds, ACC++'s
+  positions, its outputs and summary. The circuit made from it is
+  :mod:`tl_superposition.circuit`'s, its scoring :mod:`tl_superposition.evaluation`'s.
 - :mod:`.interventions` -- batched edits of the residual stream read out at scores and logits.
 - :mod:`.validate` -- every edge ablated, boosted and compared with a random control
   (:func:`validate_edges`).
-- :mod:`.patching` -- head importance by TransformerLens activation patching, the traced
-  circuit's precision/recall/F1 against it, and faithfulness under mean ablation.
+- :mod:`.patching` -- a trace's raw head set against activation patching (precision, recall,
+  F1) and faithfulness under mean ablation.
 - :mod:`.plots`, :mod:`.html` -- figures and the self-contained interactive view.
 """
 
@@ -42,6 +45,7 @@ from tl_superposition.tracing.ioi_trace import (
     trace_ioi,
 )
 from tl_superposition.tracing.patching import PatchingComparison, compare_with_patching
+from tl_superposition.tracing.prompt_seeds import PromptSeeds, end_attribution, seed_mask
 from tl_superposition.tracing.qk_svd import LayerQK, QKSVDCache
 from tl_superposition.tracing.seeds import FixedSeeds, SeedChooser
 from tl_superposition.tracing.trace import TraceResult, trace
@@ -77,6 +81,9 @@ __all__ = [
     "trace_ioi",
     "IOITrace",
     "DLASeeds",
+    "PromptSeeds",
+    "end_attribution",
+    "seed_mask",
     "choose_seeds",
     "head_logit_attribution",
     "validate_edges",
