@@ -10,7 +10,6 @@ import pytest
 import torch
 from conftest import data_path
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from tl_superposition.cli import main
 from tl_superposition.gated.block import GatedAttentionBlock
@@ -147,27 +146,8 @@ def test_toy_command_rejects_bad_input(tmp_path, capsys):
     assert "--alpha-warmup-steps must be >= 0" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def llama_folder(gpt2_tokenizer, tmp_path_factory):
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            vocab_size=gpt2_tokenizer.vocab_size,
-        )
-    ).eval()
-    path = tmp_path_factory.mktemp("hf") / "tiny-llama"
-    model.save_pretrained(path)
-    gpt2_tokenizer.save_pretrained(path)
-    return path
-
-
-def test_train_gated_command(llama_folder, tmp_path):
+def test_train_gated_command(hf_models, tmp_path):
+    llama_folder = hf_models["llama"][1]
     out = tmp_path / "real"
     text = data_path("shakespeare")
     args = [

@@ -353,8 +353,7 @@ def _circuit(model, result, checked: Checked, heldout, args, out: Path) -> dict:
     assert checked.circuit is not None
     circuit = extract_circuit(model, result, checked.circuit)
     circuit.save(out, plots=not args.no_plots)
-    summary = {k: v for k, v in circuit.summary().items() if k != "edges_by_status"}
-    summary["edges_by_status"] = circuit.summary()["edges_by_status"]
+    summary = circuit.summary()
     if heldout is not None:
         from tl_superposition.evaluation import Faithfulness, abc_tokens
 
