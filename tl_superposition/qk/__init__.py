@@ -12,6 +12,8 @@ The data flow, one module per step:
 - :mod:`.loss`, :mod:`.resample`, :mod:`.trainer` -- :func:`train_qk`;
 - :mod:`.evaluate` -- :func:`evaluate_qk` against mean-q/k and uniform baselines;
 - :mod:`.attribution` -- :func:`attribute_score`: one score split into feature pairs;
+- :mod:`.feature_edges` -- :func:`feature_edges`: each active feature's pre-activation split
+  over the upstream heads, MLPs and embeddings (upstream -> feature -> firing);
 - :mod:`.pairs` -- bilinear map, feature-pair mask (step 2), pair statistics;
 - :mod:`.tables` -- pandas tables of pairs and feature contexts; :mod:`.plots` -- figures.
 
@@ -31,6 +33,7 @@ from tl_superposition.activations.packing import pack_text  # re-exported for co
 from tl_superposition.qk.attribution import ScoreAttribution, attribute_score
 from tl_superposition.qk.config import AttentionShape, QKTrainConfig, QKTranscoderConfig
 from tl_superposition.qk.evaluate import QKEvalResult, evaluate_qk
+from tl_superposition.qk.feature_edges import edges_by_upstream, feature_edges
 from tl_superposition.qk.pairs import (
     FeaturePairMask,
     PairMaskConfig,
@@ -59,6 +62,8 @@ __all__ = [
     "evaluate_qk",
     "QKEvalResult",
     "attribute_score",
+    "feature_edges",
+    "edges_by_upstream",
     "ScoreAttribution",
     "bilinear_map",
     "train_pair_mask",
