@@ -49,6 +49,23 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-contexts", type=int, default=None, help="streamed: use the first N")
     p.add_argument(
+        "--bos-frac",
+        type=float,
+        default=None,
+        help="streamed: share of contexts that start with BOS (a context mix; default: all)",
+    )
+    p.add_argument(
+        "--random-offset",
+        action="store_true",
+        help="streamed: contexts start at random offsets of the text, not packed back to back",
+    )
+    p.add_argument(
+        "--short-frac", type=float, default=0.0, help="streamed: share of short contexts"
+    )
+    p.add_argument(
+        "--short-size", type=int, default=24, help="tokens per short context (default: 24)"
+    )
+    p.add_argument(
         "--d-hidden", type=int, default=1200, help="features per dictionary (default: %(default)s)"
     )
     p.add_argument("--sparsity", choices=["sqrt", "l1", "topk"], default="sqrt")
@@ -91,7 +108,41 @@ def _set_threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
-def _train_source(args: argparse.Namespace, model: Any, shape: Any) -> Any:
+def context_mix(args: argparse.Namespace) -> Any:
+    """The :class:`~tl_superposition.activations.mix.ContextMix` of the command line (``None``
+    without mix options); checked before the model loads.
+
+    Raises:
+        ValueError: a mix with ``--acts`` (collections are packed), or a field out of range
+            (the message names the option).
+    """
+    from tl_superposition.activations.mix import ContextMix
+
+    if args.bos_frac is None and not args.random_offset and not args.short_frac:
+        return None
+    if args.acts is not None:
+        raise ValueError(
+            "--bos-frac, --random-offset and --short-frac apply to a streamed --source; "
+            "drop --acts to stream"
+        )
+    try:
+        mix = ContextMix(
+            bos_frac=1.0 if args.bos_frac is None else args.bos_frac,
+            random_offset=args.random_offset,
+            short_frac=args.short_frac,
+            short_size=args.short_size,
+            seed=args.seed,
+        )
+    except ValueError as exc:
+        raise ValueError("--" + str(exc).replace("_", "-", 1)) from None
+    if mix.short_frac > 0 and mix.short_size >= args.context_size:
+        raise ValueError(
+            f"--short-size {mix.short_size} must be below --context-size {args.context_size}"
+        )
+    return mix
+
+
+def _train_source(args: argparse.Namespace, model: Any, shape: Any, mix: Any = None) -> Any:
     from tl_superposition.qk.source import ModelSource, StoreSource
 
     if args.acts is None and args.source is None:
@@ -104,6 +155,7 @@ def _train_source(args: argparse.Namespace, model: Any, shape: Any) -> Any:
             context_size=args.context_size,
             split=args.split,
             max_contexts=args.max_contexts,
+            mix=mix,
         )
     manifest = Path(args.acts) / "manifest.json"
     complete = manifest.is_file() and json.loads(manifest.read_text()).get("complete")
@@ -154,6 +206,7 @@ def run_train(args: argparse.Namespace) -> int:
         checkpoint_every_steps=args.checkpoint_every,
         device=args.device,
     )
+    mix = context_mix(args)
     model = load_model(args.model, device=args.device)
     qkt = QKTranscoder.for_model(
         model,
@@ -163,7 +216,7 @@ def run_train(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         generator=torch.Generator().manual_seed(args.seed),
     )
-    source = _train_source(args, model, qkt.shape)
+    source = _train_source(args, model, qkt.shape, mix)
     res = train_qk(
         qkt,
         model,

@@ -31,6 +31,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from tl_superposition.activations import ActivationStore
+from tl_superposition.activations.mix import ContextMix, mix_contexts
 from tl_superposition.activations.packing import open_packing
 from tl_superposition.qk.config import AttentionShape
 
@@ -193,7 +194,11 @@ class ModelSource:
 
     Every epoch reads the source in the same (packing) order; with ``max_contexts`` only its
     first contexts are used. Packing follows :func:`tl_superposition.collect` (BOS at the start
-    of every context when the model expects one, BOS between documents).
+    of every context when the model expects one, BOS between documents). With ``mix`` the
+    contexts are cut in several formats instead (with and without BOS, at random offsets,
+    short and long: :class:`~tl_superposition.activations.mix.ContextMix`); a batch holds
+    contexts of one length, in the order they come (the trainer counts every step as
+    ``batch_contexts x context_size`` tokens).
 
     Args:
         model: the model (its layers up to ``shape.layer`` are run).
@@ -204,9 +209,11 @@ class ModelSource:
         split: file-name prefix selecting files of a folder (e.g. ``"test"``).
         max_contexts: use only the first this many contexts.
         forward_batch: contexts per forward pass.
+        mix: the context formats (``None``: packed contexts).
 
     Raises:
-        ValueError: the model does not have ``shape``, or the source is empty or too short.
+        ValueError: the model does not have ``shape``, the source is empty or too short, or
+            a mix for pre-packed token contexts (they have no documents to cut).
     """
 
     def __init__(
@@ -219,6 +226,7 @@ class ModelSource:
         split: str | None = None,
         max_contexts: int | None = None,
         forward_batch: int = 16,
+        mix: ContextMix | None = None,
     ) -> None:
         shape.check_model(model)
         if context_size < 2 or context_size > model.cfg.n_ctx:
@@ -231,11 +239,39 @@ class ModelSource:
         self.split = split
         self.hooks = _hooks(shape)
         self._packing = open_packing(model, source, context_size=context_size, split=split)
+        self.mix = mix
+        if mix is not None:
+            if self._packing.source.documents is None:
+                raise ValueError("a context mix needs text or token documents, not packed contexts")
+            if mix.short_frac > 0 and mix.short_size >= context_size:
+                raise ValueError(
+                    f"mix.short_size {mix.short_size} must be below context_size {context_size}"
+                )
 
     def contexts(self) -> Iterator[np.ndarray]:
-        """The token contexts of one pass, in order (int64 ``[context_size]``)."""
-        it = self._packing.contexts()
+        """The token contexts of one pass, in order (int64, ``[context_size]`` or, with a
+        mix, ``[mix.short_size]`` for short ones)."""
+        p = self._packing
+        if self.mix is None:
+            it = p.contexts()
+        else:
+            assert p.source.documents is not None
+            it = mix_contexts(
+                p.source.documents(), p.context_size, p.bos_token_id, p.separator_token_id,
+                self.mix,
+            )  # fmt: skip
         return islice(it, self.max_contexts) if self.max_contexts is not None else it
+
+    def token_batches(self, batch_contexts: int) -> Iterator[np.ndarray]:
+        """The token batches of one pass: ``batch_contexts`` contexts of one length each, in
+        the order their last context comes; contexts left over at the end are dropped."""
+        pending: dict[int, list[np.ndarray]] = {}
+        for ctx in self.contexts():
+            rows = pending.setdefault(len(ctx), [])
+            rows.append(ctx)
+            if len(rows) == batch_contexts:
+                yield np.stack(rows)
+                rows.clear()
 
     def batches(self, batch_contexts: int, epoch: int, start: int = 0) -> Iterator[QKBatch]:
         """Batches ``start..`` of a pass (the same for every ``epoch``).
@@ -244,24 +280,19 @@ class ModelSource:
             ValueError: the source has fewer than ``batch_contexts`` contexts.
         """
         del epoch  # a stream is read in the same order every time
-        it = self.contexts()
-        skipped = list(islice(it, start * batch_contexts))
-        if len(skipped) < start * batch_contexts:
-            return
-        produced = start
         device = self.model.cfg.device
-        while True:
-            rows = list(islice(it, batch_contexts))
-            if len(rows) < batch_contexts:
-                if produced == 0:
-                    raise ValueError(
-                        f"the source gives {len(rows)} contexts of {self.context_size} tokens, "
-                        f"fewer than one batch of {batch_contexts}"
-                    )
-                return
-            tokens = torch.as_tensor(np.stack(rows), dtype=torch.long, device=device)
+        produced = 0
+        for b, rows in enumerate(self.token_batches(batch_contexts)):
             produced += 1
+            if b < start:
+                continue
+            tokens = torch.as_tensor(rows, dtype=torch.long, device=device)
             yield run_to_layer(self.model, self.shape, tokens, self.forward_batch)
+        if produced == 0:
+            raise ValueError(
+                f"the source gives fewer than one batch of {batch_contexts} contexts of "
+                f"{self.context_size} tokens"
+            )
 
     def description(self) -> dict[str, Any]:
         """The text source, split, context size and model name."""
@@ -272,6 +303,7 @@ class ModelSource:
             "split": self.split,
             "context_size": self.context_size,
             "max_contexts": self.max_contexts,
+            **({"mix": self.mix.to_dict()} if self.mix is not None else {}),
         }
 
 
