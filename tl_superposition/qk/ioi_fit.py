@@ -1,0 +1,152 @@
+"""How well a QK transcoder holds on IOI prompts: the error term of END firings, and the
+spliced pattern's attention on END -> IO and END -> S2.
+
+A dictionary can reproduce the attention pattern on the text it was trained on and still miss
+the prompts a researcher opens it for. For the heads of interest of ``qkt``'s layer, on IOI
+prompts (a held-out prompt seed), :func:`ioi_fit` measures
+
+- the **error share** of END firings: for every (prompt, head, source) with the true pattern
+  at END at least ``pattern_thresh`` (source position 0 left out, as the trace leaves it out),
+  ``|score - score_hat|`` and ``|score|`` (``hook_attn_scores`` against the score from the
+  reconstructed query and key); ``error_frac`` is ``mean |error| / mean |score|``;
+- the **spliced attention** on END -> IO and END -> S2: the pattern with both the queries and
+  the keys of the layer replaced by their reconstructions, against the true one, as means over
+  prompts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from transformer_lens import HookedTransformer
+
+from tl_superposition.ioi import IOIDataset
+from tl_superposition.qk.attention import attention_scores, layer_attention
+from tl_superposition.qk.transcoder import QKTranscoder
+
+
+@dataclass
+class IOIFit:
+    """What :func:`ioi_fit` measured.
+
+    Attributes:
+        heads: one row per head: head, n_firings (END firings), error_frac, attn_end_io_true,
+            attn_end_io_spliced, attn_end_s2_true, attn_end_s2_spliced.
+        firings: one row per END firing: prompt, head, src, role (``IO``, ``S2``, ``S1`` or
+            ``other``), pattern, score, score_hat, error.
+    """
+
+    heads: pd.DataFrame
+    firings: pd.DataFrame
+
+    def summary(self) -> dict[str, float]:
+        """Over every head: error_frac (``mean |error| / mean |score|`` of all END firings),
+        the mean true and spliced attention on END -> IO and END -> S2."""
+        f, h = self.firings, self.heads
+        total = float(f.score.abs().mean()) if len(f) else float("nan")
+        return {
+            "error_frac_ioi": float(f.error.abs().mean()) / total if len(f) else float("nan"),
+            "n_firings": int(len(f)),
+            **{str(k): float(h[k].to_numpy().mean()) for k in h.columns if k.startswith("attn_")},
+        }
+
+
+@torch.no_grad()
+def ioi_fit(
+    qkt: QKTranscoder,
+    model: HookedTransformer,
+    dataset: IOIDataset,
+    heads: Sequence[int] | None = None,
+    pattern_thresh: float = 0.5,
+    batch_size: int = 32,
+) -> IOIFit:
+    """Measure ``qkt`` on IOI prompts (module docstring).
+
+    Args:
+        qkt: the QK transcoder of one layer.
+        model: its model.
+        dataset: IOI prompts (held out from whatever chose the heads).
+        heads: query heads of the layer (default: every head).
+        pattern_thresh: an END firing has true attention at least this.
+        batch_size: prompts per forward pass.
+
+    Raises:
+        ValueError: ``qkt`` does not fit ``model``, or a head out of range.
+    """
+    qkt.check_model(model)
+    s = qkt.shape
+    heads = list(range(s.n_heads)) if heads is None else [int(h) for h in heads]
+    if any(not 0 <= h < s.n_heads for h in heads):
+        raise ValueError(f"heads must be in 0..{s.n_heads - 1}, got {heads}")
+    attn = layer_attention(model, s.layer)
+    names = {s.hook("ln1.hook_normalized"), s.hook("attn.hook_attn_scores")}
+    dev = next(model.parameters()).device
+    firings, rows = [], []
+    for lo in range(0, len(dataset), batch_size):
+        part = dataset[lo : lo + batch_size]
+        _, cache = model.run_with_cache(
+            part.tokens.to(dev), names_filter=lambda n: n in names, stop_at_layer=s.layer + 1
+        )
+        true = cache[s.hook("attn.hook_attn_scores")][:, heads].double()
+        out = qkt(cache[s.hook("ln1.hook_normalized")].float())
+        rec = attention_scores(attn, out.q, out.k)[:, heads].double()
+        b = torch.arange(len(part))
+        end = part.end_pos.to(dev)
+        score, score_hat = true[b, :, end], rec[b, :, end]  # [batch, head, src]
+        p_true, p_rec = score.softmax(-1), score_hat.softmax(-1)
+        for role, pos in (("io", part.io_pos), ("s2", part.s2_pos)):
+            for i, h in enumerate(heads):
+                rows.append(
+                    {"head": h, "role": role, "true": p_true[b, i, pos].cpu(),
+                     "spliced": p_rec[b, i, pos].cpu()}
+                )  # fmt: skip
+        firings.append(_end_firings(part, lo, heads, score, score_hat, p_true, pattern_thresh))
+    return IOIFit(heads=_head_table(heads, rows, firings), firings=pd.concat(firings))
+
+
+def _end_firings(part, lo, heads, score, score_hat, p_true, thresh) -> pd.DataFrame:
+    """One row per END firing of a batch (module docstring)."""
+    fire = p_true >= thresh
+    fire[..., 0] = False
+    b, i, src = fire.nonzero(as_tuple=True)
+    b_cpu, src_cpu = b.cpu(), src.cpu()
+    role = []
+    for bb, ss in zip(b_cpu.tolist(), src_cpu.tolist()):
+        named = {int(part.io_pos[bb]): "IO", int(part.s2_pos[bb]): "S2", int(part.s1_pos[bb]): "S1"}
+        role.append(named.get(ss, "other"))
+    sc, sh = score[b, i, src].cpu(), score_hat[b, i, src].cpu()
+    return pd.DataFrame(
+        {
+            "prompt": (b_cpu + lo).numpy(),
+            "head": torch.tensor(heads)[i.cpu()].numpy(),
+            "src": src_cpu.numpy(),
+            "role": role,
+            "pattern": p_true[b, i, src].cpu().numpy(),
+            "score": sc.numpy(),
+            "score_hat": sh.numpy(),
+            "error": (sc - sh).numpy(),
+        }
+    )
+
+
+def _head_table(heads: list[int], rows: list[dict], firings: list[pd.DataFrame]) -> pd.DataFrame:
+    f = pd.concat(firings)
+    out = []
+    for h in heads:
+        mine = f[f["head"] == h]
+        row = {
+            "head": h,
+            "n_firings": int(len(mine)),
+            "error_frac": float(mine.error.abs().mean() / mine.score.abs().mean())
+            if len(mine)
+            else float("nan"),
+        }
+        for role in ("io", "s2"):
+            got = [r for r in rows if r["head"] == h and r["role"] == role]
+            row[f"attn_end_{role}_true"] = float(torch.cat([r["true"] for r in got]).mean())
+            row[f"attn_end_{role}_spliced"] = float(torch.cat([r["spliced"] for r in got]).mean())
+        out.append(row)
+    return pd.DataFrame(out)
