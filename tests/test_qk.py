@@ -438,11 +438,16 @@ def test_cli_train_and_eval(tiny_gpt2, tmp_path, monkeypatch, capsys):
             "8",
             "--heads",
             "0,2",
+            "--ioi-prompts",
+            "6",
             "--out",
             str(tmp_path / "ev"),
         ]
     )
     text = capsys.readouterr().out
     assert rc == 0 and "kl_full" in text and (tmp_path / "ev" / "metrics.csv").is_file()
+    ioi = json.loads((tmp_path / "ev" / "summary.json").read_text())["ioi"]
+    assert {"error_frac_ioi", "attn_end_io_true", "attn_end_io_spliced"} <= set(ioi)
+    assert (tmp_path / "ev" / "ioi_heads.csv").read_text().startswith("head,n_firings")
     rc = main(["train-qk", *common, "--layer", "7", "--source", corpus(), "--out", str(out)])
     assert rc == 2 and "layer 7 does not exist" in capsys.readouterr().err

@@ -248,7 +248,24 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
         "--heads", default=None, help="heads of interest, e.g. '0,3' (default: all heads)"
     )
     p.add_argument("--batch-contexts", type=int, default=16)
-    p.add_argument("--out", default=None, help="folder for metrics.csv and summary.json")
+    p.add_argument(
+        "--ioi-prompts",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also measure the heads on N held-out IOI prompts: error share of END firings, "
+        "spliced END -> IO / END -> S2 attention (default: 0, skip)",
+    )
+    p.add_argument(
+        "--ioi-seed",
+        type=int,
+        default=1,
+        help="the IOI prompts' seed, with the held-out half of the names (default: 1, the "
+        "circuit's held-out prompts)",
+    )
+    p.add_argument(
+        "--out", default=None, help="folder for metrics.csv, summary.json (and ioi_heads.csv)"
+    )
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -272,6 +289,8 @@ def run_eval(args: argparse.Namespace) -> int:
             ) from None
     if args.max_contexts < 1 or args.skip_contexts < 0:
         raise ValueError("--max-contexts must be >= 1 and --skip-contexts >= 0")
+    if args.ioi_prompts < 0:
+        raise ValueError(f"--ioi-prompts must be >= 0, got {args.ioi_prompts}")
     qkt = QKTranscoder.load(args.transcoder, device=args.device)
     model = load_model(args.model, device=args.device)
     qkt.check_model(model)
@@ -292,15 +311,38 @@ def run_eval(args: argparse.Namespace) -> int:
     )
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(res.table().T.to_string())
-    print(json.dumps(res.summary))
+    fit = _ioi_column(args, qkt, model, heads)
+    summary = res.summary if fit is None else {**res.summary, "ioi": fit.summary()}
+    print(json.dumps(summary))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         with atomic_path(out / "metrics.csv") as tmp:
             res.metrics.to_csv(tmp)
-        write_json_atomic(out / "summary.json", {**res.summary, "transcoder": args.transcoder})
-        print(f"wrote {out / 'metrics.csv'}, {out / 'summary.json'}")
+        if fit is not None:
+            with atomic_path(out / "ioi_heads.csv") as tmp:
+                fit.heads.to_csv(tmp, index=False)
+        write_json_atomic(out / "summary.json", {**summary, "transcoder": args.transcoder})
+        print(f"wrote {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
     return 0
+
+
+def _ioi_column(args: argparse.Namespace, qkt: Any, model: Any, heads: list[int] | None) -> Any:
+    """:func:`~tl_superposition.qk.ioi_fit.ioi_fit` on ``--ioi-prompts`` held-out prompts
+    (printed per head), or ``None``."""
+    if not args.ioi_prompts:
+        return None
+    import pandas as pd
+
+    from tl_superposition.evaluation.prompts import ioi_split
+    from tl_superposition.qk.ioi_fit import ioi_fit
+
+    _, prompts = ioi_split(model, 1, args.ioi_prompts, seed=args.ioi_seed - 1,
+                           heldout_seed=args.ioi_seed)  # fmt: skip
+    fit = ioi_fit(qkt, model, prompts, heads=heads)
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(fit.heads.round(4).to_string(index=False))
+    return fit
 
 
 #: ``tl-superposition train-qk``
