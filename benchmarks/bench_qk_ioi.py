@@ -32,6 +32,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,12 +122,10 @@ def main(argv: list[str] | None = None) -> dict:
         "l0_k": float(row["l0_k_median"]),
         "dead_frac": max(float(row["dead_q"]), float(row["dead_k"])),
         **fit.summary(),
-        "per_head": json.loads(fit.heads.to_json(orient="records")),
+        "per_head": json.loads(fit.heads.to_json(orient="records") or "[]"),
         "error_frac_by_role": {
-            str(k): float(v)
-            for k, v in fit.firings.groupby("role")
-            .apply(lambda f: f.error.abs().mean() / f.score.abs().mean())
-            .items()
+            str(role): float(np.abs(f.error.to_numpy()).mean() / np.abs(f.score.to_numpy()).mean())
+            for role, f in fit.firings.groupby("role")
         },
         "steps": res.steps,
         "tokens": res.tokens,
