@@ -32,7 +32,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,12 +76,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     from tl_superposition import load_model
     from tl_superposition.activations import pack_text
-    from tl_superposition.evaluation.prompts import ioi_split
+    from tl_superposition.evaluation.prompts import ioi_prompts
     from tl_superposition.qk import ModelSource, QKTrainConfig, QKTranscoder, evaluate_qk, train_qk
     from tl_superposition.qk.cli import context_mix
     from tl_superposition.qk.ioi_fit import ioi_fit
 
-    args.acts = None
     mix = context_mix(args)  # checked before the model loads
     heads = [int(h) for h in args.heads.split(",")]
     if args.threads:
@@ -110,8 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     )  # fmt: skip
     ev = evaluate_qk(qkt, model, tokens, heads=heads, progress=False)
     row = ev.metrics.loc["transcoder"]
-    _, heldout = ioi_split(model, 1, args.ioi_prompts, seed=args.ioi_seed - 1,
-                           heldout_seed=args.ioi_seed)  # fmt: skip
+    heldout = ioi_prompts(model, args.ioi_prompts, args.ioi_seed, "heldout")
     fit = ioi_fit(qkt, model, heldout, heads=heads)
     result = {
         "layers": [args.layer],
@@ -123,14 +120,11 @@ def main(argv: list[str] | None = None) -> dict:
         "dead_frac": max(float(row["dead_q"]), float(row["dead_k"])),
         **fit.summary(),
         "per_head": json.loads(fit.heads.to_json(orient="records") or "[]"),
-        "error_frac_by_role": {
-            str(role): float(np.abs(f.error.to_numpy()).mean() / np.abs(f.score.to_numpy()).mean())
-            for role, f in fit.firings.groupby("role")
-        },
+        "error_frac_by_role": fit.by_role(),
         "steps": res.steps,
         "tokens": res.tokens,
         "seconds_train": round(seconds_train, 1),
-        "settings": {k: v for k, v in vars(args).items() if k != "acts"},
+        "settings": vars(args),
         "commit": started,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

@@ -19,6 +19,7 @@ from tl_superposition.evaluation import (
     f1_table,
     head_patching_effects,
     important_heads,
+    ioi_prompts,
     ioi_split,
     name_split,
     score_rankings,
@@ -52,6 +53,12 @@ def test_ioi_split_uses_other_names_and_another_seed(gpt2_tokenizer):
     assert set(cf[rows, held.io_pos].tolist()) <= ids
     with pytest.raises(ValueError, match="differ"):
         ioi_split(gpt2_tokenizer, 4, 4, seed=3, heldout_seed=3)
+    # one half alone is the same prompts, whatever the other half's size
+    alone = ioi_prompts(gpt2_tokenizer, 20, 1, "heldout")
+    assert alone.prompts == held.prompts and alone.meta["names"] == b
+    assert torch.equal(ioi_prompts(gpt2_tokenizer, 20, 0).tokens, disc.tokens)
+    with pytest.raises(ValueError, match="half must be"):
+        ioi_prompts(gpt2_tokenizer, 4, 0, "test")
 
 
 def test_faithfulness_is_one_for_every_head_and_zero_for_none(tiny_gpt2):

@@ -64,6 +64,14 @@ class ContextMix:
         """Whether this mix gives plain packed contexts (every one with BOS, full length)."""
         return self.bos_frac == 1.0 and not self.random_offset and self.short_frac == 0.0
 
+    def check_context_size(self, context_size: int) -> None:
+        """Raise :class:`ValueError` unless short contexts, if any, are shorter than
+        ``context_size``."""
+        if self.short_frac > 0 and self.short_size >= context_size:
+            raise ValueError(
+                f"short_size {self.short_size} must be below context_size {context_size}"
+            )
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict (saved with what was trained on it)."""
         return asdict(self)
@@ -115,10 +123,10 @@ def mix_contexts(
         short for the next context is dropped.
 
     Raises:
-        ValueError: ``short_size`` not below ``context_size`` while ``short_frac > 0``.
+        ValueError: ``short_size`` not below ``context_size`` while ``short_frac > 0``
+            (:meth:`ContextMix.check_context_size`).
     """
-    if mix.short_frac > 0 and mix.short_size >= context_size:
-        raise ValueError(f"short_size {mix.short_size} must be below context_size {context_size}")
+    mix.check_context_size(context_size)
     rng = np.random.default_rng(mix.seed)
     stream = _stream(documents, separator_token_id)
     while True:

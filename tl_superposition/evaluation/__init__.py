@@ -27,10 +27,11 @@ from tl_superposition.evaluation.patching import (
     important_heads,
     precision_recall_f1,
 )
-from tl_superposition.evaluation.prompts import abc_tokens, ioi_split, name_split
+from tl_superposition.evaluation.prompts import abc_tokens, ioi_prompts, ioi_split, name_split
 
 __all__ = [
     "abc_tokens",
+    "ioi_prompts",
     "ioi_split",
     "name_split",
     "head_patching_effects",

@@ -21,7 +21,13 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from tl_superposition.ioi import NAMES, IOIDataset, make_ioi_dataset, single_token_words
+from tl_superposition.ioi import (
+    NAMES,
+    IOIDataset,
+    PromptType,
+    make_ioi_dataset,
+    single_token_words,
+)
 
 
 def name_split(
@@ -45,6 +51,38 @@ def name_split(
     return ok[0::2], ok[1::2]
 
 
+def ioi_prompts(
+    model: Any,
+    n_prompts: int,
+    seed: int,
+    half: str = "discovery",
+    prompt_type: PromptType = "mixed",
+    prepend_bos: bool = False,
+) -> IOIDataset:
+    """IOI prompts from one half of the names (:func:`name_split`), which the dataset's
+    ``meta["names"]`` records (its counterfactuals draw from the same half).
+
+    Args:
+        model: a ``HookedTransformer`` (or its tokenizer).
+        n_prompts: the number of prompts.
+        seed: their seed.
+        half: ``"discovery"`` or ``"heldout"``.
+        prompt_type, prepend_bos: as :func:`~tl_superposition.ioi.make_ioi_dataset`.
+
+    Raises:
+        ValueError: an unknown ``half``, or an error of ``make_ioi_dataset``.
+    """
+    halves = dict(zip(("discovery", "heldout"), name_split(model)))
+    if half not in halves:
+        raise ValueError(f"half must be 'discovery' or 'heldout', got {half!r}")
+    names = halves[half]
+    dataset = make_ioi_dataset(
+        model, n_prompts, seed=seed, names=names, prompt_type=prompt_type, prepend_bos=prepend_bos
+    )
+    dataset.meta["names"] = names
+    return dataset
+
+
 def ioi_split(
     model: Any,
     n_discovery: int,
@@ -54,7 +92,8 @@ def ioi_split(
     prompt_type: str = "mixed",
     prepend_bos: bool = False,
 ) -> tuple[IOIDataset, IOIDataset]:
-    """Discovery prompts from one half of the names, held-out prompts from the other.
+    """Discovery prompts from one half of the names, held-out prompts from the other
+    (:func:`ioi_prompts` of each half).
 
     Args:
         model: a ``HookedTransformer`` (or its tokenizer).
@@ -69,11 +108,9 @@ def ioi_split(
     heldout_seed = seed + 1 if heldout_seed is None else heldout_seed
     if heldout_seed == seed:
         raise ValueError(f"the held-out seed must differ from the discovery seed ({seed})")
-    discovery_names, heldout_names = name_split(model)
     common: dict[str, Any] = {"prompt_type": prompt_type, "prepend_bos": prepend_bos}
-    discovery = make_ioi_dataset(model, n_discovery, seed=seed, names=discovery_names, **common)
-    heldout = make_ioi_dataset(model, n_heldout, seed=heldout_seed, names=heldout_names, **common)
-    discovery.meta["names"], heldout.meta["names"] = discovery_names, heldout_names
+    discovery = ioi_prompts(model, n_discovery, seed, "discovery", **common)
+    heldout = ioi_prompts(model, n_heldout, heldout_seed, "heldout", **common)
     return discovery, heldout
 
 

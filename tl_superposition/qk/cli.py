@@ -120,7 +120,7 @@ def context_mix(args: argparse.Namespace) -> Any:
 
     if args.bos_frac is None and not args.random_offset and not args.short_frac:
         return None
-    if args.acts is not None:
+    if getattr(args, "acts", None) is not None:
         raise ValueError(
             "--bos-frac, --random-offset and --short-frac apply to a streamed --source; "
             "drop --acts to stream"
@@ -334,11 +334,10 @@ def _ioi_column(args: argparse.Namespace, qkt: Any, model: Any, heads: list[int]
         return None
     import pandas as pd
 
-    from tl_superposition.evaluation.prompts import ioi_split
+    from tl_superposition.evaluation.prompts import ioi_prompts
     from tl_superposition.qk.ioi_fit import ioi_fit
 
-    _, prompts = ioi_split(model, 1, args.ioi_prompts, seed=args.ioi_seed - 1,
-                           heldout_seed=args.ioi_seed)  # fmt: skip
+    prompts = ioi_prompts(model, args.ioi_prompts, args.ioi_seed, "heldout")
     fit = ioi_fit(qkt, model, prompts, heads=heads)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(fit.heads.round(4).to_string(index=False))

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import torch
 from transformer_lens import HookedTransformer
@@ -45,13 +46,23 @@ class IOIFit:
     def summary(self) -> dict[str, float]:
         """Over every head: error_frac (``mean |error| / mean |score|`` of all END firings),
         the mean true and spliced attention on END -> IO and END -> S2."""
-        f, h = self.firings, self.heads
-        total = float(f.score.abs().mean()) if len(f) else float("nan")
+        h = self.heads
         return {
-            "error_frac_ioi": float(f.error.abs().mean()) / total if len(f) else float("nan"),
-            "n_firings": int(len(f)),
+            "error_frac_ioi": error_share(self.firings),
+            "n_firings": int(len(self.firings)),
             **{str(k): float(h[k].to_numpy().mean()) for k in h.columns if k.startswith("attn_")},
         }
+
+    def by_role(self) -> dict[str, float]:
+        """The error share of the END firings onto each source role (IO, S1, S2, other)."""
+        return {str(role): error_share(f) for role, f in self.firings.groupby("role")}
+
+
+def error_share(firings: pd.DataFrame) -> float:
+    """``mean |error| / mean |score|`` of END firings (NaN for none)."""
+    if not len(firings):
+        return float("nan")
+    return float(np.abs(firings.error.to_numpy()).mean() / np.abs(firings.score.to_numpy()).mean())
 
 
 @torch.no_grad()
@@ -81,10 +92,13 @@ def ioi_fit(
     heads = list(range(s.n_heads)) if heads is None else [int(h) for h in heads]
     if any(not 0 <= h < s.n_heads for h in heads):
         raise ValueError(f"heads must be in 0..{s.n_heads - 1}, got {heads}")
-    attn = layer_attention(model, s.layer)
+    attn_module = layer_attention(model, s.layer)
     names = {s.hook("ln1.hook_normalized"), s.hook("attn.hook_attn_scores")}
     dev = next(model.parameters()).device
-    firings, rows = [], []
+    firings: list[pd.DataFrame] = []
+    attn: dict[str, list[torch.Tensor]] = {
+        f"attn_end_{role}_{kind}": [] for role in ("io", "s2") for kind in ("true", "spliced")
+    }
     for lo in range(0, len(dataset), batch_size):
         part = dataset[lo : lo + batch_size]
         _, cache = model.run_with_cache(
@@ -92,19 +106,26 @@ def ioi_fit(
         )
         true = cache[s.hook("attn.hook_attn_scores")][:, heads].double()
         out = qkt(cache[s.hook("ln1.hook_normalized")].float())
-        rec = attention_scores(attn, out.q, out.k)[:, heads].double()
+        rec = attention_scores(attn_module, out.q, out.k)[:, heads].double()
         b = torch.arange(len(part))
         end = part.end_pos.to(dev)
         score, score_hat = true[b, :, end], rec[b, :, end]  # [batch, head, src]
         p_true, p_rec = score.softmax(-1), score_hat.softmax(-1)
-        for role, pos in (("io", part.io_pos), ("s2", part.s2_pos)):
-            for i, h in enumerate(heads):
-                rows.append(
-                    {"head": h, "role": role, "true": p_true[b, i, pos].cpu(),
-                     "spliced": p_rec[b, i, pos].cpu()}
-                )  # fmt: skip
+        for role, pos in (("io", part.io_pos), ("s2", part.s2_pos)):  # [batch, head] each
+            attn[f"attn_end_{role}_true"].append(p_true[b, :, pos].cpu())
+            attn[f"attn_end_{role}_spliced"].append(p_rec[b, :, pos].cpu())
         firings.append(_end_firings(part, lo, heads, score, score_hat, p_true, pattern_thresh))
-    return IOIFit(heads=_head_table(heads, rows, firings), firings=pd.concat(firings))
+    f = pd.concat(firings, ignore_index=True)
+    of_head = [pd.DataFrame(f[f["head"].to_numpy() == h]) for h in heads]
+    table = pd.DataFrame(
+        {
+            "head": heads,
+            "n_firings": [len(mine) for mine in of_head],
+            "error_frac": [error_share(mine) for mine in of_head],
+            **{k: torch.cat(v).mean(0).numpy() for k, v in attn.items()},
+        }
+    )
+    return IOIFit(heads=table, firings=f)
 
 
 def _end_firings(part, lo, heads, score, score_hat, p_true, thresh) -> pd.DataFrame:
@@ -130,23 +151,3 @@ def _end_firings(part, lo, heads, score, score_hat, p_true, thresh) -> pd.DataFr
             "error": (sc - sh).numpy(),
         }
     )
-
-
-def _head_table(heads: list[int], rows: list[dict], firings: list[pd.DataFrame]) -> pd.DataFrame:
-    f = pd.concat(firings)
-    out = []
-    for h in heads:
-        mine = f[f["head"] == h]
-        row = {
-            "head": h,
-            "n_firings": int(len(mine)),
-            "error_frac": float(mine.error.abs().mean() / mine.score.abs().mean())
-            if len(mine)
-            else float("nan"),
-        }
-        for role in ("io", "s2"):
-            got = [r for r in rows if r["head"] == h and r["role"] == role]
-            row[f"attn_end_{role}_true"] = float(torch.cat([r["true"] for r in got]).mean())
-            row[f"attn_end_{role}_spliced"] = float(torch.cat([r["spliced"] for r in got]).mean())
-        out.append(row)
-    return pd.DataFrame(out)

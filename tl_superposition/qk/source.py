@@ -243,10 +243,7 @@ class ModelSource:
         if mix is not None:
             if self._packing.source.documents is None:
                 raise ValueError("a context mix needs text or token documents, not packed contexts")
-            if mix.short_frac > 0 and mix.short_size >= context_size:
-                raise ValueError(
-                    f"mix.short_size {mix.short_size} must be below context_size {context_size}"
-                )
+            mix.check_context_size(context_size)
 
     def contexts(self) -> Iterator[np.ndarray]:
         """The token contexts of one pass, in order (int64, ``[context_size]`` or, with a

@@ -332,16 +332,14 @@ def check_arguments(args: argparse.Namespace) -> Checked:
 
 def _prompts(model, args: argparse.Namespace, heldout_seed: int):
     """The traced prompts and the held-out ones (``None`` for 0), from the two name halves
-    (:func:`~tl_superposition.evaluation.prompts.ioi_split`)."""
-    from tl_superposition.evaluation.prompts import ioi_split
+    (:func:`~tl_superposition.evaluation.prompts.ioi_prompts`)."""
+    from tl_superposition.evaluation.prompts import ioi_prompts
 
-    if not args.heldout_prompts:  # one held-out prompt made and dropped: the same names
-        heldout_seed = args.seed + 1
-    traced, heldout = ioi_split(
-        model, args.n_prompts, max(args.heldout_prompts, 1), args.seed, heldout_seed,
-        args.prompt_type, args.prepend_bos,
-    )  # fmt: skip
-    return traced, heldout if args.heldout_prompts else None
+    common = {"prompt_type": args.prompt_type, "prepend_bos": args.prepend_bos}
+    traced = ioi_prompts(model, args.n_prompts, args.seed, "discovery", **common)
+    if not args.heldout_prompts:
+        return traced, None
+    return traced, ioi_prompts(model, args.heldout_prompts, heldout_seed, "heldout", **common)
 
 
 def _circuit(model, result, checked: Checked, heldout, args, out: Path) -> dict:
