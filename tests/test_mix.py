@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from conftest import data_path
 
 from tl_superposition.activations.mix import ContextMix, mix_contexts
@@ -111,7 +112,7 @@ def test_train_qk_streams_a_mix_and_saves_it_with_the_dictionary(
     assert "--bos-frac must be in [0, 1]" in capsys.readouterr().err
     assert main([*base, "--out", str(out), "--short-frac", "0.2", "--short-size", "32"]) == 2
     assert "--short-size 32 must be below --context-size 32" in capsys.readouterr().err
-    args = [*base, "--out", str(out), "--acts", str(tmp_path / "a"), "--random-offset"]
+    args = [*base, "--out", str(out), "--acts", str(tmp_path / "a"), "--short-frac", "0.2"]
     assert main(args) == 2 and "drop --acts" in capsys.readouterr().err
     assert not loads  # every refusal came before the model
     mix = ["--bos-frac", "0.5", "--random-offset", "--short-frac", "0.25", "--short-size", "8"]
@@ -122,3 +123,50 @@ def test_train_qk_streams_a_mix_and_saves_it_with_the_dictionary(
     qkt = QKTranscoder.load(out)
     assert qkt.shape.layer == 1
     SAE.load_from_disk(str(out / "q"))
+
+
+def test_collector_stores_a_mix_and_resumes_it_equal(tiny_llama, tmp_path, monkeypatch):
+    from tl_superposition.activations import ActivationStore, CollectConfig, collect
+    from tl_superposition.activations import collector as collector_mod
+
+    bos = tiny_llama.tokenizer.bos_token_id  # type: ignore[union-attr]
+    mix = ContextMix(bos_frac=0.4, random_offset=True, seed=7)
+    kwargs = dict(hooks="ln1.hook_normalized", layers=[0, 2], context_size=16, split="valid",
+                  max_tokens=16 * 40, shard_tokens=16 * 8, prepend_bos=True,
+                  progress=False)  # fmt: skip
+    source = str(data_path("shakespeare"))
+    collect(tiny_llama, CollectConfig(tmp_path / "full", mix=mix.to_dict(), **kwargs), source)
+    full = ActivationStore(tmp_path / "full")
+    tokens = full.get_contexts(range(len(full)))["tokens"]
+    starts_with_bos = (tokens[:, 0] == bos).float().mean().item()
+    assert 0.2 < starts_with_bos < 0.6  # about bos_frac, not every context
+    assert full.manifest["settings"]["mix"] == mix.to_dict()
+    assert set(full.hooks) == {"blocks.0.ln1.hook_normalized", "blocks.2.ln1.hook_normalized"}
+    packing = packing_of(tiny_llama, source, mix)
+    expected = np.stack([c for _, c in zip(range(40), packing.contexts())])
+    assert np.array_equal(tokens.numpy(), expected)  # the streamed source's contexts
+    real_save, calls = collector_mod._save_shard, []
+
+    def crashing_save(path, tensors):
+        calls.append(path)
+        if len(calls) == 3:  # die before the third shard
+            raise KeyboardInterrupt
+        return real_save(path, tensors)
+
+    monkeypatch.setattr(collector_mod, "_save_shard", crashing_save)
+    config = CollectConfig(tmp_path / "part", mix=mix, **kwargs)
+    with pytest.raises(KeyboardInterrupt):
+        collect(tiny_llama, config, source)
+    monkeypatch.setattr(collector_mod, "_save_shard", real_save)
+    assert collect(tiny_llama, config, source).resumed_from_contexts == 16
+    resumed = ActivationStore(tmp_path / "part").get_contexts(range(40))
+    for name, value in full.get_contexts(range(40)).items():
+        assert torch.equal(resumed[name], value), name
+    with pytest.raises(ValueError, match="short_frac must be 0 for a collection"):
+        CollectConfig(tmp_path / "s", mix=ContextMix(short_frac=0.2), **kwargs)
+
+
+def packing_of(model, source, mix):
+    from tl_superposition.activations import open_packing
+
+    return open_packing(model, source, context_size=16, split="valid", prepend_bos=True, mix=mix)

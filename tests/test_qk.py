@@ -368,7 +368,7 @@ def test_dead_features_are_resampled(tiny_llama):
     res = train_qk(with_dead_features(new_qkt(tiny_llama)), tiny_llama, src, cfg, progress=False)
     first = res.history.iloc[0]
     assert first.resampled_q >= 8 and first.resampled_k >= 8
-    out = res.transcoder(src.data.x)
+    out = res.transcoder(src.data[1].x)
     assert (out.q_features[..., :8] > 0).any() and (out.k_features[..., :8] > 0).any()
 
 
@@ -448,6 +448,6 @@ def test_cli_train_and_eval(tiny_gpt2, tmp_path, monkeypatch, capsys):
     assert rc == 0 and "kl_full" in text and (tmp_path / "ev" / "metrics.csv").is_file()
     ioi = json.loads((tmp_path / "ev" / "summary.json").read_text())["ioi"]
     assert {"error_frac_ioi", "attn_end_io_true", "attn_end_io_spliced"} <= set(ioi)
-    assert (tmp_path / "ev" / "ioi_heads.csv").read_text().startswith("head,n_firings")
+    assert (tmp_path / "ev" / "ioi_heads.csv").read_text().startswith("layer,head,n_firings")
     rc = main(["train-qk", *common, "--layer", "7", "--source", corpus(), "--out", str(out)])
     assert rc == 2 and "layer 7 does not exist" in capsys.readouterr().err

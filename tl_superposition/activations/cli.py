@@ -92,6 +92,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=SEPARATORS,
         help="token placed between documents (default %(default)s)",
     )
+    parser.add_argument(
+        "--bos-frac",
+        type=float,
+        default=None,
+        help="share of contexts that start with BOS (a context mix; default: every one)",
+    )
+    parser.add_argument(
+        "--random-offset",
+        action="store_true",
+        help="contexts start at random offsets of the text, not packed back to back",
+    )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(
         "--overwrite",
@@ -119,11 +130,24 @@ def _int_list(text: str) -> list[int]:
         ) from None
 
 
+def _mix(args: argparse.Namespace) -> Any:
+    from tl_superposition.activations.mix import ContextMix
+
+    if args.bos_frac is None and not args.random_offset:
+        return None
+    bos_frac = 1.0 if args.bos_frac is None else args.bos_frac
+    try:
+        return ContextMix(bos_frac=bos_frac, random_offset=args.random_offset, seed=args.seed)
+    except ValueError as exc:
+        raise ValueError("--" + str(exc).replace("_", "-", 1)) from None
+
+
 def config_from_args(args: argparse.Namespace) -> CollectConfig:
     """The :class:`CollectConfig` of parsed ``collect`` arguments (checked, nothing run).
 
     Every field comes from the option of the same name, except ``out_dir`` (``--out``),
-    ``prepend_bos`` (``--prepend-bos auto|yes|no``) and ``progress`` (``--no-progress``).
+    ``prepend_bos`` (``--prepend-bos auto|yes|no``), ``progress`` (``--no-progress``) and
+    ``mix`` (``--bos-frac``, ``--random-offset``; seeded by ``--seed``).
 
     Raises:
         ValueError: a field out of range (see :class:`CollectConfig`).
@@ -132,6 +156,7 @@ def config_from_args(args: argparse.Namespace) -> CollectConfig:
         "out_dir": args.out,
         "prepend_bos": _PREPEND_BOS[args.prepend_bos],
         "progress": not args.no_progress,
+        "mix": _mix(args),
     }
     values = {
         f.name: renamed[f.name] if f.name in renamed else getattr(args, f.name)

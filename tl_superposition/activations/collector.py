@@ -254,6 +254,7 @@ def _open_source(
         column=config.column,
         prepend_bos=config.prepend_bos,
         separator=config.separator,
+        mix=config.mix,  # type: ignore[arg-type]  # a dict became a ContextMix
     )
     contexts = packing.contexts()
     first = next(contexts, None)  # raises here for a missing column / empty dataset
@@ -346,6 +347,7 @@ def _settings(
         "separator_token_id": packing.separator_token_id,
         "seed": config.seed,
         "source": packing.source.description,
+        **({"mix": packing.mix.to_dict()} if packing.mix is not None else {}),
     }
 
 

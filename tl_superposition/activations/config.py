@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from tl_superposition.activations.mix import ContextMix
 from tl_superposition.dtypes import parse_dtype
 
 #: The hooks the collector is built for (any other hook point of the model also works).
@@ -79,6 +80,11 @@ class CollectConfig:
         prepend_bos: start every context with BOS (default: the model's
             ``cfg.default_prepend_bos``).
         separator: token between documents, one of :data:`SEPARATORS`.
+        mix: cut contexts in a :class:`~.mix.ContextMix` of formats (a share without BOS, at
+            random offsets) instead of packing them back to back; a dict is converted. A
+            collection holds one context length, so ``short_frac`` must be 0 (collect short
+            contexts into a second folder with a smaller ``context_size``). Recorded in the
+            manifest.
         seed: recorded in the manifest; the default shuffling seed of
             :class:`~tl_superposition.activations.store.ActivationStore`.
         device: where the forward pass runs (default the model's device).
@@ -103,6 +109,7 @@ class CollectConfig:
     column: str = "text"
     prepend_bos: bool | None = None
     separator: str = "bos"
+    mix: ContextMix | dict[str, Any] | None = None
     seed: int = 0
     device: str | torch.device | None = None
     overwrite: bool = False
@@ -128,6 +135,13 @@ class CollectConfig:
             raise ValueError(
                 f"separator must be one of {', '.join(map(repr, SEPARATORS))}, "
                 f"got {self.separator!r}"
+            )
+        if isinstance(self.mix, dict):
+            self.mix = ContextMix.from_dict(self.mix)
+        if self.mix is not None and self.mix.short_frac > 0:
+            raise ValueError(
+                "mix.short_frac must be 0 for a collection (it holds one context length): "
+                "collect short contexts into a second folder with a smaller context_size"
             )
         if not isinstance(self.column, str) or not self.column:
             raise ValueError(f"column must be a column name, got {self.column!r}")

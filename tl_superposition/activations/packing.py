@@ -24,6 +24,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from tl_superposition.activations.config import SEPARATORS
+from tl_superposition.activations.mix import ContextMix, mix_contexts
 from tl_superposition.activations.sources import TokenSource, iter_contexts, resolve_source
 
 
@@ -37,18 +38,28 @@ class Packing:
         bos_token_id: prepended to every context; ``None`` for no BOS (and for pre-packed
             sources).
         separator_token_id: placed between documents; ``None`` for none.
+        mix: the context formats (:class:`~.mix.ContextMix`); ``None``: packed back to back,
+            every context ``context_size`` long.
     """
 
     source: TokenSource
     context_size: int
     bos_token_id: int | None
     separator_token_id: int | None
+    mix: ContextMix | None = None
 
     def contexts(self) -> Iterator[np.ndarray]:
-        """Every context of the source in a fixed order, each int64 ``[context_size]``."""
-        return iter_contexts(
-            self.source, self.context_size, self.bos_token_id, self.separator_token_id
-        )
+        """Every context of the source in a fixed order, int64 ``[context_size]`` (or, with a
+        mix, ``[mix.short_size]`` for short ones)."""
+        if self.mix is None:
+            return iter_contexts(
+                self.source, self.context_size, self.bos_token_id, self.separator_token_id
+            )
+        assert self.source.documents is not None  # checked by open_packing
+        return mix_contexts(
+            self.source.documents(), self.context_size, self.bos_token_id,
+            self.separator_token_id, self.mix,
+        )  # fmt: skip
 
 
 def special_tokens(
@@ -97,6 +108,7 @@ def open_packing(
     column: str = "text",
     prepend_bos: bool | None = None,
     separator: str = "bos",
+    mix: ContextMix | None = None,
 ) -> Packing:
     """Resolve ``source`` for ``model`` and choose its special tokens (reads no text yet).
 
@@ -107,11 +119,16 @@ def open_packing(
         split: dataset split, or the file-name prefix of a folder's files (``"test"``).
         column: the text column of tabular sources.
         prepend_bos, separator: see :func:`special_tokens`.
+        mix: cut contexts in these formats (:class:`~.mix.ContextMix`) instead of packing them.
 
     Raises:
-        ValueError: a text source for a model without a tokenizer, and the errors of
-            :func:`special_tokens` and :func:`~.sources.resolve_source`.
+        ValueError: a text source for a model without a tokenizer, a mix for pre-packed
+            contexts (they have no documents to cut) or with ``short_size`` not below
+            ``context_size``, and the errors of :func:`special_tokens` and
+            :func:`~.sources.resolve_source`.
     """
+    if mix is not None:
+        mix.check_context_size(context_size)
     bos_id, sep_id = special_tokens(model, prepend_bos, separator)
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None and not isinstance(source, (torch.Tensor, np.ndarray, list, tuple)):
@@ -121,7 +138,9 @@ def open_packing(
     )
     if token_source.contexts is not None:  # pre-packed contexts are taken as they are
         bos_id = sep_id = None
-    return Packing(token_source, int(context_size), bos_id, sep_id)
+        if mix is not None:
+            raise ValueError("a context mix needs text or token documents, not packed contexts")
+    return Packing(token_source, int(context_size), bos_id, sep_id, mix)
 
 
 def pack_text(

@@ -43,7 +43,7 @@ from tl_superposition.qk.pairs import (
     train_pair_mask,
 )
 from tl_superposition.qk.source import MemorySource, ModelSource, QKBatch, StoreSource
-from tl_superposition.qk.trainer import TrainResult, train_qk
+from tl_superposition.qk.trainer import TrainResult, layer_folder, train_qk, train_qk_layers
 from tl_superposition.qk.transcoder import QKOutput, QKTranscoder
 
 __all__ = [
@@ -59,6 +59,8 @@ __all__ = [
     "pack_text",
     "train_qk",
     "TrainResult",
+    "train_qk_layers",
+    "layer_folder",
     "evaluate_qk",
     "QKEvalResult",
     "attribute_score",

@@ -33,13 +33,23 @@ def _common(p: argparse.ArgumentParser) -> None:
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """Register the ``train-qk`` options on ``p``."""
     _common(p)
-    p.add_argument("--layer", type=int, required=True, help="the attention layer L")
-    p.add_argument("--out", required=True, help="output folder (resumed if it holds a checkpoint)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--layer", type=int, help="the attention layer L (--out is its folder)")
+    which.add_argument(
+        "--layers",
+        help="several layers trained together from one forward pass per step: '16,17,23', or "
+        "'circuit:<trace folder>' for every layer holding a head of the pruned circuit there "
+        "(--out/layer_L is layer L's folder)",
+    )
+    p.add_argument(
+        "--out", required=True, help="output folder (resumed where it holds checkpoints)"
+    )
     p.add_argument(
         "--acts",
         default=None,
-        help="collection folder of ln1.hook_normalized, attn.hook_q, attn.hook_k at --layer "
-        "(from tl-superposition collect); with --source it is collected first if incomplete",
+        help="collection folder of ln1.hook_normalized, attn.hook_q, attn.hook_k at the layers "
+        "(from tl-superposition collect); with --source it is collected first (every layer in "
+        "one pass) if incomplete",
     )
     p.add_argument(
         "--source",
@@ -52,15 +62,18 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "--bos-frac",
         type=float,
         default=None,
-        help="streamed: share of contexts that start with BOS (a context mix; default: all)",
+        help="share of contexts that start with BOS (a context mix; default: all)",
     )
     p.add_argument(
         "--random-offset",
         action="store_true",
-        help="streamed: contexts start at random offsets of the text, not packed back to back",
+        help="contexts start at random offsets of the text, not packed back to back",
     )
     p.add_argument(
-        "--short-frac", type=float, default=0.0, help="streamed: share of short contexts"
+        "--short-frac",
+        type=float,
+        default=0.0,
+        help="streamed: share of short contexts (a collection holds one length)",
     )
     p.add_argument(
         "--short-size", type=int, default=24, help="tokens per short context (default: 24)"
@@ -113,17 +126,17 @@ def context_mix(args: argparse.Namespace) -> Any:
     without mix options); checked before the model loads.
 
     Raises:
-        ValueError: a mix with ``--acts`` (collections are packed), or a field out of range
-            (the message names the option).
+        ValueError: short contexts with ``--acts`` (a collection holds one context length), or
+            a field out of range (the message names the option).
     """
     from tl_superposition.activations.mix import ContextMix
 
     if args.bos_frac is None and not args.random_offset and not args.short_frac:
         return None
-    if getattr(args, "acts", None) is not None:
+    if args.short_frac and getattr(args, "acts", None) is not None:
         raise ValueError(
-            "--bos-frac, --random-offset and --short-frac apply to a streamed --source; "
-            "drop --acts to stream"
+            "--short-frac applies to a streamed --source (a collection holds one context "
+            "length); drop --acts to stream"
         )
     try:
         mix = ContextMix(
@@ -142,7 +155,38 @@ def context_mix(args: argparse.Namespace) -> Any:
     return mix
 
 
-def _train_source(args: argparse.Namespace, model: Any, shape: Any, mix: Any = None) -> Any:
+def parse_layers(text: str) -> list[int]:
+    """The layers of ``--layers``: comma-separated integers, or ``circuit:<trace folder>`` for
+    the layers holding a head of the pruned circuit in that folder's ``circuit.json``.
+
+    Raises:
+        ValueError: not integers, a negative layer, or no circuit (or an empty one) there.
+    """
+    if text.startswith("circuit:"):
+        from tl_superposition.circuit import Circuit
+
+        folder = Path(text.removeprefix("circuit:"))
+        if not (folder / "circuit.json").is_file():
+            raise ValueError(
+                f"--layers {text}: {folder} holds no circuit.json; give a trace-ioi output "
+                "folder (made with the circuit, the default)"
+            )
+        layers = sorted({layer for layer, _ in Circuit.load(folder).head_set()})
+        if not layers:
+            raise ValueError(f"--layers {text}: the circuit holds no attention head")
+        return layers
+    try:
+        layers = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise ValueError(
+            f"--layers must be comma-separated integers or circuit:<folder>, got {text!r}"
+        ) from None
+    if not layers or min(layers) < 0:
+        raise ValueError(f"--layers needs layers >= 0, got {text!r}")
+    return layers
+
+
+def _train_source(args: argparse.Namespace, model: Any, shapes: list[Any], mix: Any = None) -> Any:
     from tl_superposition.qk.source import ModelSource, StoreSource
 
     if args.acts is None and args.source is None:
@@ -151,7 +195,7 @@ def _train_source(args: argparse.Namespace, model: Any, shape: Any, mix: Any = N
         return ModelSource(
             model,
             args.source,
-            shape,
+            shapes,
             context_size=args.context_size,
             split=args.split,
             max_contexts=args.max_contexts,
@@ -170,27 +214,21 @@ def _train_source(args: argparse.Namespace, model: Any, shape: Any, mix: Any = N
         config = CollectConfig(
             out_dir=args.acts,
             hooks=HOOKS,
-            layers=[args.layer],
+            layers=[s.layer for s in shapes],
             context_size=args.context_size,
             split=args.split,
+            mix=mix,
             progress=not args.no_progress,
         )
         summary = collect(model, config, args.source)
         print(summary.line())
-    return StoreSource(args.acts, shape, seed=args.seed, device=args.device)
+    return StoreSource(args.acts, shapes, seed=args.seed, device=args.device)
 
 
-def run_train(args: argparse.Namespace) -> int:
-    """Build (or resume) a QK transcoder for ``--layer`` and train it; print a summary."""
-    import torch
-
-    from tl_superposition import load_model
+def _train_config(args: argparse.Namespace) -> Any:
     from tl_superposition.qk.config import QKTrainConfig
-    from tl_superposition.qk.trainer import train_qk
-    from tl_superposition.qk.transcoder import QKTranscoder
 
-    _set_threads(args.threads)
-    cfg = QKTrainConfig(
+    return QKTrainConfig(
         max_tokens=args.max_tokens,
         batch_contexts=args.batch_contexts,
         lr=args.lr,
@@ -206,33 +244,46 @@ def run_train(args: argparse.Namespace) -> int:
         checkpoint_every_steps=args.checkpoint_every,
         device=args.device,
     )
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Build (or resume) the QK transcoders of ``--layer`` or ``--layers`` and train them;
+    print a summary line per layer."""
+    import torch
+
+    from tl_superposition import load_model
+    from tl_superposition.qk.trainer import train_qk, train_qk_layers
+    from tl_superposition.qk.transcoder import QKTranscoder
+
+    _set_threads(args.threads)
+    cfg = _train_config(args)
     mix = context_mix(args)
+    layers = [args.layer] if args.layers is None else parse_layers(args.layers)
     model = load_model(args.model, device=args.device)
-    qkt = QKTranscoder.for_model(
-        model,
-        args.layer,
-        d_hidden=args.d_hidden,
-        sparsity=args.sparsity,
-        top_k=args.top_k,
-        generator=torch.Generator().manual_seed(args.seed),
-    )
-    source = _train_source(args, model, qkt.shape, mix)
-    res = train_qk(
-        qkt,
-        model,
-        source,
-        cfg,
-        args.out,
-        overwrite=args.overwrite,
-        stop_after_steps=args.stop_after_steps,
+    qkts = [
+        QKTranscoder.for_model(
+            model, layer, d_hidden=args.d_hidden, sparsity=args.sparsity, top_k=args.top_k,
+            generator=torch.Generator().manual_seed(args.seed),
+        )
+        for layer in layers
+    ]  # fmt: skip
+    source = _train_source(args, model, [q.shape for q in qkts], mix)
+    options = dict(
+        overwrite=args.overwrite, stop_after_steps=args.stop_after_steps,
         progress=not args.no_progress,
-    )
-    last = res.history.iloc[-1].to_dict() if len(res.history) else {}
-    print(
-        f"{'finished' if res.finished else 'paused'}: {res.steps} steps, {res.tokens:,} tokens "
-        f"({res.tokens_per_s:,.0f} tokens/s in this run, {res.seconds:.0f} s); last logged: "
-        + ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float))
-    )
+    )  # fmt: skip
+    if args.layers is None:
+        results = {args.layer: train_qk(qkts[0], model, source, cfg, args.out, **options)}
+    else:
+        results = train_qk_layers(qkts, model, source, cfg, args.out, **options)
+    for layer, res in results.items():
+        last = res.history.iloc[-1].to_dict() if len(res.history) else {}
+        print(
+            f"layer {layer} {'finished' if res.finished else 'paused'}: {res.steps} steps, "
+            f"{res.tokens:,} tokens ({res.tokens_per_s:,.0f} tokens/s in this run, "
+            f"{res.seconds:.0f} s); last logged: "
+            + ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float))
+        )
     print(f"wrote {args.out}")
     return 0
 

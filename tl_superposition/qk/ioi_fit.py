@@ -34,10 +34,12 @@ class IOIFit:
     """What :func:`ioi_fit` measured.
 
     Attributes:
-        heads: one row per head: head, n_firings (END firings), error_frac, attn_end_io_true,
-            attn_end_io_spliced, attn_end_s2_true, attn_end_s2_spliced.
-        firings: one row per END firing: prompt, head, src, role (``IO``, ``S2``, ``S1`` or
-            ``other``), pattern, score, score_hat, error.
+        heads: one row per head: layer, head, n_firings (END firings), error_frac,
+            attn_end_io_true, attn_end_io_spliced, attn_end_s2_true, attn_end_s2_spliced.
+        firings: one row per END firing: layer, prompt, head, src, role (``IO``, ``S2``,
+            ``S1`` or ``other``), pattern, score, score_hat, error.
+
+    The fits of several layers join into one with :meth:`concat`.
     """
 
     heads: pd.DataFrame
@@ -52,6 +54,14 @@ class IOIFit:
             "n_firings": int(len(self.firings)),
             **{str(k): float(h[k].to_numpy().mean()) for k in h.columns if k.startswith("attn_")},
         }
+
+    @classmethod
+    def concat(cls, fits: Sequence[IOIFit]) -> IOIFit:
+        """One fit of the heads of several fits (of several layers)."""
+        return cls(
+            heads=pd.concat([f.heads for f in fits], ignore_index=True),
+            firings=pd.concat([f.firings for f in fits], ignore_index=True),
+        )
 
     def by_role(self) -> dict[str, float]:
         """The error share of the END firings onto each source role (IO, S1, S2, other)."""
@@ -116,9 +126,11 @@ def ioi_fit(
             attn[f"attn_end_{role}_spliced"].append(p_rec[b, :, pos].cpu())
         firings.append(_end_firings(part, lo, heads, score, score_hat, p_true, pattern_thresh))
     f = pd.concat(firings, ignore_index=True)
+    f.insert(0, "layer", s.layer)
     of_head = [pd.DataFrame(f[f["head"].to_numpy() == h]) for h in heads]
     table = pd.DataFrame(
         {
+            "layer": s.layer,
             "head": heads,
             "n_firings": [len(mine) for mine in of_head],
             "error_frac": [error_share(mine) for mine in of_head],

@@ -43,7 +43,8 @@ from tl_superposition.qk.attention import (
     rotate,
     scores_from_rotated,
 )
-from tl_superposition.qk.source import ContextSource, QKBatch
+from tl_superposition.qk.config import AttentionShape
+from tl_superposition.qk.source import ContextSource, QKBatch, batches_of_layer, check_reads
 from tl_superposition.qk.splice import check_heads
 from tl_superposition.qk.transcoder import QKOutput, QKTranscoder
 
@@ -253,8 +254,7 @@ def train_pair_mask(
     cfg = cfg or PairMaskConfig()
     s = qkt.shape
     heads = check_heads(heads, s.n_heads) or []
-    if source.shape != s:
-        raise ValueError(f"the source is for {source.shape}, the transcoder for {s}")
+    check_reads(source, s)
     dq, dk = qkt.cfg.d_hidden_q, qkt.cfg.d_hidden_k
     mask = FeaturePairMask(heads, dq, dk).to(qkt.q_dict.W_dec.device)
     opt = torch.optim.Adam(mask.parameters(), lr=cfg.lr)
@@ -264,7 +264,7 @@ def train_pair_mask(
     for p in qkt.parameters():
         p.requires_grad_(False)
     try:
-        batches = _cycle(source, cfg.batch_contexts)
+        batches = _cycle(source, s, cfg.batch_contexts)
         for step in tqdm(range(cfg.steps), desc="pair mask", disable=not progress):
             batch = next(batches)
             with torch.no_grad():
@@ -306,11 +306,11 @@ def train_pair_mask(
     return PairMaskResult(mask, pd.DataFrame(rows), pairs, seen2d)
 
 
-def _cycle(source: ContextSource, batch_contexts: int):
+def _cycle(source: ContextSource, shape: AttentionShape, batch_contexts: int):
     epoch = 0
     while True:
         n = 0
-        for batch in source.batches(batch_contexts, epoch):
+        for batch in batches_of_layer(source, shape, batch_contexts, epoch):
             n += 1
             yield batch
         if n == 0:
@@ -414,7 +414,7 @@ def pair_statistics(
     }
     seen = 0
     bar = tqdm(total=n_contexts, desc="pair statistics", disable=not progress, unit="ctx")
-    for batch in source.batches(batch_contexts, 0):
+    for batch in batches_of_layer(source, qkt.shape, batch_contexts, 0):
         out = qkt(batch.x)
         n = batch.x.shape[1]
         for h in heads:

@@ -8,20 +8,23 @@ normalised residual ``x`` (``blocks.L.ln1.hook_normalized``), true queries ``q``
   :class:`~tl_superposition.activations.ActivationStore` (memory-mapped; fast, reusable across
   epochs and runs);
 - :class:`ModelSource`: contexts streamed from a text source and run through the model up to
-  layer ``L`` on the fly (no disk; pays a forward pass per batch).
-
+  layer ``L`` on the fly (no disk; pays a forward pass per batch);
 - :class:`MemorySource`: a few contexts run through the model once and kept in memory (small
   experiments, notebooks, tests).
 
-All are deterministic: batch ``b`` of epoch ``e`` is always the same contexts, so a resumed
-training run sees exactly the batches the interrupted one would have seen.
+Each reads one layer or several: :meth:`~ContextSource.layer_batches` gives ``{layer: batch}``
+of the same contexts (one forward pass, or one read of a collection of several layers), which
+is how :func:`~tl_superposition.qk.train_qk_layers` trains the dictionaries of many layers at
+the price of one. All are deterministic: batch ``b`` of epoch ``e`` is always the same
+contexts, so a resumed training run sees exactly the batches the interrupted one would have
+seen.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from itertools import islice
 from typing import Any, NamedTuple, Protocol
 
@@ -31,7 +34,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from tl_superposition.activations import ActivationStore
-from tl_superposition.activations.mix import ContextMix, mix_contexts
+from tl_superposition.activations.mix import ContextMix
 from tl_superposition.activations.packing import open_packing
 from tl_superposition.qk.config import AttentionShape
 
@@ -53,17 +56,21 @@ class QKBatch(NamedTuple):
 
 
 class ContextSource(Protocol):
-    """What the trainer and the evaluation read from."""
+    """What the trainer and the evaluation read from: batches of one or several layers."""
 
-    shape: AttentionShape
+    shapes: dict[int, AttentionShape]
     context_size: int
 
-    def batches(self, batch_contexts: int, epoch: int, start: int = 0) -> Iterator[QKBatch]:
-        """Batches ``start, start+1, ...`` of epoch ``epoch`` (every batch full)."""
+    def layer_batches(
+        self, batch_contexts: int, epoch: int, start: int = 0
+    ) -> Iterator[dict[int, QKBatch]]:
+        """Batches ``start, start+1, ...`` of epoch ``epoch``, each ``{layer: batch}`` of the
+        same contexts (every batch full)."""
         ...
 
     def description(self) -> dict[str, Any]:
-        """JSON-able description (recorded with checkpoints; a resume must match it)."""
+        """JSON-able description (recorded with checkpoints; a resume must match it). It does
+        not name the layers: a layer's run resumes from any source of the same data."""
         ...
 
 
@@ -75,13 +82,60 @@ def _hooks(shape: AttentionShape) -> tuple[str, str, str]:
     )
 
 
-class StoreSource:
+class _Layers:
+    """The layers a source reads: one :class:`AttentionShape` or several of one model."""
+
+    shapes: dict[int, AttentionShape]
+
+    def _set_shapes(self, shape: AttentionShape | Sequence[AttentionShape]) -> None:
+        shapes = [shape] if isinstance(shape, AttentionShape) else list(shape)
+        if not shapes:
+            raise ValueError("give at least one layer's AttentionShape")
+        self.shapes = {s.layer: s for s in shapes}
+        if len(self.shapes) != len(shapes):
+            raise ValueError(f"a layer is given twice: {[s.layer for s in shapes]}")
+
+    @property
+    def layers(self) -> list[int]:
+        """The layers read, ascending."""
+        return sorted(self.shapes)
+
+    @property
+    def shape(self) -> AttentionShape:
+        """The shape of a one-layer source.
+
+        Raises:
+            ValueError: the source reads several layers.
+        """
+        if len(self.shapes) != 1:
+            raise ValueError(f"the source reads layers {self.layers}: pick one of .shapes")
+        return next(iter(self.shapes.values()))
+
+    def layer_batches(
+        self, batch_contexts: int, epoch: int, start: int = 0
+    ) -> Iterator[dict[int, QKBatch]]:
+        raise NotImplementedError
+
+    def batches(self, batch_contexts: int, epoch: int, start: int = 0) -> Iterator[QKBatch]:
+        """The batches of a one-layer source (:meth:`layer_batches` of its only layer).
+
+        Raises:
+            ValueError: the source reads several layers.
+        """
+        layer = self.shape.layer
+        for batch in self.layer_batches(batch_contexts, epoch, start):
+            yield batch[layer]
+
+
+class StoreSource(_Layers):
     """Contexts from a collection folder, shuffled per epoch.
 
     Args:
         store: an :class:`ActivationStore` (or the path of a collection folder) holding
-            ``ln1.hook_normalized``, ``attn.hook_q`` and ``attn.hook_k`` of ``shape.layer``.
-        shape: the attention shape of the transcoder that will be trained.
+            ``ln1.hook_normalized``, ``attn.hook_q`` and ``attn.hook_k`` of every layer read
+            (one collection of several layers serves them all: ``collect(layers=[...])``).
+        shape: the attention shape of the transcoder that will be trained, or the shapes of
+            several layers (:meth:`layer_batches` then reads them together).
         seed: shuffle seed; epoch ``e`` visits the contexts in the order
             ``randperm(n_contexts)`` drawn from a generator seeded with ``(seed, e)``.
         device: where batches are put.
@@ -94,17 +148,23 @@ class StoreSource:
     def __init__(
         self,
         store: ActivationStore | str | os.PathLike,
-        shape: AttentionShape,
+        shape: AttentionShape | Sequence[AttentionShape],
         *,
         seed: int = 0,
         device: str | torch.device = "cpu",
     ) -> None:
         self.store = store if isinstance(store, ActivationStore) else ActivationStore(store)
-        self.shape = shape
+        self._set_shapes(shape)
         self.seed = int(seed)
         self.device = torch.device(device)
-        self.hooks = _hooks(shape)
-        missing = [h for h in self.hooks if h not in self.store.hooks]
+        for layer in self.layers:
+            self._check_layer(self.shapes[layer])
+        self.context_size = self.store.context_size
+        self.n_contexts = self.store.n_contexts
+
+    def _check_layer(self, shape: AttentionShape) -> None:
+        hooks = _hooks(shape)
+        missing = [h for h in hooks if h not in self.store.hooks]
         if missing:
             raise ValueError(
                 f"the collection in {self.store.path} lacks {missing} (it holds "
@@ -112,9 +172,9 @@ class StoreSource:
                 f"at layer {shape.layer}"
             )
         want = {
-            self.hooks[0]: [shape.d_model],
-            self.hooks[1]: [shape.n_heads, shape.d_head],
-            self.hooks[2]: [shape.n_key_value_heads, shape.d_head],
+            hooks[0]: [shape.d_model],
+            hooks[1]: [shape.n_heads, shape.d_head],
+            hooks[2]: [shape.n_key_value_heads, shape.d_head],
         }
         for hook, dims in want.items():
             got = self.store.shape(hook)[1:]
@@ -123,8 +183,6 @@ class StoreSource:
                     f"{hook} is stored with shape {got} per position, the transcoder needs "
                     f"{dims}: the collection is from another model"
                 )
-        self.context_size = self.store.context_size
-        self.n_contexts = self.store.n_contexts
 
     def n_batches(self, batch_contexts: int) -> int:
         """Full batches per epoch."""
@@ -134,7 +192,9 @@ class StoreSource:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(epoch))
         return torch.randperm(self.n_contexts, generator=g)
 
-    def batches(self, batch_contexts: int, epoch: int, start: int = 0) -> Iterator[QKBatch]:
+    def layer_batches(
+        self, batch_contexts: int, epoch: int, start: int = 0
+    ) -> Iterator[dict[int, QKBatch]]:
         """Batches ``start..`` of epoch ``epoch``; the last partial batch is dropped.
 
         Raises:
@@ -147,15 +207,19 @@ class StoreSource:
                 f"{batch_contexts}: collect more or lower the batch size"
             )
         order = self._order(epoch)
+        hooks = {layer: _hooks(shape) for layer, shape in self.shapes.items()}
+        names = [h for layer in self.layers for h in hooks[layer]]
         for b in range(start, n):
             idx = order[b * batch_contexts : (b + 1) * batch_contexts]
-            got = self.store.get_contexts(idx, list(self.hooks))
-            yield QKBatch(
-                x=got[self.hooks[0]].float().to(self.device),
-                q=got[self.hooks[1]].float().to(self.device),
-                k=got[self.hooks[2]].float().to(self.device),
-                tokens=got["tokens"].to(self.device),
-            )
+            got = self.store.get_contexts(idx, names)
+            tokens = got["tokens"].to(self.device)
+            yield {layer: self._batch(got, hooks[layer], tokens) for layer in self.layers}
+
+    def _batch(
+        self, got: dict[str, Tensor], hooks: tuple[str, str, str], tokens: Tensor
+    ) -> QKBatch:
+        x, q, k = (got[h].float().to(self.device) for h in hooks)
+        return QKBatch(x, q, k, tokens)
 
     def description(self) -> dict[str, Any]:
         """Collection path, size, source, model fingerprint and the shuffle seed."""
@@ -172,24 +236,39 @@ class StoreSource:
 
 
 @torch.no_grad()
-def run_to_layer(
-    model: HookedTransformer, shape: AttentionShape, tokens: Tensor, forward_batch: int = 16
-) -> QKBatch:
-    """``x``, ``q``, ``k`` of ``tokens`` (``[batch, pos]``), running layers ``0..L`` only."""
-    names = set(_hooks(shape))
-    parts = []
+def run_to_layers(
+    model: HookedTransformer,
+    shapes: Sequence[AttentionShape],
+    tokens: Tensor,
+    forward_batch: int = 16,
+) -> dict[int, QKBatch]:
+    """``x``, ``q``, ``k`` of every layer of ``shapes`` for ``tokens`` (``[batch, pos]``), in
+    one forward pass per chunk that stops after the last of those layers."""
+    hooks = {s.layer: _hooks(s) for s in shapes}
+    names = {h for hs in hooks.values() for h in hs}
+    parts: dict[int, list[tuple[Tensor, ...]]] = {layer: [] for layer in hooks}
     for i in range(0, tokens.shape[0], forward_batch):
         _, cache = model.run_with_cache(
             tokens[i : i + forward_batch],
             names_filter=lambda n: n in names,
-            stop_at_layer=shape.layer + 1,
+            stop_at_layer=max(hooks) + 1,
         )
-        x, q, k = (cache[h].float() for h in _hooks(shape))
-        parts.append((x, q, k))
-    return QKBatch(*(torch.cat([p[j] for p in parts]) for j in range(3)), tokens=tokens)
+        for layer, hs in hooks.items():
+            parts[layer].append(tuple(cache[h].float() for h in hs))
+    return {
+        layer: QKBatch(*(torch.cat([p[j] for p in ps]) for j in range(3)), tokens=tokens)
+        for layer, ps in parts.items()
+    }
 
 
-class ModelSource:
+def run_to_layer(
+    model: HookedTransformer, shape: AttentionShape, tokens: Tensor, forward_batch: int = 16
+) -> QKBatch:
+    """``x``, ``q``, ``k`` of ``tokens`` (``[batch, pos]``), running layers ``0..L`` only."""
+    return run_to_layers(model, [shape], tokens, forward_batch)[shape.layer]
+
+
+class ModelSource(_Layers):
     """Contexts packed from a text source and run through ``model`` on the fly.
 
     Every epoch reads the source in the same (packing) order; with ``max_contexts`` only its
@@ -198,13 +277,13 @@ class ModelSource:
     contexts are cut in several formats instead (with and without BOS, at random offsets,
     short and long: :class:`~tl_superposition.activations.mix.ContextMix`); a batch holds
     contexts of one length, in the order they come (the trainer counts every step as
-    ``batch_contexts x context_size`` tokens).
+    ``batch_contexts x context_size`` tokens). Several layers are read from one forward pass.
 
     Args:
-        model: the model (its layers up to ``shape.layer`` are run).
+        model: the model (its layers up to the last layer read are run).
         source: anything :func:`tl_superposition.activations.resolve_source` accepts (a text
             file or folder, ``"pydoc"``, a list of strings, token tensors, a dataset name).
-        shape: the transcoder's attention shape (checked against ``model``).
+        shape: the transcoder's attention shape, or several layers' (checked against ``model``).
         context_size: tokens per context.
         split: file-name prefix selecting files of a folder (e.g. ``"test"``).
         max_contexts: use only the first this many contexts.
@@ -220,7 +299,7 @@ class ModelSource:
         self,
         model: HookedTransformer,
         source: Any,
-        shape: AttentionShape,
+        shape: AttentionShape | Sequence[AttentionShape],
         *,
         context_size: int = 128,
         split: str | None = None,
@@ -228,35 +307,23 @@ class ModelSource:
         forward_batch: int = 16,
         mix: ContextMix | None = None,
     ) -> None:
-        shape.check_model(model)
+        self._set_shapes(shape)
+        for s in self.shapes.values():
+            s.check_model(model)
         if context_size < 2 or context_size > model.cfg.n_ctx:
             raise ValueError(f"context_size must be in 2..{model.cfg.n_ctx}, got {context_size}")
         self.model = model
-        self.shape = shape
         self.context_size = int(context_size)
         self.max_contexts = max_contexts
         self.forward_batch = int(forward_batch)
         self.split = split
-        self.hooks = _hooks(shape)
-        self._packing = open_packing(model, source, context_size=context_size, split=split)
+        self._packing = open_packing(model, source, context_size=context_size, split=split, mix=mix)
         self.mix = mix
-        if mix is not None:
-            if self._packing.source.documents is None:
-                raise ValueError("a context mix needs text or token documents, not packed contexts")
-            mix.check_context_size(context_size)
 
     def contexts(self) -> Iterator[np.ndarray]:
         """The token contexts of one pass, in order (int64, ``[context_size]`` or, with a
         mix, ``[mix.short_size]`` for short ones)."""
-        p = self._packing
-        if self.mix is None:
-            it = p.contexts()
-        else:
-            assert p.source.documents is not None
-            it = mix_contexts(
-                p.source.documents(), p.context_size, p.bos_token_id, p.separator_token_id,
-                self.mix,
-            )  # fmt: skip
+        it = self._packing.contexts()
         return islice(it, self.max_contexts) if self.max_contexts is not None else it
 
     def token_batches(self, batch_contexts: int) -> Iterator[np.ndarray]:
@@ -270,8 +337,11 @@ class ModelSource:
                 yield np.stack(rows)
                 rows.clear()
 
-    def batches(self, batch_contexts: int, epoch: int, start: int = 0) -> Iterator[QKBatch]:
-        """Batches ``start..`` of a pass (the same for every ``epoch``).
+    def layer_batches(
+        self, batch_contexts: int, epoch: int, start: int = 0
+    ) -> Iterator[dict[int, QKBatch]]:
+        """Batches ``start..`` of a pass (the same for every ``epoch``), every layer's from one
+        forward pass.
 
         Raises:
             ValueError: the source has fewer than ``batch_contexts`` contexts.
@@ -279,12 +349,13 @@ class ModelSource:
         del epoch  # a stream is read in the same order every time
         device = self.model.cfg.device
         produced = 0
+        shapes = list(self.shapes.values())
         for b, rows in enumerate(self.token_batches(batch_contexts)):
             produced += 1
             if b < start:
                 continue
             tokens = torch.as_tensor(rows, dtype=torch.long, device=device)
-            yield run_to_layer(self.model, self.shape, tokens, self.forward_batch)
+            yield run_to_layers(self.model, shapes, tokens, self.forward_batch)
         if produced == 0:
             raise ValueError(
                 f"the source gives fewer than one batch of {batch_contexts} contexts of "
@@ -304,13 +375,14 @@ class ModelSource:
         }
 
 
-class MemorySource:
+class MemorySource(_Layers):
     """Contexts run through ``model`` once and kept in memory, shuffled per epoch.
 
     Args:
-        model: the model (layers ``0..shape.layer`` are run once, in ``forward_batch`` chunks).
+        model: the model (layers up to the last layer read are run once, in ``forward_batch``
+            chunks).
         tokens: int64 ``[n_contexts, ctx]`` (e.g. :func:`tl_superposition.activations.pack_text`).
-        shape: the transcoder's attention shape (checked against ``model``).
+        shape: the transcoder's attention shape, or several layers' (checked against ``model``).
         seed: shuffle seed (epoch ``e`` uses a generator seeded with ``(seed, e)``).
 
     Raises:
@@ -321,20 +393,21 @@ class MemorySource:
         self,
         model: HookedTransformer,
         tokens: Tensor,
-        shape: AttentionShape,
+        shape: AttentionShape | Sequence[AttentionShape],
         *,
         seed: int = 0,
         forward_batch: int = 16,
     ) -> None:
-        shape.check_model(model)
+        self._set_shapes(shape)
+        for s in self.shapes.values():
+            s.check_model(model)
         if tokens.ndim != 2 or tokens.shape[1] < 2:
             raise ValueError(f"tokens must be [n_contexts, ctx >= 2], got {tuple(tokens.shape)}")
-        self.shape = shape
         self.context_size = int(tokens.shape[1])
         self.n_contexts = int(tokens.shape[0])
         self.seed = int(seed)
         tokens = tokens.to(model.cfg.device)
-        self.data = run_to_layer(model, shape, tokens, forward_batch)
+        self.data = run_to_layers(model, list(self.shapes.values()), tokens, forward_batch)
         digest = hashlib.sha256(tokens.cpu().numpy().tobytes()).hexdigest()[:16]
         self._description = {
             "kind": "memory",
@@ -345,14 +418,45 @@ class MemorySource:
             "seed": self.seed,
         }
 
-    def batches(self, batch_contexts: int, epoch: int, start: int = 0) -> Iterator[QKBatch]:
+    def layer_batches(
+        self, batch_contexts: int, epoch: int, start: int = 0
+    ) -> Iterator[dict[int, QKBatch]]:
         """Batches ``start..`` of epoch ``epoch``; the last partial batch is dropped."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(epoch))
         order = torch.randperm(self.n_contexts, generator=g)
         for b in range(start, self.n_contexts // batch_contexts):
-            idx = order[b * batch_contexts : (b + 1) * batch_contexts].to(self.data.x.device)
-            yield QKBatch(*(t[idx] for t in self.data))
+            idx = order[b * batch_contexts : (b + 1) * batch_contexts]
+            yield {
+                layer: QKBatch(*(t[idx.to(t.device)] for t in data))
+                for layer, data in self.data.items()
+            }
 
     def description(self) -> dict[str, Any]:
         """Model, size and a digest of the tokens."""
         return dict(self._description)
+
+
+def batches_of_layer(
+    source: ContextSource,
+    shape: AttentionShape,
+    batch_contexts: int,
+    epoch: int,
+    start: int = 0,
+) -> Iterator[QKBatch]:
+    """The batches of ``shape``'s layer from a source of one or several layers.
+
+    Raises:
+        ValueError: the source does not read that layer (:func:`check_reads`).
+    """
+    check_reads(source, shape)
+    for batch in source.layer_batches(batch_contexts, epoch, start):
+        yield batch[shape.layer]
+
+
+def check_reads(source: ContextSource, shape: AttentionShape) -> None:
+    """Raise :class:`ValueError` unless ``source`` reads ``shape``'s layer with that shape."""
+    if source.shapes.get(shape.layer) != shape:
+        raise ValueError(
+            f"the source reads layers {sorted(source.shapes)} with shapes "
+            f"{list(source.shapes.values())}; the transcoder is for {shape}"
+        )

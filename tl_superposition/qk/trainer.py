@@ -27,7 +27,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,7 @@ from tl_superposition.qk.config import QKTrainConfig
 from tl_superposition.qk.dictionaries import init_from_data
 from tl_superposition.qk.loss import QKLoss, qk_loss
 from tl_superposition.qk.resample import FiringTracker, resample_dead
-from tl_superposition.qk.source import ContextSource, QKBatch
+from tl_superposition.qk.source import ContextSource, QKBatch, check_reads
 from tl_superposition.qk.transcoder import QKOutput, QKTranscoder
 
 log = logging.getLogger(__name__)
@@ -104,11 +104,12 @@ def sparsity_factor(step: int, total: int, cfg: QKTrainConfig) -> float:
 
 def _batch_stream(
     source: ContextSource, batch_contexts: int, epoch: int, start: int
-) -> Iterator[tuple[int, int, QKBatch]]:
-    """``(epoch, batch index, batch)`` from ``(epoch, start)`` on, across epochs forever."""
+) -> Iterator[tuple[int, int, dict[int, QKBatch]]]:
+    """``(epoch, batch index, {layer: batch})`` from ``(epoch, start)`` on, across epochs
+    forever."""
     while True:
         n = 0
-        for batch in source.batches(batch_contexts, epoch, start):
+        for batch in source.layer_batches(batch_contexts, epoch, start):
             yield epoch, start + n, batch
             n += 1
         if n == 0 and start == 0:
@@ -119,32 +120,35 @@ def _batch_stream(
 @torch.no_grad()
 def data_means(
     source: ContextSource, batch_contexts: int, n_contexts: int = MEAN_CONTEXTS
-) -> dict[str, torch.Tensor]:
-    """Mean ``x``, flattened ``q`` and flattened ``k`` over the first contexts of epoch 0.
+) -> dict[int, dict[str, torch.Tensor]]:
+    """Mean ``x``, flattened ``q`` and flattened ``k`` of every layer of ``source`` over the
+    first ``n_contexts`` contexts of epoch 0 (at least one batch).
 
     Returns:
-        ``{"x": [d_model], "q": [n_heads * d_head], "k": [n_key_value_heads * d_head]}``.
+        ``{layer: {"x": [d_model], "q": [n_heads * d_head], "k": [n_key_value_heads *
+        d_head]}}``.
     """
-    sums: dict[str, torch.Tensor] = {}
+    sums: dict[int, dict[str, torch.Tensor]] = {layer: {} for layer in source.shapes}
     count = 0
-    for _, _, batch in _batch_stream(source, batch_contexts, 0, 0):
-        for name in ("x", "q", "k"):
-            t = getattr(batch, name).flatten(2) if name != "x" else batch.x
-            s = t.double().sum((0, 1))
-            sums[name] = sums[name] + s if name in sums else s
-        count += batch.x.shape[0] * batch.x.shape[1]
-        if count >= n_contexts * batch.x.shape[1]:
+    for _, _, batches in _batch_stream(source, batch_contexts, 0, 0):
+        for layer, batch in batches.items():
+            for name in ("x", "q", "k"):
+                t = getattr(batch, name).flatten(2) if name != "x" else batch.x
+                s = t.double().sum((0, 1))
+                sums[layer][name] = sums[layer][name] + s if name in sums[layer] else s
+        x = next(iter(batches.values())).x
+        count += x.shape[0] * x.shape[1]
+        if count >= n_contexts * x.shape[1]:
             break
-    return {k: (v / count).float() for k, v in sums.items()}
+    return {
+        layer: {k: (v / count).float() for k, v in layer_sums.items()}
+        for layer, layer_sums in sums.items()
+    }
 
 
 def _check_setup(qkt: QKTranscoder, model: HookedTransformer, source: ContextSource) -> None:
     qkt.check_model(model)
-    if source.shape != qkt.shape:
-        raise ValueError(
-            f"the source reads layer {source.shape.layer} with shape {source.shape}, the "
-            f"transcoder is for {qkt.shape}"
-        )
+    check_reads(source, qkt.shape)
 
 
 def _save_checkpoint(out_dir: Path, state: dict[str, Any], history: list[dict]) -> None:
@@ -171,7 +175,7 @@ def _load_checkpoint(path: Path, expected: dict[str, Any]) -> dict[str, Any]:
 
 
 class _Run:
-    """The mutable state of one training run, which is what a checkpoint holds."""
+    """The mutable state of one layer's training run, which is what a checkpoint holds."""
 
     def __init__(
         self,
@@ -179,8 +183,10 @@ class _Run:
         model: HookedTransformer,
         source: ContextSource,
         cfg: QKTrainConfig,
+        out: Path | None,
     ) -> None:
-        self.qkt, self.source, self.cfg = qkt, source, cfg
+        self.qkt, self.cfg, self.out = qkt, cfg, out
+        self.source_description = source.description()
         self.attn = layer_attention(model, qkt.shape.layer)
         self.tokens_per_step = cfg.batch_contexts * source.context_size
         self.total = max(1, math.ceil(cfg.max_tokens / self.tokens_per_step))
@@ -200,22 +206,45 @@ class _Run:
     def finished(self) -> bool:
         return self.loop["step"] >= self.total
 
+    @property
+    def position(self) -> tuple[int, int]:
+        """``(epoch, batch index)`` of the next batch this run trains on."""
+        return self.loop["epoch"], self.loop["batch"]
+
     def identity(self) -> dict[str, Any]:
         """What a checkpoint must match to be resumed by this run."""
         return {
             "format": CHECKPOINT_FORMAT,
             "qk_config": self.qkt.cfg.to_dict(),
             "train_config": self.cfg.to_dict(),
-            "source": self.source.description(),
+            "source": self.source_description,
         }
 
-    def start(self) -> None:
-        """Initialise the biases from the data means (a new run)."""
-        self.means = data_means(self.source, self.cfg.batch_contexts)
+    def resume_or_start(self, overwrite: bool) -> bool:
+        """Load the checkpoint in the output folder (True), or prepare a new run (False)."""
+        out = self.out
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+        if out is not None and (out / CHECKPOINT).is_file() and not overwrite:
+            self.load_state_dict(_load_checkpoint(out / CHECKPOINT, self.identity()))
+            log.info("resuming %s at step %d", out, self.loop["step"])
+            return True
+        if out is not None:
+            config = {"train": self.cfg.to_dict(), "source": self.source_description}
+            write_json_atomic(out / TRAIN_CONFIG, config)
+        return False
+
+    def start(self, means: dict[str, torch.Tensor]) -> None:
+        """Initialise the biases from the layer's data means (a new run)."""
+        self.means = means
         norm = self.cfg.decoder_init_norm
         with torch.no_grad():
-            init_from_data(self.qkt.q_dict, self.means["x"], self.means["q"], decoder_norm=norm)
-            init_from_data(self.qkt.k_dict, self.means["x"], self.means["k"], decoder_norm=norm)
+            init_from_data(self.qkt.q_dict, means["x"], means["q"], decoder_norm=norm)
+            init_from_data(self.qkt.k_dict, means["x"], means["k"], decoder_norm=norm)
+
+    def save(self) -> None:
+        if self.out is not None:
+            _save_checkpoint(self.out, self.state_dict(), self.history)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -258,8 +287,21 @@ class _Run:
             return None
         row = {"step": loop["step"], "tokens": loop["tokens"], **row}
         self.history.append(row)
-        log.info("step %d: %s", loop["step"], row)
+        log.info("layer %d step %d: %s", self.qkt.shape.layer, loop["step"], row)
         return row
+
+    def result(self, seconds: float, steps_here: int) -> TrainResult:
+        """The :class:`TrainResult` of this run after a call that did ``steps_here`` steps."""
+        return TrainResult(
+            transcoder=self.qkt,
+            history=pd.DataFrame(self.history),
+            steps=self.loop["step"],
+            tokens=self.loop["tokens"],
+            seconds=seconds,
+            tokens_per_s=steps_here * self.tokens_per_step / seconds if seconds > 0 else 0.0,
+            finished=self.finished,
+            out_dir=self.out,
+        )
 
 
 def _l0(f: torch.Tensor) -> float:
@@ -283,8 +325,9 @@ def train_qk(
         qkt: the transcoder to train (new: its biases are initialised from the data means).
         model: the model whose layer ``qkt`` belongs to (its attention module computes the
             patterns; its weights are not changed).
-        source: whole-context batches (:class:`.source.StoreSource` or
-            :class:`.source.ModelSource`) of the same layer.
+        source: whole-context batches (:class:`.source.StoreSource`,
+            :class:`.source.ModelSource` or :class:`.source.MemorySource`) that read the
+            transcoder's layer (and possibly others, which are ignored).
         cfg: hyperparameters (default :class:`QKTrainConfig()`).
         out_dir: folder for checkpoints, history and the final transcoder; a folder holding
             a checkpoint of the same run is resumed from it. ``None``: nothing is written and
@@ -302,77 +345,139 @@ def train_qk(
             source holds less than one batch, or ``out_dir`` holds a checkpoint of another
             run (and not ``overwrite``).
     """
+    out = None if out_dir is None else Path(out_dir)
+    results = _train(
+        {qkt.shape.layer: (qkt, out)}, model, source, cfg or QKTrainConfig(), overwrite,
+        stop_after_steps, progress,
+    )  # fmt: skip
+    return results[qkt.shape.layer]
+
+
+def train_qk_layers(
+    qkts: Sequence[QKTranscoder],
+    model: HookedTransformer,
+    source: ContextSource,
+    cfg: QKTrainConfig | None = None,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    overwrite: bool = False,
+    stop_after_steps: int | None = None,
+    progress: bool = True,
+) -> dict[int, TrainResult]:
+    """Train the transcoders of several layers together on one source.
+
+    Every step reads one batch of the same contexts for all layers (one forward pass of a
+    :class:`.source.ModelSource`, one read of a collection of several layers) and takes one
+    step per layer, each exactly the step :func:`train_qk` would take for that layer alone:
+    the result of a layer is the result of training it alone on the same source. Layers
+    resume independently (each from its own checkpoint); a layer that is ahead skips the
+    batches it has already seen.
+
+    Args:
+        qkts: one transcoder per layer (distinct layers of ``model``).
+        model, source, cfg, overwrite, stop_after_steps, progress: as :func:`train_qk`;
+            ``source`` reads every layer of ``qkts``.
+        out_dir: the run's folder: layer ``L`` is written into ``out_dir/layer_L``
+            (:func:`layer_folder`), laid out as :func:`train_qk`'s folder.
+
+    Returns:
+        ``{layer: TrainResult}``.
+
+    Raises:
+        ValueError: no transcoder or two for one layer, and the errors of :func:`train_qk`.
+    """
+    layers = [q.shape.layer for q in qkts]
+    if not layers or len(set(layers)) != len(layers):
+        raise ValueError(f"give one transcoder per layer, got layers {layers}")
+    runs = {
+        q.shape.layer: (q, None if out_dir is None else layer_folder(out_dir, q.shape.layer))
+        for q in qkts
+    }
     cfg = cfg or QKTrainConfig()
-    _check_setup(qkt, model, source)
+    return _train(runs, model, source, cfg, overwrite, stop_after_steps, progress)
+
+
+def layer_folder(out_dir: str | os.PathLike, layer: int) -> Path:
+    """Where :func:`train_qk_layers` writes layer ``layer`` of the run in ``out_dir``."""
+    return Path(out_dir) / f"layer_{int(layer)}"
+
+
+def _train(
+    runs_in: dict[int, tuple[QKTranscoder, Path | None]],
+    model: HookedTransformer,
+    source: ContextSource,
+    cfg: QKTrainConfig,
+    overwrite: bool,
+    stop_after_steps: int | None,
+    progress: bool,
+) -> dict[int, TrainResult]:
+    """The loop behind :func:`train_qk` and :func:`train_qk_layers`."""
     device = torch.device(cfg.device)
-    qkt.to(device)
-    run = _Run(qkt, model, source, cfg)
-    out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-    if out is not None and (out / CHECKPOINT).is_file() and not overwrite:
-        run.load_state_dict(_load_checkpoint(out / CHECKPOINT, run.identity()))
-        log.info("resuming %s at step %d", out, run.loop["step"])
-    else:
-        run.start()
-        if out is not None:
-            write_json_atomic(
-                out / TRAIN_CONFIG, {"train": cfg.to_dict(), "source": source.description()}
-            )
-
-    def save() -> None:
-        if out is not None:
-            _save_checkpoint(out, run.state_dict(), run.history)
-
-    done_here = 0
+    for qkt, _ in runs_in.values():
+        _check_setup(qkt, model, source)
+        qkt.to(device)
+    runs = {L: _Run(qkt, model, source, cfg, out) for L, (qkt, out) in runs_in.items()}
+    new = [L for L, run in runs.items() if not run.resume_or_start(overwrite)]
+    if new:
+        means = data_means(source, cfg.batch_contexts)
+        for layer in new:
+            runs[layer].start(means[layer])
+    todo = [run for run in runs.values() if not run.finished]
+    steps_here = dict.fromkeys(runs, 0)
     t0 = time.perf_counter()
+    first = min((run.position for run in todo), default=(0, 0))
     bar = tqdm(
-        total=run.total,
-        initial=run.loop["step"],
+        total=max(run.total for run in runs.values()),
+        initial=min(run.loop["step"] for run in runs.values()),
         unit="step",
         disable=not progress,
-        desc="train-qk",
+        desc="train-qk" if len(runs) == 1 else f"train-qk {len(runs)} layers",
     )
-    stream = _batch_stream(source, cfg.batch_contexts, run.loop["epoch"], run.loop["batch"])
-    qkt.train()
+    stream = _batch_stream(source, cfg.batch_contexts, *first)
+    for run in runs.values():
+        run.qkt.train()
+    done_here = 0
     try:
-        while not run.finished and (stop_after_steps is None or done_here < stop_after_steps):
-            epoch, index, batch = next(stream)
-            row = run.step(epoch, index, QKBatch(*(t.to(device) for t in batch)))
+        while todo and (stop_after_steps is None or done_here < stop_after_steps):
+            epoch, index, batches = next(stream)
+            for run in todo:
+                if run.position > (epoch, index):
+                    continue  # resumed ahead of the others
+                batch = QKBatch(*(t.to(device) for t in batches[run.qkt.shape.layer]))
+                row = run.step(epoch, index, batch)
+                steps_here[run.qkt.shape.layer] += 1
+                if row is not None and len(runs) == 1:
+                    bar.set_postfix(_postfix(row))
+                if run.loop["step"] % cfg.checkpoint_every_steps == 0:
+                    run.save()
+            todo = [run for run in todo if not run.finished]
             done_here += 1
             bar.update(1)
-            if row is not None:
-                bar.set_postfix(
-                    loss=f"{row['total']:.3f}",
-                    kl=f"{row['kl_full']:.3f}",
-                    klq=f"{row['kl_q']:.3f}",
-                    klk=f"{row['kl_k']:.3f}",
-                    l0q=f"{row['l0_q']:.0f}",
-                    l0k=f"{row['l0_k']:.0f}",
-                    dead=f"{row['dead_q']:.2f}/{row['dead_k']:.2f}",
-                )
-            if run.loop["step"] % cfg.checkpoint_every_steps == 0:
-                save()
     except KeyboardInterrupt:
-        save()
+        for run in runs.values():
+            run.save()
         raise
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
-    save()
-    qkt.eval()
-    if run.finished and out is not None:
-        qkt.save(out)
-    return TrainResult(
-        transcoder=qkt,
-        history=pd.DataFrame(run.history),
-        steps=run.loop["step"],
-        tokens=run.loop["tokens"],
-        seconds=seconds,
-        tokens_per_s=done_here * run.tokens_per_step / seconds if seconds > 0 else 0.0,
-        finished=run.finished,
-        out_dir=out,
-    )
+    for run in runs.values():
+        run.save()
+        run.qkt.eval()
+        if run.finished and run.out is not None:
+            run.qkt.save(run.out)
+    return {L: run.result(seconds, steps_here[L]) for L, run in runs.items()}
+
+
+def _postfix(row: dict[str, Any]) -> dict[str, str]:
+    return {
+        "loss": f"{row['total']:.3f}",
+        "kl": f"{row['kl_full']:.3f}",
+        "klq": f"{row['kl_q']:.3f}",
+        "klk": f"{row['kl_k']:.3f}",
+        "l0q": f"{row['l0_q']:.0f}",
+        "l0k": f"{row['l0_k']:.0f}",
+        "dead": f"{row['dead_q']:.2f}/{row['dead_k']:.2f}",
+    }
 
 
 def _train_step(
