@@ -8,12 +8,19 @@ The data flow, one module per step:
 - :mod:`.transcoder` -- :class:`QKTranscoder` (a ``HookedRootModule``): features,
   reconstructions, ``splice(model)``, save/load;
 - :mod:`.attention` -- patterns and KL through the model's own attention code;
-- :mod:`.source` -- whole-context batches from a collection or streamed from a model;
-- :mod:`.loss`, :mod:`.resample`, :mod:`.trainer` -- :func:`train_qk`;
+- :mod:`.source` -- whole-context batches of one or several layers, from a collection or
+  streamed from a model (optionally in a context mix);
+- :mod:`.loss`, :mod:`.resample`, :mod:`.trainer` -- :func:`train_qk`, and
+  :func:`train_qk_layers` for several layers from one forward pass;
 - :mod:`.evaluate` -- :func:`evaluate_qk` against mean-q/k and uniform baselines;
 - :mod:`.attribution` -- :func:`attribute_score`: one score split into feature pairs;
+- :mod:`.ioi_fit` -- :func:`ioi_fit`: the error term and spliced attention on IOI prompts;
+- :mod:`.ioi_pairs` -- :func:`ioi_pairs`: the pairs that carry a head's IOI firings, and
+  :func:`feature_card` to name their features from text;
 - :mod:`.feature_edges` -- :func:`feature_edges`: each active feature's pre-activation split
   over the upstream heads, MLPs and embeddings (upstream -> feature -> firing);
+- :mod:`.edge_agreement` -- :func:`edge_agreement`: feature-level edges beside the SVD
+  trace's circuit edges of the same firings;
 - :mod:`.pairs` -- bilinear map, feature-pair mask (step 2), pair statistics;
 - :mod:`.tables` -- pandas tables of pairs and feature contexts; :mod:`.plots` -- figures.
 
@@ -32,8 +39,11 @@ Example::
 from tl_superposition.activations.packing import pack_text  # re-exported for convenience
 from tl_superposition.qk.attribution import ScoreAttribution, attribute_score
 from tl_superposition.qk.config import AttentionShape, QKTrainConfig, QKTranscoderConfig
+from tl_superposition.qk.edge_agreement import EdgeAgreement, carrier_heads, edge_agreement
 from tl_superposition.qk.evaluate import QKEvalResult, evaluate_qk
 from tl_superposition.qk.feature_edges import edges_by_upstream, feature_edges
+from tl_superposition.qk.ioi_fit import IOIFit, ioi_fit
+from tl_superposition.qk.ioi_pairs import feature_card, ioi_pairs
 from tl_superposition.qk.pairs import (
     FeaturePairMask,
     PairMaskConfig,
@@ -66,6 +76,13 @@ __all__ = [
     "attribute_score",
     "feature_edges",
     "edges_by_upstream",
+    "edge_agreement",
+    "EdgeAgreement",
+    "carrier_heads",
+    "ioi_fit",
+    "IOIFit",
+    "ioi_pairs",
+    "feature_card",
     "ScoreAttribution",
     "bilinear_map",
     "train_pair_mask",

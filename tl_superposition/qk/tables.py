@@ -3,7 +3,8 @@
 - :func:`pair_table`: per head, the (query feature, key feature) pairs that carry most of the
   head's scores on data, with their bilinear strength, mask value and co-activity;
 - :func:`feature_activations` / :func:`top_activating_contexts`: where a feature fires, the
-  token in bold (``**token**``) within its surrounding text; :func:`styled` renders the bold;
+  token in bold (``**token**``) within its surrounding text (cut at document separators);
+  :func:`top_tokens`: the tokens it fires on most; :func:`styled` renders the bold;
 - :func:`strongest_partners`: the features of the other side a feature interacts with most;
 - :func:`feature_density`: how often each feature fires.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import html
 import re
+from collections.abc import Collection
 from typing import Any, Literal
 
 import numpy as np
@@ -114,6 +116,7 @@ def top_activating_contexts(
     *,
     n: int = 10,
     window: int = 10,
+    separators: Collection[int] = (),
 ) -> pd.DataFrame:
     """The ``n`` tokens where ``feature`` fires most strongly, each with its context.
 
@@ -123,6 +126,8 @@ def top_activating_contexts(
         tokenizer: to decode tokens.
         feature: the feature.
         window: tokens shown before the firing token (and half as many after it).
+        separators: token ids that end a document (BOS, EOS): the text shown stops at them,
+            so a context never runs into another document.
 
     Returns:
         Columns context_id, pos, activation, token, text (``... **token** ...``).
@@ -140,12 +145,49 @@ def top_activating_contexts(
     for v, f in zip(vals.tolist(), flat.tolist(), strict=True):
         c, p = divmod(f, ctx)
         ids = tokens[c].tolist()
-        before = _piece(tokenizer, ids[max(0, p - window) : p])
+        lo, hi = _document(ids, p, separators)
+        before = _piece(tokenizer, ids[max(lo, p - window) : p])
         tok = _piece(tokenizer, [ids[p]])
-        after = _piece(tokenizer, ids[p + 1 : p + 1 + max(1, window // 2)])
+        after = _piece(tokenizer, ids[p + 1 : min(hi, p + 1 + max(1, window // 2))])
         text = f"{before}**{tok}**{after}".replace("\n", "\\n")
         rows.append({"context_id": c, "pos": p, "activation": v, "token": tok, "text": text})
     return pd.DataFrame(rows, columns=["context_id", "pos", "activation", "token", "text"])
+
+
+def _document(ids: list[int], pos: int, separators: Collection[int]) -> tuple[int, int]:
+    """``[lo, hi)``: the span around ``pos`` between separators (``pos`` itself allowed)."""
+    lo = max((i + 1 for i in range(pos) if ids[i] in separators), default=0)
+    hi = min((i for i in range(pos + 1, len(ids)) if ids[i] in separators), default=len(ids))
+    return lo, hi
+
+
+def top_tokens(
+    acts: Tensor, tokens: Tensor, tokenizer: Any, feature: int, *, n: int = 10
+) -> pd.DataFrame:
+    """The tokens ``feature`` fires on most: by total activation over ``acts``.
+
+    Args:
+        acts: feature activations ``[n_contexts, ctx, d_hidden]``.
+        tokens: the same contexts' token ids ``[n_contexts, ctx]``.
+        tokenizer: to decode tokens.
+        feature: the feature.
+        n: rows returned.
+
+    Returns:
+        Columns token, token_id, firings, mean_activation, share (of the feature's total
+        activation), sorted by total activation.
+    """
+    a = acts[..., feature].reshape(-1)
+    ids = tokens.reshape(-1)[a > 0].numpy()
+    vals = a[a > 0].double().numpy()
+    table = pd.DataFrame({"token_id": ids, "act": vals}).groupby("token_id")["act"]
+    out = pd.DataFrame(
+        {"firings": table.size(), "total": table.sum(), "mean_activation": table.mean()}
+    ).sort_values("total", ascending=False)
+    out = pd.DataFrame(out.head(n)).reset_index()
+    out["share"] = out.total / max(float(vals.sum()), 1e-30)
+    out["token"] = [_piece(tokenizer, [int(t)]) for t in out.token_id]
+    return pd.DataFrame(out[["token", "token_id", "firings", "mean_activation", "share"]])
 
 
 def styled(df: pd.DataFrame) -> Styler:
