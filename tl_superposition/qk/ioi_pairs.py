@@ -132,7 +132,7 @@ def _add_batch(
 
 
 def _pair_frame(
-    sums: dict[tuple[int, int], np.ndarray], totals: np.ndarray, top: int
+    sums: dict[tuple[int, int], np.ndarray], totals: np.ndarray, top: int | None
 ) -> pd.DataFrame:
     """The ``top`` pairs of ``sums`` by ``|mean_term|`` (:func:`ioi_pairs`' table)."""
     score, error, rest, n = totals
