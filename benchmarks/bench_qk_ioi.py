@@ -28,8 +28,12 @@ context mix (``--bos-frac``, ``--random-offset``, ``--short-frac``, ``--short-si
 The last line printed is one JSON object: ``layers``, ``heads``, ``mix``, and over all layers
 ``error_frac_ioi``, ``attn_end_io_true``, ``attn_end_io_spliced``, ``attn_end_s2_true``,
 ``attn_end_s2_spliced``, ``kl_full`` (the largest of the layers'), ``l0_q``, ``l0_k`` (the
-largest medians), ``dead_frac`` (the largest); ``per_layer`` with each layer's figures,
-``per_head`` and the run's settings and seconds.
+largest medians), ``dead_frac`` (the largest); ``edge_agreement`` (with ``circuit:``: per rule
+the two shares of :func:`~tl_superposition.qk.edge_agreement` and the most frequent
+disagreements); ``per_layer`` with each layer's figures, ``per_head`` and the run's settings
+and seconds. With ``circuit:`` the agreement tables are written to
+``--out/edge_agreement_svd_edges.csv`` and ``--out/edge_agreement_features.csv``, and every
+head's IOI figures to ``--out/ioi_heads.csv``.
 """
 
 from __future__ import annotations
@@ -67,6 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-contexts", type=int, default=256)
     p.add_argument("--ioi-prompts", type=int, default=256)
     p.add_argument("--ioi-seed", type=int, default=1)
+    p.add_argument(
+        "--agreement-firings",
+        type=int,
+        default=8,
+        help="with --layers circuit:<folder>: firings per circuit node for edge_agreement",
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", required=True, help="the run folder (resumed if it holds one)")
     return p.parse_args(argv)
@@ -135,9 +145,35 @@ def measure_layer(model, qkt, heads, tokens, heldout) -> tuple[dict, object]:
     }, fit
 
 
+def records(table) -> list:
+    """A table as JSON-able records."""
+    return json.loads(table.to_json(orient="records") or "[]")
+
+
+def agree(args: argparse.Namespace, model, qkts: list) -> dict | None:
+    """:func:`~tl_superposition.qk.edge_agreement` on the circuit's trace (``None`` without
+    one); its tables go to ``--out/edge_agreement_*.csv``."""
+    if not args.layers.startswith("circuit:"):
+        return None
+    from tl_superposition._atomic import atomic_path
+    from tl_superposition.qk import edge_agreement
+
+    trace = args.layers.removeprefix("circuit:")
+    ea = edge_agreement(qkts, model, trace, max_firings=args.agreement_firings)
+    for name, table in (("svd_edges", ea.svd_edges), ("features", ea.features)):
+        with atomic_path(Path(args.out) / f"edge_agreement_{name}.csv") as tmp:
+            table.to_csv(tmp, index=False)
+    worst = {
+        rule: {k: records(v) for k, v in ea.disagreements(rule, 5).items()}
+        for rule in ("top", "majority")
+    }
+    return {**ea.summary(), "disagreements": worst}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     from tl_superposition import load_model
+    from tl_superposition._atomic import atomic_path
     from tl_superposition.activations import pack_text
     from tl_superposition.evaluation.prompts import ioi_prompts
     from tl_superposition.qk import QKTranscoder, layer_folder
@@ -157,13 +193,16 @@ def main(argv: list[str] | None = None) -> dict:
         max_contexts=args.eval_contexts,
     )  # fmt: skip
     heldout = ioi_prompts(model, args.ioi_prompts, args.ioi_seed, "heldout")
-    per_layer, fits = [], []
+    per_layer, fits, qkts = [], [], []
     for layer in tqdm(layers, desc="measure"):
-        qkt = QKTranscoder.load(layer_folder(args.out, layer))
-        row, fit = measure_layer(model, qkt, heads[layer], tokens, heldout)
+        qkts.append(QKTranscoder.load(layer_folder(args.out, layer)))
+        row, fit = measure_layer(model, qkts[-1], heads[layer], tokens, heldout)
         per_layer.append(row)
         fits.append(fit)
     fit = IOIFit.concat(fits)
+    with atomic_path(Path(args.out) / "ioi_heads.csv") as tmp:
+        fit.heads.to_csv(tmp, index=False)
+    agreement = agree(args, model, qkts)
     result = {
         "layers": layers,
         "heads": [f"{L}.{h}" for L, h in zip(fit.heads.layer, fit.heads["head"])],
@@ -171,8 +210,9 @@ def main(argv: list[str] | None = None) -> dict:
         **{k: max(r[k] for r in per_layer) for k in ("kl_full", "l0_q", "l0_k", "dead_frac")},
         **fit.summary(),
         "error_frac_by_role": fit.by_role(),
+        "edge_agreement": agreement,
         "per_layer": per_layer,
-        "per_head": json.loads(fit.heads.to_json(orient="records") or "[]"),
+        "per_head": records(fit.heads),
         "steps": max(r.steps for r in res.values()),
         "tokens": max(r.tokens for r in res.values()),
         "seconds_train": round(seconds_train, 1),
