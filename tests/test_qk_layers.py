@@ -147,3 +147,16 @@ def test_cli_trains_the_circuit_layers_from_one_collection(
         assert saved["source"]["kind"] == "store"
     assert store.manifest["settings"]["mix"]["bos_frac"] == 0.5
     assert not (out / "layer_1").exists()
+    # eval-qk on the whole run: every layer, heads as layer.head
+    ev = ["eval-qk", "--model", "tiny", "--context-size", "16", "--split", "test",
+          "--source", str(data_path("shakespeare")), "--transcoder", str(out),
+          "--max-contexts", "8", "--no-progress"]  # fmt: skip
+    n_loads = len(loads)
+    assert main([*ev, "--heads", "1.0"]) == 2
+    assert "layer.head pairs of layers [0, 2] only" in capsys.readouterr().err
+    assert len(loads) == n_loads  # refused before the model loads
+    ev_out = ["--heads", "0.1,2.3", "--ioi-prompts", "4", "--out", str(tmp_path / "ev")]
+    assert main([*ev, *ev_out]) == 0
+    for layer, head in ((0, 1), (2, 3)):
+        table = (tmp_path / "ev" / f"layer_{layer}" / "ioi_heads.csv").read_text().splitlines()
+        assert [row.split(",")[:2] for row in table[1:]] == [[str(layer), str(head)]]

@@ -291,12 +291,20 @@ def run_train(args: argparse.Namespace) -> int:
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     """Register the ``eval-qk`` options on ``p``."""
     _common(p)
-    p.add_argument("--transcoder", required=True, help="folder written by train-qk")
+    p.add_argument(
+        "--transcoder",
+        required=True,
+        help="folder written by train-qk: one layer's, or a --layers run's (every layer is "
+        "evaluated, into --out/layer_L)",
+    )
     p.add_argument("--source", required=True, help="held-out text (file, folder, 'pydoc', ...)")
     p.add_argument("--max-contexts", type=int, default=256, help="contexts evaluated")
     p.add_argument("--skip-contexts", type=int, default=0, help="skip the first N contexts")
     p.add_argument(
-        "--heads", default=None, help="heads of interest, e.g. '0,3' (default: all heads)"
+        "--heads",
+        default=None,
+        help="heads of interest: '0,3' in every layer, or layer.head pairs '23.0,16.2' "
+        "(default: all heads)",
     )
     p.add_argument("--batch-contexts", type=int, default=16)
     p.add_argument(
@@ -319,32 +327,69 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def run_eval(args: argparse.Namespace) -> int:
-    """Evaluate a trained QK transcoder on held-out text; print the metrics table."""
-    import pandas as pd
+def transcoder_folders(path: str | Path) -> dict[int, Path]:
+    """``{layer: folder}`` of a ``train-qk`` output: one layer's folder, or a ``--layers`` run
+    folder (``layer_L`` subfolders).
 
+    Raises:
+        FileNotFoundError: neither (no ``qk_transcoder.json`` there or in ``layer_*``; a run
+            that has not finished has none yet).
+    """
+    path = Path(path)
+    if (path / "qk_transcoder.json").is_file():
+        saved = json.loads((path / "qk_transcoder.json").read_text())
+        return {int(saved["config"]["shape"]["layer"]): path}
+    found = {
+        int(sub.name.removeprefix("layer_")): sub
+        for sub in path.glob("layer_*")
+        if sub.name.removeprefix("layer_").isdigit() and (sub / "qk_transcoder.json").is_file()
+    }
+    if not found:
+        raise FileNotFoundError(
+            f"{path} holds no trained QK transcoder (qk_transcoder.json, or layer_*/ of a "
+            "train-qk --layers run): train one, or let the run finish"
+        )
+    return dict(sorted(found.items()))
+
+
+def parse_heads(text: str | None, layers: list[int]) -> dict[int, list[int] | None]:
+    """``--heads`` per layer: ``'0,3'`` (the same heads in every layer), ``'23.0,16.2'``
+    (layer.head), or ``None`` (every head).
+
+    Raises:
+        ValueError: neither form, or a layer.head of a layer not evaluated.
+    """
+    if not text:
+        return dict.fromkeys(layers)
+    items = [h.strip() for h in text.split(",") if h.strip()]
+    try:
+        if all("." not in h for h in items):
+            return {L: [int(h) for h in items] for L in layers}
+        pairs = [tuple(int(x) for x in h.split(".")) for h in items]
+    except ValueError:
+        raise ValueError(
+            f"--heads must be comma-separated heads ('0,3') or layer.head ('23.0,16.2'), "
+            f"got {text!r}"
+        ) from None
+    if any(len(p) != 2 for p in pairs) or {p[0] for p in pairs} - set(layers):
+        raise ValueError(f"--heads {text!r}: layer.head pairs of layers {layers} only")
+    return {L: sorted(h for layer, h in pairs if layer == L) or None for L in layers}
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Evaluate trained QK transcoders (one layer, or every layer of a ``--layers`` run) on
+    held-out text and, with ``--ioi-prompts``, on held-out IOI prompts; print the tables."""
     from tl_superposition import load_model
-    from tl_superposition._atomic import atomic_path, write_json_atomic
     from tl_superposition.activations.packing import pack_text
-    from tl_superposition.qk.evaluate import evaluate_qk
-    from tl_superposition.qk.transcoder import QKTranscoder
 
     _set_threads(args.threads)
-    heads = None
-    if args.heads:
-        try:
-            heads = [int(h) for h in args.heads.split(",") if h.strip()]
-        except ValueError:
-            raise ValueError(
-                f"--heads must be comma-separated integers, got {args.heads!r}"
-            ) from None
     if args.max_contexts < 1 or args.skip_contexts < 0:
         raise ValueError("--max-contexts must be >= 1 and --skip-contexts >= 0")
     if args.ioi_prompts < 0:
         raise ValueError(f"--ioi-prompts must be >= 0, got {args.ioi_prompts}")
-    qkt = QKTranscoder.load(args.transcoder, device=args.device)
+    folders = transcoder_folders(args.transcoder)
+    heads = parse_heads(args.heads, list(folders))
     model = load_model(args.model, device=args.device)
-    qkt.check_model(model)
     tokens = pack_text(
         model,
         args.source,
@@ -352,6 +397,31 @@ def run_eval(args: argparse.Namespace) -> int:
         split=args.split,
         max_contexts=args.skip_contexts + args.max_contexts,
     )[args.skip_contexts :]
+    several = not (Path(args.transcoder) / "qk_transcoder.json").is_file()
+    for layer, folder in folders.items():
+        out = None if args.out is None else Path(args.out) / (f"layer_{layer}" if several else "")
+        _eval_layer(args, model, folder, tokens, heads[layer], out)
+    return 0
+
+
+def _eval_layer(
+    args: argparse.Namespace,
+    model: Any,
+    folder: Path,
+    tokens: Any,
+    heads: list[int] | None,
+    out: Path | None,
+) -> None:
+    """Evaluate one layer's transcoder; print and (with ``out``) write its tables."""
+    import pandas as pd
+
+    from tl_superposition._atomic import atomic_path, write_json_atomic
+    from tl_superposition.qk.evaluate import evaluate_qk
+    from tl_superposition.qk.transcoder import QKTranscoder
+
+    qkt = QKTranscoder.load(folder, device=args.device)
+    qkt.check_model(model)
+    print(f"layer {qkt.shape.layer} ({folder}):")
     res = evaluate_qk(
         qkt,
         model,
@@ -365,17 +435,15 @@ def run_eval(args: argparse.Namespace) -> int:
     fit = _ioi_column(args, qkt, model, heads)
     summary = res.summary if fit is None else {**res.summary, "ioi": fit.summary()}
     print(json.dumps(summary))
-    if args.out:
-        out = Path(args.out)
+    if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         with atomic_path(out / "metrics.csv") as tmp:
             res.metrics.to_csv(tmp)
         if fit is not None:
             with atomic_path(out / "ioi_heads.csv") as tmp:
                 fit.heads.to_csv(tmp, index=False)
-        write_json_atomic(out / "summary.json", {**summary, "transcoder": args.transcoder})
+        write_json_atomic(out / "summary.json", {**summary, "transcoder": str(folder)})
         print(f"wrote {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
-    return 0
 
 
 def _ioi_column(args: argparse.Namespace, qkt: Any, model: Any, heads: list[int] | None) -> Any:
