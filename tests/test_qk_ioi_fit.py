@@ -46,3 +46,16 @@ def test_a_random_dictionary_shows_its_error(model):
     )
     with pytest.raises(ValueError, match="heads must be in"):
         ioi_fit(qkt, model, ds, heads=[9])
+
+
+def test_the_error_is_split_by_the_dictionary_that_misses(model):
+    ds = make_ioi_dataset(model, 12, seed=1)
+    qkt = exact_qkt(model)
+    with torch.no_grad():  # the query dictionary stays exact, the key dictionary is spoilt
+        qkt.k_dict.W_dec.add_(
+            0.5 * torch.randn(qkt.k_dict.W_dec.shape, generator=torch.Generator().manual_seed(1))
+        )
+    fit = ioi_fit(qkt, model, ds, pattern_thresh=0.2)
+    s = fit.summary()
+    assert s["error_frac_ioi_q"] < 1e-4 < 0.05 < s["error_frac_ioi_k"]
+    assert (fit.heads.error_frac_q < 1e-4).all()

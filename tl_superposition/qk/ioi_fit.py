@@ -8,7 +8,9 @@ prompts (a held-out prompt seed), :func:`ioi_fit` measures
 - the **error share** of END firings: for every (prompt, head, source) with the true pattern
   at END at least ``pattern_thresh`` (source position 0 left out, as the trace leaves it out),
   ``|score - score_hat|`` and ``|score|`` (``hook_attn_scores`` against the score from the
-  reconstructed query and key); ``error_frac`` is ``mean |error| / mean |score|``;
+  reconstructed query and key); ``error_frac`` is ``mean |error| / mean |score|``, and
+  ``error_frac_q`` / ``error_frac_k`` the same with only the query (key) reconstructed, the
+  other side true, which says which dictionary misses;
 - the **spliced attention** on END -> IO and END -> S2: the pattern with both the queries and
   the keys of the layer replaced by their reconstructions, against the true one, as means over
   prompts.
@@ -35,9 +37,11 @@ class IOIFit:
 
     Attributes:
         heads: one row per head: layer, head, n_firings (END firings), error_frac,
-            attn_end_io_true, attn_end_io_spliced, attn_end_s2_true, attn_end_s2_spliced.
+            error_frac_q, error_frac_k, attn_end_io_true, attn_end_io_spliced, attn_end_s2_true, attn_end_s2_spliced.
         firings: one row per END firing: layer, prompt, head, src, role (``IO``, ``S2``,
-            ``S1`` or ``other``), pattern, score, score_hat, error.
+            ``S1`` or ``other``), pattern, score, score_hat, error, error_q (score minus the
+            score of the reconstructed query and the true key), error_k (true query,
+            reconstructed key).
 
     The fits of several layers join into one with :meth:`concat`.
     """
@@ -47,10 +51,13 @@ class IOIFit:
 
     def summary(self) -> dict[str, float]:
         """Over every head: error_frac (``mean |error| / mean |score|`` of all END firings),
-        the mean true and spliced attention on END -> IO and END -> S2."""
+        the same with only queries (``_q``) or only keys (``_k``) reconstructed, the mean true
+        and spliced attention on END -> IO and END -> S2."""
         h = self.heads
         return {
             "error_frac_ioi": error_share(self.firings),
+            "error_frac_ioi_q": error_share(self.firings, "error_q"),
+            "error_frac_ioi_k": error_share(self.firings, "error_k"),
             "n_firings": int(len(self.firings)),
             **{str(k): float(h[k].to_numpy().mean()) for k in h.columns if k.startswith("attn_")},
         }
@@ -68,11 +75,12 @@ class IOIFit:
         return {str(role): error_share(f) for role, f in self.firings.groupby("role")}
 
 
-def error_share(firings: pd.DataFrame) -> float:
-    """``mean |error| / mean |score|`` of END firings (NaN for none)."""
+def error_share(firings: pd.DataFrame, column: str = "error") -> float:
+    """``mean |column| / mean |score|`` of END firings (NaN for none)."""
     if not len(firings):
         return float("nan")
-    return float(np.abs(firings.error.to_numpy()).mean() / np.abs(firings.score.to_numpy()).mean())
+    err = np.abs(firings[column].to_numpy(dtype=float)).mean()
+    return float(err / np.abs(firings.score.to_numpy(dtype=float)).mean())
 
 
 @torch.no_grad()
@@ -103,7 +111,8 @@ def ioi_fit(
     if any(not 0 <= h < s.n_heads for h in heads):
         raise ValueError(f"heads must be in 0..{s.n_heads - 1}, got {heads}")
     attn_module = layer_attention(model, s.layer)
-    names = {s.hook("ln1.hook_normalized"), s.hook("attn.hook_attn_scores")}
+    hooks = ("ln1.hook_normalized", "attn.hook_attn_scores", "attn.hook_q", "attn.hook_k")
+    names = {s.hook(h) for h in hooks}
     dev = next(model.parameters()).device
     firings: list[pd.DataFrame] = []
     attn: dict[str, list[torch.Tensor]] = {
@@ -116,15 +125,22 @@ def ioi_fit(
         )
         true = cache[s.hook("attn.hook_attn_scores")][:, heads].double()
         out = qkt(cache[s.hook("ln1.hook_normalized")].float())
-        rec = attention_scores(attn_module, out.q, out.k)[:, heads].double()
+        q, k = cache[s.hook("attn.hook_q")].float(), cache[s.hook("attn.hook_k")].float()
         b = torch.arange(len(part))
         end = part.end_pos.to(dev)
-        score, score_hat = true[b, :, end], rec[b, :, end]  # [batch, head, src]
+        score = true[b, :, end]  # [batch, head, src]
+        score_hat, score_q, score_k = (
+            attention_scores(attn_module, qq, kk)[:, heads].double()[b, :, end]
+            for qq, kk in ((out.q, out.k), (out.q, k), (q, out.k))
+        )
         p_true, p_rec = score.softmax(-1), score_hat.softmax(-1)
         for role, pos in (("io", part.io_pos), ("s2", part.s2_pos)):  # [batch, head] each
             attn[f"attn_end_{role}_true"].append(p_true[b, :, pos].cpu())
             attn[f"attn_end_{role}_spliced"].append(p_rec[b, :, pos].cpu())
-        firings.append(_end_firings(part, lo, heads, score, score_hat, p_true, pattern_thresh))
+        firings.append(
+            _end_firings(part, lo, heads, score, (score_hat, score_q, score_k), p_true,
+                         pattern_thresh)
+        )  # fmt: skip
     f = pd.concat(firings, ignore_index=True)
     f.insert(0, "layer", s.layer)
     of_head = [pd.DataFrame(f[f["head"].to_numpy() == h]) for h in heads]
@@ -134,13 +150,15 @@ def ioi_fit(
             "head": heads,
             "n_firings": [len(mine) for mine in of_head],
             "error_frac": [error_share(mine) for mine in of_head],
+            "error_frac_q": [error_share(mine, "error_q") for mine in of_head],
+            "error_frac_k": [error_share(mine, "error_k") for mine in of_head],
             **{k: torch.cat(v).mean(0).numpy() for k, v in attn.items()},
         }
     )
     return IOIFit(heads=table, firings=f)
 
 
-def _end_firings(part, lo, heads, score, score_hat, p_true, thresh) -> pd.DataFrame:
+def _end_firings(part, lo, heads, score, recon, p_true, thresh) -> pd.DataFrame:
     """One row per END firing of a batch (module docstring)."""
     fire = p_true >= thresh
     fire[..., 0] = False
@@ -150,7 +168,8 @@ def _end_firings(part, lo, heads, score, score_hat, p_true, thresh) -> pd.DataFr
     for bb, ss in zip(b_cpu.tolist(), src_cpu.tolist()):
         named = {int(part.io_pos[bb]): "IO", int(part.s2_pos[bb]): "S2", int(part.s1_pos[bb]): "S1"}
         role.append(named.get(ss, "other"))
-    sc, sh = score[b, i, src].cpu(), score_hat[b, i, src].cpu()
+    sc = score[b, i, src].cpu()
+    sh, sq, sk = (r[b, i, src].cpu() for r in recon)
     return pd.DataFrame(
         {
             "prompt": (b_cpu + lo).numpy(),
@@ -161,5 +180,7 @@ def _end_firings(part, lo, heads, score, score_hat, p_true, thresh) -> pd.DataFr
             "score": sc.numpy(),
             "score_hat": sh.numpy(),
             "error": (sc - sh).numpy(),
+            "error_q": (sc - sq).numpy(),
+            "error_k": (sc - sk).numpy(),
         }
     )
