@@ -209,8 +209,8 @@ def edge_agreement(
 
     Raises:
         FileNotFoundError: a file of the trace folder is missing.
-        ValueError: no circuit node lies in the transcoders' layers, or the prompts do not
-            tokenise as the trace recorded (another model).
+        ValueError: no circuit node lies in the transcoders' layers, none of them has a traced
+            firing, or the prompts do not tokenise as the trace recorded (another model).
     """
     qkts = dict(transcoders) if isinstance(transcoders, Mapping) else {
         q.shape.layer: q for q in transcoders
@@ -241,6 +241,8 @@ def edge_agreement(
         into = pd.DataFrame(edges[edges.down == f["down"]])
         svd_rows.append(_svd_rows(into, records, f, carriers))
         feature_rows.append(_feature_rows(into, f, carriers))
+    if not chosen:
+        raise ValueError(f"the trace in {trace} holds no traced firing of the circuit's nodes")
     return EdgeAgreement(
         svd_edges=pd.concat(svd_rows, ignore_index=True),
         features=pd.concat(feature_rows, ignore_index=True),
@@ -289,7 +291,8 @@ def _svd_rows(
             mine = (c.side == e["side"]) & (c.carrier == e["up_head"])
             row[f"supported_{rule}"] = bool(mine.to_numpy().any())
         rows.append(row)
-    return pd.DataFrame(rows)
+    columns = ["up", "down", "side", "up_head", "firing_id", "svd_weight"]
+    return pd.DataFrame(rows, columns=columns + [f"supported_{rule}" for rule in carriers])
 
 
 def _feature_rows(
