@@ -9,7 +9,7 @@ context mix (``--bos-frac``, ``--random-offset``, ``--short-frac``, ``--short-si
 
 - on held-out text (``--eval-split``, ``--eval-contexts`` contexts of ``--context-size``):
   :func:`~tl_superposition.qk.evaluate_qk`'s KL of the reconstructed pattern (nats per query
-  row), median L0 and dead features;
+  row), median L0 and dead features (no spliced losses: ``eval-qk`` measures those);
 - on held-out IOI prompts (``--ioi-prompts`` of seed ``--ioi-seed``, the held-out half of the
   names, as the circuit benchmark's held-out prompts): for the heads of interest, the error
   share of END firings and the spliced attention on END -> IO and END -> S2 against the true
@@ -132,7 +132,7 @@ def measure_layer(model, qkt, heads, tokens, heldout) -> tuple[dict, object]:
     from tl_superposition.qk import evaluate_qk
     from tl_superposition.qk.ioi_fit import ioi_fit
 
-    ev = evaluate_qk(qkt, model, tokens, heads=heads, progress=False)
+    ev = evaluate_qk(qkt, model, tokens, heads=heads, losses=False, progress=False)
     row = ev.metrics.loc["transcoder"]
     fit = ioi_fit(qkt, model, heldout, heads=heads)
     return {

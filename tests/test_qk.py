@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 from conftest import data_path
@@ -243,6 +244,13 @@ def test_evaluation_of_exact_dictionaries(model):
     if model.cfg.positional_embedding_type == "standard":  # constant q, k: uniform pattern
         assert base["mean_qk"] == pytest.approx(base["uniform"], abs=1e-5)
     assert ev.summary["n_tokens"] == 6 * 32
+    quick = evaluate_qk(  # without the spliced losses: the same patterns, L0 and dead features
+        exact_qkt(model), model, tokens_of(model, 6), heads=[2], batch_contexts=4, losses=False,
+        progress=False,
+    )  # fmt: skip
+    same = [c for c in ev.metrics.columns if not c.startswith("loss")]
+    pd.testing.assert_frame_equal(quick.metrics[same], ev.metrics[same])
+    assert quick.metrics.loss_delta.isna().all()
 
 
 def test_sparsity_penalties():

@@ -89,18 +89,27 @@ class _Means:
         self.n += q.shape[0] * q.shape[1]
 
 
-def _run_clean(model: HookedTransformer, tokens: Tensor, layer: int) -> tuple[Tensor, dict]:
+def _run_clean(
+    model: HookedTransformer, tokens: Tensor, layer: int, loss: bool = True
+) -> tuple[Tensor | None, dict]:
+    """The clean per-token loss (``None`` without ``loss``: the pass stops after ``layer``)
+    and the layer's activations."""
     names = {
         f"blocks.{layer}.hook_resid_pre",
         f"blocks.{layer}.ln1.hook_normalized",
         f"blocks.{layer}.attn.hook_q",
         f"blocks.{layer}.attn.hook_k",
     }
-    loss, cache = model.run_with_cache(
+    if not loss:
+        _, cache = model.run_with_cache(
+            tokens, names_filter=lambda n: n in names, stop_at_layer=layer + 1
+        )
+        return None, {k.split(".", 2)[-1]: v for k, v in cache.items()}
+    value, cache = model.run_with_cache(
         tokens, return_type="loss", loss_per_token=True, names_filter=lambda n: n in names
     )
-    assert isinstance(loss, Tensor)
-    return loss, {k.split(".", 2)[-1]: v for k, v in cache.items()}
+    assert isinstance(value, Tensor)
+    return value, {k.split(".", 2)[-1]: v for k, v in cache.items()}
 
 
 def _spliced_loss(
@@ -120,6 +129,7 @@ def evaluate_qk(
     *,
     heads: Sequence[int] | None = None,
     batch_contexts: int = 16,
+    losses: bool = True,
     progress: bool = True,
 ) -> QKEvalResult:
     """Measure ``qkt`` and the baselines on the contexts ``tokens`` (held-out text).
@@ -131,6 +141,9 @@ def evaluate_qk(
             of a test split).
         heads: the heads of interest (default all heads of the layer).
         batch_contexts: contexts per forward pass.
+        losses: also measure the next-token loss with each replacement spliced in (six more
+            passes through layers ``L..`` per batch). ``False``: patterns, L0 and dead features
+            only, from a pass that stops after layer ``L`` (the loss columns are NaN).
 
     Memory: the first pass keeps ``x``, ``q``, ``k`` and the residual stream of every context
     (the means of ``q`` and ``k`` over all of them are needed before the second pass); for
@@ -157,17 +170,18 @@ def evaluate_qk(
     cached = []
     for batch in bar:
         batch = batch.to(model.cfg.device)
-        clean, cache = _run_clean(model, batch, layer)
+        clean, cache = _run_clean(model, batch, layer, losses)
         means.add(cache["attn.hook_q"], cache["attn.hook_k"])
         cached.append((batch, clean, cache))
     assert means.q is not None and means.k is not None
     q_mean = (means.q / means.n).float()
     k_mean = (means.k / means.n).float()
     # Pass 2: patterns and spliced losses.
-    variants = _variants(model, qkt, q_mean, k_mean, heads)
+    variants = _variants(model, qkt, q_mean, k_mean, heads) if losses else {}
     for batch, clean, cache in tqdm(cached, desc="eval-qk splices", disable=not progress):
         acc.add_patterns(model, cache, q_mean, k_mean)
-        acc.add_loss("clean", clean)
+        if clean is not None:
+            acc.add_loss("clean", clean)
         for name, hooks in variants.items():
             acc.add_loss(name, _spliced_loss(model, cache["hook_resid_pre"], batch, layer, hooks))
     return acc.result(tokens, layer, heads)
@@ -270,9 +284,12 @@ class _Accumulator:
     def add_loss(self, name: str, loss: Tensor) -> None:
         self.loss.setdefault(name, []).append(loss.detach().float().cpu().reshape(-1))
 
+    def _mean_loss(self, name: str) -> float:
+        return torch.cat(self.loss[name]).mean().item() if name in self.loss else np.nan
+
     def result(self, tokens: Tensor, layer: int, heads: list[int]) -> QKEvalResult:
         rows, rows_heads = self.rows, self.rows_heads
-        clean = torch.cat(self.loss["clean"]).mean().item()
+        clean = torch.cat(self.loss["clean"]).mean().item() if self.loss else np.nan
         l0_q, l0_k = torch.cat(self.l0_q).float(), torch.cat(self.l0_k).float()
         table = []
         for method in METHODS:
@@ -287,8 +304,8 @@ class _Accumulator:
             row["l0_k_mean"] = float(l0_k.mean()) if is_tc else np.nan
             row["dead_q"] = float((self.count_q == 0).float().mean()) if is_tc else np.nan
             row["dead_k"] = float((self.count_k == 0).float().mean()) if is_tc else np.nan
-            row["loss_delta"] = torch.cat(self.loss[method]).mean().item() - clean
-            row["loss_delta_heads"] = torch.cat(self.loss[method + "_heads"]).mean().item() - clean
+            row["loss_delta"] = self._mean_loss(method) - clean
+            row["loss_delta_heads"] = self._mean_loss(method + "_heads") - clean
             table.append(row)
         summary = {
             "n_contexts": int(tokens.shape[0]),

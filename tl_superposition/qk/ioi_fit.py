@@ -37,7 +37,8 @@ class IOIFit:
 
     Attributes:
         heads: one row per head: layer, head, n_firings (END firings), error_frac,
-            error_frac_q, error_frac_k, attn_end_io_true, attn_end_io_spliced, attn_end_s2_true, attn_end_s2_spliced.
+            error_frac_q, error_frac_k, attn_end_io_true, attn_end_io_spliced,
+            attn_end_s2_true, attn_end_s2_spliced.
         firings: one row per END firing: layer, prompt, head, src, role (``IO``, ``S2``,
             ``S1`` or ``other``), pattern, score, score_hat, error, error_q (score minus the
             score of the reconstructed query and the true key), error_k (true query,
