@@ -155,8 +155,11 @@ def test_cli_trains_the_circuit_layers_from_one_collection(
     assert main([*ev, "--heads", "1.0"]) == 2
     assert "layer.head pairs of layers [0, 2] only" in capsys.readouterr().err
     assert len(loads) == n_loads  # refused before the model loads
-    ev_out = ["--heads", "0.1,2.3", "--ioi-prompts", "4", "--out", str(tmp_path / "ev")]
+    ev_out = ["--heads", "0.1,2.3", "--ioi-prompts", "4", "--no-losses", "--out",
+              str(tmp_path / "ev")]  # fmt: skip
     assert main([*ev, *ev_out]) == 0
     for layer, head in ((0, 1), (2, 3)):
         table = (tmp_path / "ev" / f"layer_{layer}" / "ioi_heads.csv").read_text().splitlines()
         assert [row.split(",")[:2] for row in table[1:]] == [[str(layer), str(head)]]
+        metrics = (tmp_path / "ev" / f"layer_{layer}" / "metrics.csv").read_text()
+        assert "loss_delta" in metrics.splitlines()[0]

@@ -308,6 +308,12 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--batch-contexts", type=int, default=16)
     p.add_argument(
+        "--no-losses",
+        action="store_true",
+        help="skip the spliced next-token losses (six passes per batch): patterns, L0 and "
+        "dead features only",
+    )
+    p.add_argument(
         "--ioi-prompts",
         type=int,
         default=0,
@@ -428,6 +434,7 @@ def _eval_layer(
         tokens,
         heads=heads,
         batch_contexts=args.batch_contexts,
+        losses=not args.no_losses,
         progress=not args.no_progress,
     )
     with pd.option_context("display.width", 200, "display.max_columns", 20):
