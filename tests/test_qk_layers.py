@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import data_path
+from sae_lens import SAE
 
 from tl_superposition.activations.mix import ContextMix
 from tl_superposition.qk import (
@@ -143,6 +144,7 @@ def test_cli_trains_the_circuit_layers_from_one_collection(
     for layer in (0, 2):
         qkt = QKTranscoder.load(layer_folder(out, layer))
         assert qkt.shape.layer == layer
+        SAE.load_from_disk(str(layer_folder(out, layer) / "k"))  # SAELens reads each dictionary
         saved = json.loads((layer_folder(out, layer) / "train_config.json").read_text())
         assert saved["source"]["kind"] == "store"
     assert store.manifest["settings"]["mix"]["bos_frac"] == 0.5
