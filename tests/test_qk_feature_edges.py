@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 from conftest import data_path
@@ -63,6 +64,10 @@ def test_feature_edges_sum_to_each_features_part_of_the_score(model):
     a = attribute_score(qkt, model, tokens, head, dest, src)
     edges = feature_edges(qkt, model, tokens, head, dest, src, attribution=a)
     assert set(edges.side) == {"query", "key"}
+    shared = run_batch(model, tokens[None])  # a prompt's cache, shared by its firings
+    pd.testing.assert_frame_equal(
+        feature_edges(qkt, model, tokens, head, dest, src, cache=shared), edges
+    )
     per_feature = edges.groupby(["side", "feature"]).agg(
         edge=("edge", "sum"), write=("write", "sum"), act=("act", "first"),
         score=("feature_score", "first"),

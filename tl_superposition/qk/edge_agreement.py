@@ -37,6 +37,7 @@ from transformer_lens import HookedTransformer
 from tl_superposition.circuit import Circuit
 from tl_superposition.qk.feature_edges import feature_edges
 from tl_superposition.qk.transcoder import QKTranscoder
+from tl_superposition.tracing.cache import run_batch
 
 RULES = ("top", "majority")
 #: The trace's side names -> :func:`~.feature_edges.feature_edges`'s.
@@ -232,10 +233,15 @@ def edge_agreement(
     ]
     tokens = _prompt_tokens(model, pd.read_csv(trace / "prompts.csv"))
     svd_rows, feature_rows = [], []
+    chosen.sort(key=lambda f: int(f["prompt_id"]))  # one forward pass per prompt
+    cache, cached = None, -1
     for f in tqdm(chosen, desc="edge agreement", disable=not progress):
+        prompt = int(f["prompt_id"])
+        if prompt != cached:
+            cache, cached = run_batch(model, tokens[prompt][None].to(model.cfg.device)), prompt
         fe = feature_edges(
-            qkts[int(f["layer"])], model, tokens[int(f["prompt_id"])], int(f["head"]),
-            int(f["dest_pos"]), int(f["src_pos"]),
+            qkts[int(f["layer"])], model, tokens[prompt], int(f["head"]), int(f["dest_pos"]),
+            int(f["src_pos"]), cache=cache,
         )  # fmt: skip
         carriers = {rule: carrier_heads(fe, rule, min_feature_frac) for rule in RULES}
         into = pd.DataFrame(edges[edges.down == f["down"]])

@@ -151,6 +151,7 @@ def feature_edges(
     dest: int,
     src: int,
     attribution: ScoreAttribution | None = None,
+    cache: BatchCache | None = None,
 ) -> pd.DataFrame:
     """The feature-level edges of head ``head``'s firing from ``dest`` to ``src``.
 
@@ -162,6 +163,8 @@ def feature_edges(
         dest, src: destination (query) and source (key) positions.
         attribution: :func:`~tl_superposition.qk.attribution.attribute_score` of the same
             firing, if already computed.
+        cache: :func:`~tl_superposition.tracing.cache.run_batch` of ``tokens`` (one row), if
+            already computed (several firings of one prompt share it).
 
     Returns:
         One row per (side, active feature, upstream component): side (``query`` at
@@ -179,7 +182,8 @@ def feature_edges(
     a = attribution or attribute_score(qkt, model, tokens, head, dest, src)
     if (a.layer, a.head, a.dest, a.src) != (qkt.shape.layer, head, dest, src):
         raise ValueError("attribution is of another firing than (head, dest, src)")
-    cache = run_batch(model, tokens.reshape(1, -1).to(model.cfg.device))
+    if cache is None:
+        cache = run_batch(model, tokens.reshape(1, -1).to(model.cfg.device))
     scores = _feature_scores(a)
     parts = [
         _side_table(model, cache, qkt, side, dest if side == "query" else src, scores[side])
