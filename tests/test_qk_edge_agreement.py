@@ -62,7 +62,11 @@ def test_edge_agreement_runs_on_a_traced_circuit(tiny_llama, tmp_path):
     for rule in RULES:
         for key in ("svd_in_features", "features_in_svd"):
             assert 0.0 <= summary[rule][key] <= 1.0
-    worst = a.disagreements("top")
+    a.svd_edges["supported_top"] = a.svd_edges.supported_top.astype(object)  # as after concat
+    worst = a.disagreements("top", n=1000)
     assert set(worst) == {"svd_only", "feature_only"}
+    unsupported = 1 - a.svd_edges.supported_top.astype(float)
+    assert worst["svd_only"].unsupported.between(0, 1).all()
+    assert (worst["svd_only"].unsupported * worst["svd_only"].firings).sum() == unsupported.sum()
     with pytest.raises(ValueError, match="no node of the circuit"):
         edge_agreement([exact_qkt_at(model, 0)] if 0 not in layers else [], model, tmp_path)

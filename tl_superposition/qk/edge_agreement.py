@@ -124,7 +124,8 @@ class EdgeAgreement:
             carrier: carried by MLPs, the embedding or biases)}``, each the ``n`` most
             frequent.
         """
-        e = self.svd_edges.assign(unsupported=~self.svd_edges[f"supported_{rule}"])
+        supported = self.svd_edges[f"supported_{rule}"].to_numpy(dtype=bool)
+        e = self.svd_edges.assign(unsupported=~supported)
         svd_only = pd.DataFrame(
             e.groupby(["up", "down", "side"], as_index=False).agg(
                 firings=("firing_id", "size"), unsupported=("unsupported", "mean")
