@@ -28,7 +28,9 @@ context mix (``--bos-frac``, ``--random-offset``, ``--short-frac``, ``--short-si
 The last line printed is one JSON object: ``layers``, ``heads``, ``mix``, and over all layers
 ``error_frac_ioi``, ``attn_end_io_true``, ``attn_end_io_spliced``, ``attn_end_s2_true``,
 ``attn_end_s2_spliced``, ``kl_full`` (the largest of the layers'), ``l0_q``, ``l0_k`` (the
-largest medians), ``dead_frac`` (the largest); ``edge_agreement`` (with ``circuit:``: per rule
+largest medians), ``dead_frac`` (the largest); ``error_frac_text`` (the error share of the
+same heads' firings on the held-out text, mean over layers: whether IOI prompts in particular
+are missed); ``edge_agreement`` (with ``circuit:``: per rule
 the two shares of :func:`~tl_superposition.qk.edge_agreement` and the most frequent
 disagreements); ``per_layer`` with each layer's figures, ``per_head`` and the run's settings
 and seconds. With ``circuit:`` the agreement tables are written to
@@ -130,7 +132,7 @@ def train(args: argparse.Namespace, model, layers: list[int], mix) -> tuple[dict
 def measure_layer(model, qkt, heads, tokens, heldout) -> tuple[dict, object]:
     """Held-out text and IOI figures of one layer's transcoder."""
     from tl_superposition.qk import evaluate_qk
-    from tl_superposition.qk.ioi_fit import ioi_fit
+    from tl_superposition.qk.ioi_fit import ioi_fit, text_error_share
 
     ev = evaluate_qk(qkt, model, tokens, heads=heads, losses=False, progress=False)
     row = ev.metrics.loc["transcoder"]
@@ -141,8 +143,17 @@ def measure_layer(model, qkt, heads, tokens, heldout) -> tuple[dict, object]:
         "l0_q": float(row["l0_q_median"]),
         "l0_k": float(row["l0_k_median"]),
         "dead_frac": max(float(row["dead_q"]), float(row["dead_k"])),
+        "error_frac_text": text_error_share(qkt, model, tokens, heads),
         **fit.summary(),
     }, fit
+
+
+def text_share(per_layer: list[dict]) -> float:
+    """The layers' text error shares, averaged (each layer's is over its own firings)."""
+    shares = [
+        r["error_frac_text"] for r in per_layer if r["error_frac_text"] == r["error_frac_text"]
+    ]
+    return sum(shares) / len(shares) if shares else float("nan")
 
 
 def records(table) -> list:
@@ -208,6 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
         "heads": [f"{L}.{h}" for L, h in zip(fit.heads.layer, fit.heads["head"])],
         "mix": None if mix is None else mix.to_dict(),
         **{k: max(r[k] for r in per_layer) for k in ("kl_full", "l0_q", "l0_k", "dead_frac")},
+        "error_frac_text": text_share(per_layer),
         **fit.summary(),
         "error_frac_by_role": fit.by_role(),
         "edge_agreement": agreement,

@@ -59,3 +59,15 @@ def test_the_error_is_split_by_the_dictionary_that_misses(model):
     s = fit.summary()
     assert s["error_frac_ioi_q"] < 1e-4 < 0.05 < s["error_frac_ioi_k"]
     assert (fit.heads.error_frac_q < 1e-4).all()
+
+
+def test_text_error_share_is_zero_for_exact_dictionaries_only(model):
+    from test_qk import tokens_of
+
+    from tl_superposition.qk.ioi_fit import text_error_share
+
+    tokens = tokens_of(model, 6)
+    assert text_error_share(exact_qkt(model), model, tokens, [0, 2], pattern_thresh=0.2) < 1e-4
+    gen = torch.Generator().manual_seed(0)
+    noisy = QKTranscoder.for_model(model, LAYER, d_hidden=32, generator=gen)
+    assert text_error_share(noisy, model, tokens, pattern_thresh=0.2) > 0.05

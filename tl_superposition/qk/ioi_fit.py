@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
+from jaxtyping import Int
+from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from tl_superposition.ioi import IOIDataset
@@ -185,3 +187,45 @@ def _end_firings(part, lo, heads, score, recon, p_true, thresh) -> pd.DataFrame:
             "error_k": (sc - sk).numpy(),
         }
     )
+
+
+@torch.no_grad()
+def text_error_share(
+    qkt: QKTranscoder,
+    model: HookedTransformer,
+    tokens: Int[Tensor, "n_contexts ctx"],
+    heads: Sequence[int] | None = None,
+    pattern_thresh: float = 0.5,
+    batch_size: int = 16,
+) -> float:
+    """The error share of the heads' firings on text, the counterpart of
+    :meth:`IOIFit.summary`'s ``error_frac_ioi``: over every (context, head, destination,
+    source) with true attention at least ``pattern_thresh`` and source after position 0,
+    ``mean |score - score_hat| / mean |score|``. Set beside the IOI figure it says whether a
+    dictionary misses IOI prompts in particular or the heads' firings in general.
+
+    Raises:
+        ValueError: ``qkt`` does not fit ``model``, or a head out of range.
+    """
+    qkt.check_model(model)
+    s = qkt.shape
+    heads = list(range(s.n_heads)) if heads is None else [int(h) for h in heads]
+    if any(not 0 <= h < s.n_heads for h in heads):
+        raise ValueError(f"heads must be in 0..{s.n_heads - 1}, got {heads}")
+    attn_module = layer_attention(model, s.layer)
+    names = {s.hook("ln1.hook_normalized"), s.hook("attn.hook_attn_scores")}
+    err, size = 0.0, 0.0
+    for lo in range(0, tokens.shape[0], batch_size):
+        _, cache = model.run_with_cache(
+            tokens[lo : lo + batch_size].to(model.cfg.device),
+            names_filter=lambda n: n in names,
+            stop_at_layer=s.layer + 1,
+        )
+        true = cache[s.hook("attn.hook_attn_scores")][:, heads].double()
+        out = qkt(cache[s.hook("ln1.hook_normalized")].float())
+        rec = attention_scores(attn_module, out.q, out.k)[:, heads].double()
+        fire = true.softmax(-1) >= pattern_thresh
+        fire[..., 0] = False
+        err += float((true - rec)[fire].abs().sum())
+        size += float(true[fire].abs().sum())
+    return err / size if size else float("nan")
