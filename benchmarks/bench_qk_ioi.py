@@ -34,7 +34,7 @@ are missed); ``edge_agreement`` (with ``circuit:``: per rule
 the two shares of :func:`~tl_superposition.qk.edge_agreement` and the most frequent
 disagreements); ``per_layer`` with each layer's figures, ``per_head`` and the run's settings
 and seconds. With ``circuit:`` the agreement tables are written to
-``--out/edge_agreement_svd_edges.csv`` and ``--out/edge_agreement_features.csv``, and every
+``--out`` (``EdgeAgreement.save``: ``edge_agreement_*.csv`` and ``edge_agreement.json``), and every
 head's IOI figures to ``--out/ioi_heads.csv``.
 """
 
@@ -166,14 +166,11 @@ def agree(args: argparse.Namespace, model, qkts: list) -> dict | None:
     one); its tables go to ``--out/edge_agreement_*.csv``."""
     if not args.layers.startswith("circuit:"):
         return None
-    from tl_superposition._atomic import atomic_path
     from tl_superposition.qk import edge_agreement
 
     trace = args.layers.removeprefix("circuit:")
     ea = edge_agreement(qkts, model, trace, max_firings=args.agreement_firings)
-    for name, table in (("svd_edges", ea.svd_edges), ("features", ea.features)):
-        with atomic_path(Path(args.out) / f"edge_agreement_{name}.csv") as tmp:
-            table.to_csv(tmp, index=False)
+    ea.save(args.out)
     worst = {
         rule: {k: records(v) for k, v in ea.disagreements(rule, 5).items()}
         for rule in ("top", "majority")

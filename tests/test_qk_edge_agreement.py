@@ -8,7 +8,12 @@ from test_qk import exact_qkt_at
 
 from tl_superposition.circuit import CircuitConfig, extract_circuit
 from tl_superposition.ioi import make_ioi_dataset
-from tl_superposition.qk.edge_agreement import RULES, carrier_heads, edge_agreement
+from tl_superposition.qk.edge_agreement import (
+    RULES,
+    EdgeAgreement,
+    carrier_heads,
+    edge_agreement,
+)
 from tl_superposition.tracing import TraceConfig, trace_ioi
 
 
@@ -58,6 +63,11 @@ def test_edge_agreement_runs_on_a_traced_circuit(tiny_llama, tmp_path):
         assert (row["firing_id"], side[row["side"]], row["up_head"]) in recorded
     held = a.features.carrier_majority.notna()
     assert (a.features.carrier_majority[held] == a.features.carrier_top[held]).all()
+    a.save(tmp_path / "agreement")
+    back = EdgeAgreement.load(tmp_path / "agreement")
+    pd.testing.assert_frame_equal(back.svd_edges, a.svd_edges, check_dtype=False)
+    pd.testing.assert_frame_equal(back.features, a.features, check_dtype=False)
+    assert back.n_firings == a.n_firings and back.summary() == a.summary()
     summary = a.summary()
     for rule in RULES:
         for key in ("svd_in_features", "features_in_svd"):

@@ -22,8 +22,9 @@ upstream writes. :func:`edge_agreement` puts the two side by side on the trace's
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from tl_superposition._atomic import atomic_path, write_json_atomic
 from tl_superposition.circuit import Circuit
 from tl_superposition.qk.feature_edges import feature_edges
 from tl_superposition.qk.transcoder import QKTranscoder
@@ -113,6 +115,34 @@ class EdgeAgreement:
                 "n_major_features": int(len(self.features)),
             }
         return out
+
+    def save(self, out_dir: str | os.PathLike) -> None:
+        """Write ``edge_agreement_svd_edges.csv``, ``edge_agreement_features.csv`` and
+        ``edge_agreement.json`` (``n_firings``) into ``out_dir``, each atomically."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, table in (("svd_edges", self.svd_edges), ("features", self.features)):
+            with atomic_path(out / f"edge_agreement_{name}.csv") as tmp:
+                table.to_csv(tmp, index=False)
+        write_json_atomic(out / "edge_agreement.json", {"n_firings": self.n_firings})
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> EdgeAgreement:
+        """What :meth:`save` wrote (head labels stay strings: ``"20.0"``, not ``20.0``).
+
+        Raises:
+            FileNotFoundError: a file is missing.
+        """
+        folder = Path(folder)
+        names = ["up", "down", "up_head", "side", *(f"carrier_{rule}" for rule in RULES)]
+        labels: dict[Hashable, Any] = dict.fromkeys(names, "object")
+        svd = pd.read_csv(folder / "edge_agreement_svd_edges.csv", dtype=labels)
+        features = pd.read_csv(folder / "edge_agreement_features.csv", dtype=labels)
+        for rule in RULES:
+            carriers = [c if isinstance(c, str) else None for c in features[f"carrier_{rule}"]]
+            features[f"carrier_{rule}"] = pd.Series(carriers, index=features.index, dtype=object)
+        n = json.loads((folder / "edge_agreement.json").read_text())["n_firings"]
+        return cls(svd_edges=svd, features=features, n_firings=int(n))
 
     def disagreements(self, rule: str = "top", n: int = 10) -> dict[str, pd.DataFrame]:
         """What disagrees most often under ``rule``.
