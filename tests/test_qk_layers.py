@@ -149,11 +149,14 @@ def test_cli_trains_the_circuit_layers_from_one_collection(
         assert saved["source"]["kind"] == "store"
     assert store.manifest["settings"]["mix"]["bos_frac"] == 0.5
     assert not (out / "layer_1").exists()
+    n_loads = len(loads)
+    other = [a if a != "0.5" else "0.3" for a in train]  # another mix, the same collection
+    assert main([*base, *other]) == 2
+    assert "holds contexts cut in the mix" in capsys.readouterr().err and len(loads) == n_loads
     # eval-qk on the whole run: every layer, heads as layer.head
     ev = ["eval-qk", "--model", "tiny", "--context-size", "16", "--split", "test",
           "--source", str(data_path("shakespeare")), "--transcoder", str(out),
           "--max-contexts", "8", "--no-progress"]  # fmt: skip
-    n_loads = len(loads)
     assert main([*ev, "--heads", "1.0"]) == 2
     assert "layer.head pairs of layers [0, 2] only" in capsys.readouterr().err
     assert len(loads) == n_loads  # refused before the model loads

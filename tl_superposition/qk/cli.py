@@ -225,6 +225,21 @@ def _train_source(args: argparse.Namespace, model: Any, shapes: list[Any], mix: 
     return StoreSource(args.acts, shapes, seed=args.seed, device=args.device)
 
 
+def _check_collection_mix(acts: str | None, mix: Any) -> None:
+    """Refuse a collection in ``acts`` cut in another context mix than ``mix`` (before the
+    model loads: a run never trains on other contexts than its options say)."""
+    manifest = None if acts is None else Path(acts) / "manifest.json"
+    if manifest is None or not manifest.is_file():
+        return
+    stored = json.loads(manifest.read_text()).get("settings", {}).get("mix")
+    wanted = None if mix is None else mix.to_dict()
+    if stored != wanted:
+        raise ValueError(
+            f"{acts} holds contexts cut in the mix {stored} (None: packed), these options ask "
+            f"for {wanted}: give the same mix options, or another --acts folder"
+        )
+
+
 def _train_config(args: argparse.Namespace) -> Any:
     from tl_superposition.qk.config import QKTrainConfig
 
@@ -259,6 +274,7 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = _train_config(args)
     mix = context_mix(args)
     layers = [args.layer] if args.layers is None else parse_layers(args.layers)
+    _check_collection_mix(args.acts, mix)
     model = load_model(args.model, device=args.device)
     qkts = [
         QKTranscoder.for_model(
