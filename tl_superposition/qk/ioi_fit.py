@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -78,6 +79,22 @@ class IOIFit:
         return {str(role): error_share(f) for role, f in self.firings.groupby("role")}
 
 
+def _heads_of(
+    qkt: QKTranscoder, model: HookedTransformer, heads: Sequence[int] | None
+) -> tuple[list[int], Any]:
+    """The heads to measure (default every head) and the layer's attention module.
+
+    Raises:
+        ValueError: ``qkt`` does not fit ``model``, or a head out of range.
+    """
+    qkt.check_model(model)
+    n = qkt.shape.n_heads
+    out = list(range(n)) if heads is None else [int(h) for h in heads]
+    if any(not 0 <= h < n for h in out):
+        raise ValueError(f"heads must be in 0..{n - 1}, got {out}")
+    return out, layer_attention(model, qkt.shape.layer)
+
+
 def error_share(firings: pd.DataFrame, column: str = "error") -> float:
     """``mean |column| / mean |score|`` of END firings (NaN for none)."""
     if not len(firings):
@@ -108,12 +125,8 @@ def ioi_fit(
     Raises:
         ValueError: ``qkt`` does not fit ``model``, or a head out of range.
     """
-    qkt.check_model(model)
     s = qkt.shape
-    heads = list(range(s.n_heads)) if heads is None else [int(h) for h in heads]
-    if any(not 0 <= h < s.n_heads for h in heads):
-        raise ValueError(f"heads must be in 0..{s.n_heads - 1}, got {heads}")
-    attn_module = layer_attention(model, s.layer)
+    heads, attn_module = _heads_of(qkt, model, heads)
     hooks = ("ln1.hook_normalized", "attn.hook_attn_scores", "attn.hook_q", "attn.hook_k")
     names = {s.hook(h) for h in hooks}
     dev = next(model.parameters()).device
@@ -207,12 +220,8 @@ def text_error_share(
     Raises:
         ValueError: ``qkt`` does not fit ``model``, or a head out of range.
     """
-    qkt.check_model(model)
     s = qkt.shape
-    heads = list(range(s.n_heads)) if heads is None else [int(h) for h in heads]
-    if any(not 0 <= h < s.n_heads for h in heads):
-        raise ValueError(f"heads must be in 0..{s.n_heads - 1}, got {heads}")
-    attn_module = layer_attention(model, s.layer)
+    heads, attn_module = _heads_of(qkt, model, heads)
     names = {s.hook("ln1.hook_normalized"), s.hook("attn.hook_attn_scores")}
     err, size = 0.0, 0.0
     for lo in range(0, tokens.shape[0], batch_size):
