@@ -288,25 +288,32 @@ def test_extract_circuit_needs_per_prompt_seeds(tiny_gpt2):
         extract_circuit(tiny_gpt2, res)
 
 
+def tiny_traced_circuit(model):
+    """12 IOI prompts traced on a tiny model (every prompt seeded: a random model answers
+    none correctly) and a circuit that keeps every measurable edge: (dataset, trace, circuit)."""
+    from tl_superposition.circuit import extract_circuit
+    from tl_superposition.tracing import TraceConfig, trace_ioi
+
+    ds = make_ioi_dataset(model, 12, seed=7)
+    res = trace_ioi(model, ds, config=TraceConfig(pattern_thresh=0.2), correct_only=False,
+                    progress=False)  # fmt: skip
+    cfg = CircuitConfig(min_prompts=1, threshold=0.0, node_frac=0.0, rows_per_pass=5)
+    return ds, res, extract_circuit(model, res, cfg, progress=False)
+
+
 def test_extract_circuit_end_to_end_on_a_tiny_model(tiny_llama, tmp_path):
     """Every prompt seeded (a random model answers none correctly), every edge measurable:
     kept edges were measured in every prompt where they occur, each circuit node reaches the
     logits, and one edge's effect in one prompt is that of its local edits run alone."""
     import networkx as nx
 
-    from tl_superposition.circuit import extract_circuit
     from tl_superposition.circuit.extract import _records, clean_run, edit_deltas
     from tl_superposition.circuit.graphs import role_labels
-    from tl_superposition.tracing import TraceConfig, trace_ioi
     from tl_superposition.tracing.ioi_trace import ioi_roles
     from tl_superposition.tracing.validate import InstanceBatch, edit_vectors
 
     model = tiny_llama
-    ds = make_ioi_dataset(model, 12, seed=7)
-    res = trace_ioi(model, ds, config=TraceConfig(pattern_thresh=0.2), correct_only=False,
-                    progress=False)  # fmt: skip
-    cfg = CircuitConfig(min_prompts=1, threshold=0.0, node_frac=0.0, rows_per_pass=5)
-    circuit = extract_circuit(model, res, cfg, progress=False)
+    ds, res, circuit = tiny_traced_circuit(model)
     e = circuit.edges
     kept = e[e.status == "kept"]
     assert len(kept) > 0 and (kept.n_measured == kept.n_prompts).all()

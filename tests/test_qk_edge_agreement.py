@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+from test_circuit import tiny_traced_circuit
 from test_qk import exact_qkt_at
 
-from tl_superposition.circuit import CircuitConfig, extract_circuit
-from tl_superposition.ioi import make_ioi_dataset
 from tl_superposition.qk.edge_agreement import (
     RULES,
     EdgeAgreement,
     carrier_heads,
     edge_agreement,
 )
-from tl_superposition.tracing import TraceConfig, trace_ioi
 
 
 def edges_table(rows):
@@ -44,11 +42,7 @@ def test_carrier_heads_pick_major_features_and_their_head_by_rule():
 
 def test_edge_agreement_runs_on_a_traced_circuit(tiny_llama, tmp_path):
     model = tiny_llama
-    ds = make_ioi_dataset(model, 12, seed=7)
-    res = trace_ioi(model, ds, config=TraceConfig(pattern_thresh=0.2), correct_only=False,
-                    progress=False)  # fmt: skip
-    cfg = CircuitConfig(min_prompts=1, threshold=0.0, node_frac=0.0, rows_per_pass=5)
-    circuit = extract_circuit(model, res, cfg, progress=False)
+    _, res, circuit = tiny_traced_circuit(model)
     res.save(tmp_path, plots=False)
     circuit.save(tmp_path, plots=False)
     layers = sorted({L for L, _ in circuit.head_set()})
