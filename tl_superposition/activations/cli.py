@@ -130,14 +130,27 @@ def _int_list(text: str) -> list[int]:
         ) from None
 
 
-def _mix(args: argparse.Namespace) -> Any:
+def mix_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`~.mix.ContextMix` of ``--bos-frac``, ``--random-offset`` and, where the
+    command has them, ``--short-frac`` / ``--short-size``, seeded by ``--seed`` (``None``
+    without mix options). Shared by ``collect`` and ``train-qk``.
+
+    Raises:
+        ValueError: a field out of range (the message names the option).
+    """
     from tl_superposition.activations.mix import ContextMix
 
-    if args.bos_frac is None and not args.random_offset:
+    short_frac = getattr(args, "short_frac", 0.0)
+    if args.bos_frac is None and not args.random_offset and not short_frac:
         return None
-    bos_frac = 1.0 if args.bos_frac is None else args.bos_frac
     try:
-        return ContextMix(bos_frac=bos_frac, random_offset=args.random_offset, seed=args.seed)
+        return ContextMix(
+            bos_frac=1.0 if args.bos_frac is None else args.bos_frac,
+            random_offset=args.random_offset,
+            short_frac=short_frac,
+            short_size=getattr(args, "short_size", ContextMix.short_size),
+            seed=args.seed,
+        )
     except ValueError as exc:
         raise ValueError("--" + str(exc).replace("_", "-", 1)) from None
 
@@ -156,7 +169,7 @@ def config_from_args(args: argparse.Namespace) -> CollectConfig:
         "out_dir": args.out,
         "prepend_bos": _PREPEND_BOS[args.prepend_bos],
         "progress": not args.no_progress,
-        "mix": _mix(args),
+        "mix": mix_from_args(args),
     }
     values = {
         f.name: renamed[f.name] if f.name in renamed else getattr(args, f.name)

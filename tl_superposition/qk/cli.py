@@ -129,25 +129,16 @@ def context_mix(args: argparse.Namespace) -> Any:
         ValueError: short contexts with ``--acts`` (a collection holds one context length), or
             a field out of range (the message names the option).
     """
-    from tl_superposition.activations.mix import ContextMix
+    from tl_superposition.activations.cli import mix_from_args
 
-    if args.bos_frac is None and not args.random_offset and not args.short_frac:
-        return None
     if args.short_frac and getattr(args, "acts", None) is not None:
         raise ValueError(
             "--short-frac applies to a streamed --source (a collection holds one context "
             "length); drop --acts to stream"
         )
-    try:
-        mix = ContextMix(
-            bos_frac=1.0 if args.bos_frac is None else args.bos_frac,
-            random_offset=args.random_offset,
-            short_frac=args.short_frac,
-            short_size=args.short_size,
-            seed=args.seed,
-        )
-    except ValueError as exc:
-        raise ValueError("--" + str(exc).replace("_", "-", 1)) from None
+    mix = mix_from_args(args)
+    if mix is None:
+        return None
     if mix.short_frac > 0 and mix.short_size >= args.context_size:
         raise ValueError(
             f"--short-size {mix.short_size} must be below --context-size {args.context_size}"
