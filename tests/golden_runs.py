@@ -1,0 +1,150 @@
+"""Small runs of every command, and digests of every file they write.
+
+``tests/test_golden_outputs.py`` compares these digests with ``tests/data/golden_outputs.json``,
+written before the shared core (issue 27) replaced each method's own training loop, sources and
+helpers: the refactor must leave every output byte-identical. Digests cover file bytes after
+two normalisations only: the run's temporary root is replaced by ``<ROOT>`` (commands record
+their paths), and JSON/CSV fields that measure wall-clock time are dropped (see ``VOLATILE``).
+
+Regenerate the reference (only for an intended change of outputs, named in the commit) with
+``TL_SUP_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_golden_outputs.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from shlex import split
+from typing import Any
+
+GOLDEN = Path(__file__).resolve().parent / "data" / "golden_outputs.json"
+
+# keys (JSON) or columns (CSV) holding wall-clock measurements or dates
+VOLATILE = re.compile(r"(seconds|elapsed|_per_s$|^time$|^wall|^date$|duration)")
+
+
+def _drop_volatile(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _drop_volatile(v) for k, v in obj.items() if not VOLATILE.search(str(k))}
+    if isinstance(obj, list):
+        return [_drop_volatile(v) for v in obj]
+    return obj
+
+
+def _content_digest(obj: Any, h: Any, roots: list[Path]) -> None:
+    """Feed a canonical walk of a loaded checkpoint into the hash ``h``."""
+    import torch
+
+    if isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            h.update(f"<{k}>".encode())
+            _content_digest(obj[k], h, roots)
+    elif isinstance(obj, list | tuple):
+        for v in obj:
+            _content_digest(v, h, roots)
+    elif isinstance(obj, torch.Tensor):
+        h.update(f"{obj.dtype}{tuple(obj.shape)}".encode())
+        h.update(obj.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, str):
+        for root in roots:
+            obj = obj.replace(str(root), "<ROOT>")
+        h.update(repr(obj).encode())
+    else:
+        h.update(repr(obj).encode())
+
+
+def _normalised(path: Path, roots: list[Path]) -> bytes:
+    data = path.read_bytes()
+    for root in roots:
+        data = data.replace(str(root).encode(), b"<ROOT>")
+    if path.suffix == ".json":
+        return json.dumps(_drop_volatile(json.loads(data)), sort_keys=True).encode()
+    if path.suffix == ".pt":
+        # torch.save names the zip archive after the (temporary) file: compare the contents
+        import torch
+
+        h = hashlib.sha256()
+        _content_digest(_drop_volatile(torch.load(path, weights_only=False)), h, roots)
+        return h.hexdigest().encode()
+    return data
+
+
+def digests(folder: Path, roots: list[Path]) -> dict[str, str]:
+    """SHA-256 of every file under ``folder`` (normalised), keyed by relative path."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(_normalised(p, roots)).hexdigest()[:16]
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def command_runs(models: dict[str, Path], text: Path, root: Path) -> dict[str, list[str]]:
+    """Arguments of one small run per command (and per mode), in run order, keyed by folder."""
+    gpt2, llama = str(models["gpt2"]), str(models["llama"])
+    src = ["--source", str(text), "--split", "valid"]
+    mix = split("--context-size 16 --bos-frac 0.5 --random-offset")
+    qk = split(
+        "--d-hidden 24 --batch-contexts 4 --checkpoint-every 4 --resample-every-tokens 256 "
+        "--dead-window-tokens 128 --no-progress"
+    )
+    tiny = str(root / "train-qk-stream")
+    runs = {
+        "collect": ["collect", "--model", gpt2, *src, *mix, *split(
+            "--seed 1 --layers 0,1 --max-tokens 512 --shard-tokens 128 --no-progress")],
+        "train-qk-acts": ["train-qk", "--model", gpt2, "--acts", str(root / "collect"), *mix,
+                          *qk, *split("--layers 0,1 --max-tokens 384 --seed 1")],
+        "train-qk-stream": ["train-qk", "--model", llama, *src, *mix, *qk, *split(
+            "--layer 1 --short-frac 0.25 --short-size 8 --max-tokens 1024 --seed 3")],
+        "eval-qk": ["eval-qk", "--model", llama, "--transcoder", tiny, "--source", str(text),
+                    "--split", "test", *split("--context-size 16 --max-contexts 8 "
+                    "--batch-contexts 4 --ioi-prompts 4 --no-progress")],
+        "train-gated": ["train-gated", "--model", llama, *src, "--eval-source", str(text),
+                        *split("--layer 1 --eval-split test --context-size 32 --max-tokens 512 "
+                        "--max-eval-tokens 128 --epochs 2 --batch-size 4 --n-ioi 4")],
+        "trace-ioi": ["trace-ioi", "--model", gpt2, *split(
+            "--n-prompts 6 --heldout-prompts 4 --pattern-thresh 0.2 --no-plots")],
+        "toy": split("toy --settings 2H/3ST --seeds 0 --epochs 1 --n-train 2000 --n-check 2000 "
+                     "--toy-max-epochs 2 --no-plots --no-progress"),
+    }  # fmt: skip
+    return {name: [*args, "--out", str(root / name)] for name, args in runs.items()}
+
+
+def run_all(
+    main: Callable[[list[str]], int], models: dict[str, Path], text: Path, root: Path
+) -> dict[str, dict[str, str]]:
+    """Run every command once into ``root`` and return the digests of each run's folder."""
+    out: dict[str, dict[str, str]] = {}
+    roots = [root, *{p.parent for p in models.values()}]
+    for name, args in command_runs(models, text, root).items():
+        status = main(args)
+        assert status == 0, f"{name} exited with {status}"
+        out[name] = digests(root / name, roots)
+    return out
+
+
+def pair_mask_digests(model_folder: Path, transcoder: Path, text: Path) -> dict[str, str]:
+    """Digests of a small pair-mask run (the Python API; no command trains the mask)."""
+    from tl_superposition.models import load_model
+    from tl_superposition.qk import ModelSource, QKTranscoder
+    from tl_superposition.qk.pairs import PairMaskConfig, train_pair_mask
+
+    model = load_model(str(model_folder))
+    qkt = QKTranscoder.load(transcoder)
+    src = ModelSource(model, str(text), qkt.shape, context_size=16, split="valid")
+    cfg = PairMaskConfig(steps=6, batch_contexts=2, max_active=4, mu=1e-3, lr=0.1)
+    res = train_pair_mask(qkt, model, src, [0, 3], cfg, progress=False)
+    parts = {
+        "mask": res.mask.state_dict(),
+        "history": res.history.to_csv(index=False),
+        "pairs": res.pairs.to_csv(index=False),
+        "seen": res.seen,
+    }
+    out = {}
+    for name, obj in parts.items():
+        h = hashlib.sha256()
+        _content_digest(obj, h, [])
+        out[name] = h.hexdigest()[:16]
+    return out
