@@ -125,7 +125,7 @@ def reproduction(runs: Path | None) -> dict:
             "epochs",
         )
         return dict.fromkeys(keys)
-    from tl_superposition.gated.toy_runs import load_rows
+    from tl_superposition.toys.gated_runs import load_rows
     from tl_superposition.toys.settings import PUBLISHED
 
     rows = load_rows(runs)

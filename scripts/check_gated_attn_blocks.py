@@ -49,8 +49,8 @@ def same_attention(theirs: Path, ours: Path) -> bool:
 
 def check_both_ways(model, data, block) -> dict:
     """The solely-encoded check with the residual stream kept ("ours") and without it."""
-    from tl_superposition.gated.check import solely_encoded
     from tl_superposition.toys.analysis import subset_ablation
+    from tl_superposition.toys.check import solely_encoded
 
     row = {}
     for label, residual in (("ours", True), ("heads only", False)):
@@ -93,11 +93,11 @@ def main() -> int:
         ours.setdefault(setting, []).append(run)
 
     from tl_superposition.gated.block import GatedAttentionBlock, import_gated_attn_block
-    from tl_superposition.gated.check import solely_encoded
     from tl_superposition.gated.sources import layer_activations
-    from tl_superposition.gated.toy_runs import TRAIN_SEED, ToyRunOptions
     from tl_superposition.gated.train import GatedTrainConfig, block_objective
+    from tl_superposition.toys.check import solely_encoded
     from tl_superposition.toys.datasets import skip_trigram_dataset
+    from tl_superposition.toys.gated_runs import TRAIN_SEED, ToyRunOptions
     from tl_superposition.toys.models import make_toy_model, save_toy_model
     from tl_superposition.toys.settings import SETTINGS
 

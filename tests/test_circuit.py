@@ -13,8 +13,7 @@ from tl_superposition.circuit import Circuit, CircuitConfig, node_name, parse_no
 from tl_superposition.circuit.extract import prune_top_down
 from tl_superposition.circuit.graphs import ROOT, prompt_edges, seed_edges
 from tl_superposition.circuit.local_edit import LocalEdits, run_local_edits, ungrouped
-from tl_superposition.ioi import make_ioi_dataset
-from tl_superposition.tracing.interventions import logit_diff_from_resid
+from tl_superposition.ioi import logit_diff_from_resid, make_ioi_dataset
 
 
 def _edges(rows):

@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from tl_superposition.gated.block import GatedAttentionBlock, rotary_tables
-from tl_superposition.gated.check import solely_encoded
+from tl_superposition.core.rotary import rope_tables
+from tl_superposition.gated.block import GatedAttentionBlock
 from tl_superposition.gated.config import GatedAttentionConfig
 from tl_superposition.gated.cross_layer import CrossLayerGatedBlocks, cross_layer_source
 from tl_superposition.gated.evaluate import evaluate_splice
-from tl_superposition.gated.gates import active_head_histogram, gate_map, summarize_histogram
+from tl_superposition.gated.gates import active_head_histogram, summarize_histogram
 from tl_superposition.gated.sources import (
     LazyTensorBatches,
     ModelBatches,
@@ -28,7 +28,9 @@ from tl_superposition.gated.train import (
     gated_loss,
     train_gated_block,
 )
+from tl_superposition.toys.check import solely_encoded
 from tl_superposition.toys.datasets import skip_trigram_dataset
+from tl_superposition.toys.gates import gate_map
 from tl_superposition.toys.models import (
     make_toy_model,
     monosemantic_skip_trigram_model,
@@ -142,7 +144,7 @@ def test_ov_weights_are_normalised_in_the_forward():
 def test_rotary_tables_match_transformer_lens(tiny_llama):
     attn = tiny_llama.blocks[0].attn
     n = 16
-    cos, sin = rotary_tables(n, tiny_llama.cfg.rotary_dim, tiny_llama.cfg.rotary_base, False)
+    cos, sin = rope_tables(n, tiny_llama.cfg.rotary_dim, tiny_llama.cfg.rotary_base, False)
     torch.testing.assert_close(cos, attn.rotary_cos[:n].float(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(sin, attn.rotary_sin[:n].float(), atol=1e-5, rtol=1e-5)
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from tl_superposition.cli import main
 from tl_superposition.gated.block import GatedAttentionBlock
-from tl_superposition.gated.toy_runs import CROSS_LAYER_VARIANTS, ToyRunOptions, toy_block
+from tl_superposition.toys.gated_runs import CROSS_LAYER_VARIANTS, ToyRunOptions, toy_block
 from tl_superposition.toys.models import make_toy_model, overlap_copy_model
 from tl_superposition.toys.settings import SETTINGS
 

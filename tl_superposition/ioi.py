@@ -610,3 +610,25 @@ def logit_diff_from_logits(
     io = end_logits.gather(-1, dataset.io_tokens.to(logits.device)[:, None])[:, 0]
     s = end_logits.gather(-1, dataset.s_tokens.to(logits.device)[:, None])[:, 0]
     return (io - s).float().cpu()
+
+
+def logit_diff_from_resid(
+    model: Any,
+    resid: Float[Tensor, "rows pos d_model"],
+    end_pos: Int[Tensor, " rows"],
+    io_tokens: Int[Tensor, " rows"],
+    s_tokens: Int[Tensor, " rows"],
+) -> Float[Tensor, " rows"]:
+    """``logit(IO) - logit(S)`` at ``end_pos`` from the residual stream after the last block.
+
+    ``ln_final`` and two columns of the unembedding, at one position per row: equal to the
+    full model's logits up to float rounding.
+    """
+    dev = resid.device
+    rows = torch.arange(len(end_pos), device=dev)
+    x = resid[rows, end_pos.to(dev)][:, None, :]
+    if model.cfg.normalization_type is not None:
+        x = model.ln_final(x)
+    io, s = io_tokens.to(dev), s_tokens.to(dev)
+    direction = (model.W_U[:, io] - model.W_U[:, s]).T
+    return ((x[:, 0] * direction).sum(1) + model.b_U[io] - model.b_U[s]).float().cpu()

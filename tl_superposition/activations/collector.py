@@ -46,6 +46,7 @@ from tl_superposition.activations.folder import (
 from tl_superposition.activations.packing import Packing, open_packing
 from tl_superposition.activations.patterns import attention_params, rotary_tables
 from tl_superposition.activations.sources import source_label
+from tl_superposition.core.hooks import block_hook
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ def _expand_hook(model: HookedTransformer, hook: str, layers: Sequence[int] | No
     if _BLOCK_RE.match(hook) or hook in model.hook_dict:
         names = [hook]
     elif layers is not None:
-        names = [f"blocks.{layer}.{hook}" for layer in layers]
+        names = [block_hook(layer, hook) for layer in layers]
     else:
         raise ValueError(
             f"hook {hook!r} is not a hook of this model; give a full name like "
@@ -317,14 +318,15 @@ def _attention_constants(
         if not (m and m.group(2) in ("attn.hook_q", "attn.hook_rot_q")):
             continue
         layer = int(m.group(1))
-        if not {f"blocks.{layer}.attn.hook_k", f"blocks.{layer}.attn.hook_rot_k"} & set(hooks):
+        keys = {block_hook(layer, "attn.hook_k"), block_hook(layer, "attn.hook_rot_k")}
+        if not keys & set(hooks):
             continue
         params = attention_params(model, layer)
         attention[str(layer)] = params
         if params["rotary"] and params["recomputable"]:
             cos, sin = rotary_tables(model, layer, context_size)
-            rotary[f"blocks.{layer}.rotary_cos"] = cos.contiguous()
-            rotary[f"blocks.{layer}.rotary_sin"] = sin.contiguous()
+            rotary[block_hook(layer, "rotary_cos")] = cos.contiguous()
+            rotary[block_hook(layer, "rotary_sin")] = sin.contiguous()
     return attention, rotary
 
 

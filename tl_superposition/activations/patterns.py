@@ -19,6 +19,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_superposition.core.rotary import rotate
 from tl_superposition.models import nonstandard_attention
 
 
@@ -69,22 +70,6 @@ def rotary_tables(model: Any, layer: int, n_pos: int) -> tuple[Tensor, Tensor]:
     )
 
 
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor, rotary_dim: int, adjacent: bool) -> Tensor:
-    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
-    flip = x_rot.clone()
-    if adjacent:
-        flip[..., ::2] = -x_rot[..., 1::2]
-        flip[..., 1::2] = x_rot[..., ::2]
-    else:
-        n = rotary_dim // 2
-        flip[..., :n] = -x_rot[..., n:]
-        flip[..., n:] = x_rot[..., :n]
-    n_pos = x.shape[1]
-    c = cos[None, :n_pos, None, :].to(x.device, x.dtype)
-    s = sin[None, :n_pos, None, :].to(x.device, x.dtype)
-    return torch.cat([x_rot * c + flip * s, x_pass], dim=-1)
-
-
 def pattern_from_qk(
     q: Float[Tensor, "batch pos n_heads d_head"],
     k: Float[Tensor, "batch pos n_kv_heads d_head"],
@@ -131,8 +116,8 @@ def pattern_from_qk(
         cos, sin = rotary
         rd = int(params["rotary_dim"])
         adj = bool(params.get("rotary_adjacent_pairs", False))
-        q = _rotate(q, cos, sin, rd, adj)
-        k = _rotate(k, cos, sin, rd, adj)
+        q = rotate(q, cos[:, :rd], sin[:, :rd], adj)
+        k = rotate(k, cos[:, :rd], sin[:, :rd], adj)
     n_heads, n_kv = q.shape[2], k.shape[2]
     if n_kv != n_heads:
         if n_heads % n_kv:

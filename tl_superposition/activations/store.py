@@ -32,6 +32,8 @@ from torch import Tensor
 
 from tl_superposition.activations.folder import ATTENTION_FILE, MANIFEST
 from tl_superposition.activations.patterns import pattern_from_qk
+from tl_superposition.core.batches import epoch_generator, epoch_order
+from tl_superposition.core.hooks import block_hook
 
 
 def open_tensors(path: str | os.PathLike[str]) -> dict[str, Tensor]:
@@ -167,10 +169,7 @@ class ActivationStore:
     # ------------------------------------------------------------------ iteration
 
     def _permutation(self, shuffle: bool, seed: int | None, epoch: int) -> Tensor:
-        if not shuffle:
-            return torch.arange(self.n_contexts)
-        g = torch.Generator().manual_seed((self.seed if seed is None else seed) * 1_000_003 + epoch)
-        return torch.randperm(self.n_contexts, generator=g)
+        return epoch_order(self.n_contexts, self.seed if seed is None else seed, epoch, shuffle)
 
     def iter_contexts(
         self,
@@ -233,9 +232,7 @@ class ActivationStore:
         bad = [h for h in hooks if h.endswith("hook_pattern")]
         if bad:
             raise ValueError(f"{bad}: patterns are not position-wise; use iter_contexts")
-        g = torch.Generator().manual_seed(
-            (self.seed if seed is None else seed) * 1_000_003 + epoch + 7
-        )
+        g = epoch_generator(self.seed if seed is None else seed, epoch, offset=7)
         perm = self._permutation(shuffle, seed, epoch)
         names = hooks + (["tokens"] if tokens else [])
         carry: dict[str, Tensor] | None = None
@@ -288,20 +285,24 @@ class ActivationStore:
             float32 ``[batch, len(heads), ctx, ctx]`` on the batch's device.
         """
         params = self.attention_params(layer)
-        pre = f"blocks.{layer}.attn."
-        if pre + "hook_q" in batch and pre + "hook_k" in batch:
-            q, k, rotated = batch[pre + "hook_q"], batch[pre + "hook_k"], False
-        elif pre + "hook_rot_q" in batch and pre + "hook_rot_k" in batch:
-            q, k, rotated = batch[pre + "hook_rot_q"], batch[pre + "hook_rot_k"], True
+        q_name, k_name = block_hook(layer, "attn.hook_q"), block_hook(layer, "attn.hook_k")
+        rq_name, rk_name = (
+            block_hook(layer, "attn.hook_rot_q"),
+            block_hook(layer, "attn.hook_rot_k"),
+        )
+        if q_name in batch and k_name in batch:
+            q, k, rotated = batch[q_name], batch[k_name], False
+        elif rq_name in batch and rk_name in batch:
+            q, k, rotated = batch[rq_name], batch[rk_name], True
         else:
-            raise KeyError(f"batch lacks {pre}hook_q and {pre}hook_k")
+            raise KeyError(f"batch lacks {q_name} and {k_name}")
         rot = None
         if params.get("rotary") and not rotated:
             if self._rotary is None:
                 self._rotary = open_tensors(self.path / ATTENTION_FILE)
             rot = (
-                self._rotary[f"blocks.{layer}.rotary_cos"],
-                self._rotary[f"blocks.{layer}.rotary_sin"],
+                self._rotary[block_hook(layer, "rotary_cos")],
+                self._rotary[block_hook(layer, "rotary_sin")],
             )
         return pattern_from_qk(
             q,

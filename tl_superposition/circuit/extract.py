@@ -44,6 +44,7 @@ from tl_superposition.circuit.graphs import (
     unify,
 )
 from tl_superposition.circuit.local_edit import LocalEdits, run_local_edits
+from tl_superposition.core.hooks import block_hook
 from tl_superposition.ioi import IOIDataset
 from tl_superposition.tracing.interventions import (
     compact_columns,
@@ -93,11 +94,11 @@ def clean_run(model: HookedTransformer, dataset: IOIDataset, batch_size: int = 3
             part.tokens.to(dev), names_filter=lambda k: k.endswith(keep), stop_at_layer=n_layers
         )
         for L in range(n_layers):
-            resid[lo:hi, :p, L] = cache[f"blocks.{L}.hook_resid_pre"].float().cpu()
-            z[lo:hi, :p, L] = cache[f"blocks.{L}.attn.hook_z"].float().cpu()
-            if f"blocks.{L}.ln1.hook_scale" in cache:
-                scale[lo:hi, :p, L] = cache[f"blocks.{L}.ln1.hook_scale"][..., 0].float().cpu()
-            pattern = cache[f"blocks.{L}.attn.hook_pattern"]  # [b, head, dest, src]
+            resid[lo:hi, :p, L] = cache[block_hook(L, "hook_resid_pre")].float().cpu()
+            z[lo:hi, :p, L] = cache[block_hook(L, "attn.hook_z")].float().cpu()
+            if block_hook(L, "ln1.hook_scale") in cache:
+                scale[lo:hi, :p, L] = cache[block_hook(L, "ln1.hook_scale")][..., 0].float().cpu()
+            pattern = cache[block_hook(L, "attn.hook_pattern")]  # [b, head, dest, src]
             main[lo:hi, L, :, :p] = pattern.argmax(-1).cpu().numpy()
         assert isinstance(final, Tensor)
         ld[lo:hi] = logit_diff_from_resid(

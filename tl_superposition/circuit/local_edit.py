@@ -29,7 +29,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from tl_superposition.tracing.interventions import logit_diff_from_resid
+from tl_superposition.core.hooks import block_hook
+from tl_superposition.ioi import logit_diff_from_resid
 
 SIDES = ("src", "dest")  # side 0 edits the key (source side), side 1 the query
 
@@ -95,7 +96,7 @@ class LocalEdits:
                 t.index_put_(where, -change.to(t.dtype), accumulate=True)
                 return t
 
-            hooks.append((f"blocks.{self.layer}.attn.{name}", edit))
+            hooks.append((block_hook(self.layer, f"attn.{name}"), edit))
         return hooks
 
 

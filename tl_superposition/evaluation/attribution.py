@@ -27,9 +27,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from tl_superposition.core.hooks import block_hook
 from tl_superposition.evaluation.faithfulness import head_z
-from tl_superposition.ioi import IOIDataset
-from tl_superposition.tracing.interventions import logit_diff_from_resid
+from tl_superposition.ioi import IOIDataset, logit_diff_from_resid
 
 
 def _grads_at(
@@ -54,7 +54,7 @@ def _grads_at(
 
     n = model.cfg.n_layers
     hooks: list[tuple[str | Callable, Callable]] = [("hook_embed", replace)]
-    hooks += [(f"blocks.{L}.attn.hook_z", keep) for L in range(n)]
+    hooks += [(block_hook(L, "attn.hook_z"), keep) for L in range(n)]
     dev = embed.device
     with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
         resid = model(part.tokens.to(dev), stop_at_layer=n)

@@ -20,7 +20,7 @@ import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -39,10 +39,16 @@ from tl_superposition.evaluation.patching import (
 from tl_superposition.evaluation.prompts import abc_tokens
 from tl_superposition.ioi import IOIDataset
 
-if TYPE_CHECKING:
-    from tl_superposition.circuit.circuit import Circuit
-
 Head = tuple[int, int]
+
+
+class HeadCircuit(Protocol):
+    """What :func:`compare_methods` reads of a circuit (a
+    :class:`~tl_superposition.circuit.Circuit` has it): its heads, and every head ranked."""
+
+    def head_set(self) -> set[Head]: ...
+
+    def ranking(self, signed: bool = False) -> list[Head]: ...
 
 
 @dataclass
@@ -207,7 +213,7 @@ def compare_methods(
     model: HookedTransformer,
     discovery: IOIDataset,
     heldout: IOIDataset,
-    circuit: Circuit,
+    circuit: HeadCircuit,
     circuit_seconds: float = 0.0,
     patching_prompts: int = 64,
     ig_steps: int = 5,

@@ -32,8 +32,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from tl_superposition.ioi import IOIDataset
-from tl_superposition.tracing.interventions import logit_diff_from_resid
+from tl_superposition.core.hooks import block_hook
+from tl_superposition.ioi import IOIDataset, logit_diff_from_resid
 
 Head = tuple[int, int]
 # MIB's circuit sizes, as fractions of every component (``MIB_circuit_track``, evaluation).
@@ -67,11 +67,11 @@ def head_z(
     model: HookedTransformer, tokens: Int[Tensor, "batch pos"]
 ) -> Float[Tensor, "batch pos n_layers n_heads d_head"]:
     """Every head's ``hook_z`` in a clean run of ``tokens``, stacked over layers."""
-    names = {f"blocks.{L}.attn.hook_z" for L in range(model.cfg.n_layers)}
+    names = {block_hook(L, "attn.hook_z") for L in range(model.cfg.n_layers)}
     _, cache = model.run_with_cache(
         tokens, names_filter=lambda n: n in names, stop_at_layer=model.cfg.n_layers
     )
-    return torch.stack([cache[f"blocks.{L}.attn.hook_z"] for L in range(model.cfg.n_layers)], 2)
+    return torch.stack([cache[block_hook(L, "attn.hook_z")] for L in range(model.cfg.n_layers)], 2)
 
 
 def patch_heads_hooks(
@@ -89,7 +89,7 @@ def patch_heads_hooks(
             del hook
             return torch.where(swap[None, None, :, None], z_cf[:, : z.shape[1], L], z)
 
-        hooks.append((f"blocks.{L}.attn.hook_z", patch))
+        hooks.append((block_hook(L, "attn.hook_z"), patch))
     return hooks
 
 

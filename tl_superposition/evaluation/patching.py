@@ -34,8 +34,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from tl_superposition.ioi import IOIDataset
-from tl_superposition.tracing.interventions import logit_diff_from_resid
+from tl_superposition.core.hooks import block_hook
+from tl_superposition.ioi import IOIDataset, logit_diff_from_resid
 
 Head = tuple[int, int]
 Direction = Literal["denoising", "noising"]
@@ -93,8 +93,8 @@ def patched_logit_diffs(
     out = torch.zeros(n_layers, n_heads)
     per_pass = max(1, max_rows // n)
     for L in range(n_layers):
-        resid = base[f"blocks.{L}.hook_resid_pre"]
-        z_src = source[f"blocks.{L}.attn.hook_z"]
+        resid = base[block_hook(L, "hook_resid_pre")]
+        z_src = source[block_hook(L, "attn.hook_z")]
         for h0 in range(0, n_heads, per_pass):
             heads = list(range(h0, min(h0 + per_pass, n_heads)))
             rows_head = torch.tensor(heads).repeat_interleave(n).to(resid.device)
@@ -106,7 +106,7 @@ def patched_logit_diffs(
                 z[torch.arange(len(rh), device=z.device), :, rh] = z_src[rp, :, rh]
                 return z
 
-            with model.hooks(fwd_hooks=[(f"blocks.{L}.attn.hook_z", patch)]):
+            with model.hooks(fwd_hooks=[(block_hook(L, "attn.hook_z"), patch)]):
                 final = model(resid.repeat(len(heads), 1, 1), start_at_layer=L,
                               stop_at_layer=n_layers)  # fmt: skip
             rep = lambda t: t.repeat(len(heads))  # noqa: E731

@@ -41,46 +41,12 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookedRootModule, HookPoint
 
 from tl_superposition._atomic import atomic_path, write_json_atomic
+from tl_superposition.core.rotary import rope_tables, rotate
 from tl_superposition.gated.config import GatedAttentionConfig
 
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "weights.safetensors"
 FORMAT = "tl_superposition.gated/1"
-
-
-def rotary_tables(
-    n_ctx: int, rotary_dim: int, base: float, adjacent_pairs: bool
-) -> tuple[Tensor, Tensor]:
-    """Standard RoPE tables ``(cos, sin)``, float32 ``[n_ctx, rotary_dim]``.
-
-    Frequency ``i`` is ``base ** (-2i / rotary_dim)``; with ``adjacent_pairs`` each frequency
-    covers two neighbouring dimensions, otherwise dimension ``i`` and ``i + rotary_dim / 2``.
-    """
-    inv = base ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
-    inv = inv.repeat_interleave(2) if adjacent_pairs else torch.cat([inv, inv])
-    angles = torch.arange(n_ctx, dtype=torch.float64)[:, None] * inv[None, :]
-    return angles.cos().float(), angles.sin().float()
-
-
-def rotate(
-    x: Float[Tensor, "batch pos heads d_head"],
-    cos: Float[Tensor, "n_ctx rotary_dim"],
-    sin: Float[Tensor, "n_ctx rotary_dim"],
-    adjacent_pairs: bool,
-) -> Float[Tensor, "batch pos heads d_head"]:
-    """Rotate the first ``rotary_dim`` dimensions of ``x`` by position (positions from 0)."""
-    rd = cos.shape[1]
-    x_rot, x_pass = x[..., :rd], x[..., rd:]
-    if adjacent_pairs:
-        pairs = x_rot.unflatten(-1, (rd // 2, 2))
-        turned = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
-    else:
-        half = rd // 2
-        turned = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
-    n = x.shape[1]
-    c = cos[None, :n, None, :].to(x.dtype)
-    s = sin[None, :n, None, :].to(x.dtype)
-    return torch.cat([x_rot * c + turned * s, x_pass], dim=-1)
 
 
 def _softmax(scores: Tensor) -> Tensor:
@@ -132,7 +98,7 @@ class GatedAttentionBlock(HookedRootModule):
         self.b_gate_K = nn.Parameter(torch.zeros(h))
         if cfg.positional == "rotary":
             assert cfg.rotary_dim is not None
-            cos, sin = rotary_tables(
+            cos, sin = rope_tables(
                 cfg.n_ctx, cfg.rotary_dim, cfg.rotary_base, cfg.rotary_adjacent_pairs
             )
             self.register_buffer("rotary_cos", cos)
@@ -473,7 +439,7 @@ def import_gated_attn_block(
     Their ``ModifiedAttention`` state (``W_Q, W_K, W_V, W_O, b_Q, b_K, b_V`` and gate
     projections ``[n_heads, d_model, 1]``, no ``b_O``) maps one to one onto a
     :class:`GatedAttentionBlock` for ``model``'s toy layer, so their published blocks can be
-    checked with :func:`tl_superposition.gated.check.solely_encoded`.
+    checked with :func:`tl_superposition.toys.check.solely_encoded`.
 
     Raises:
         ValueError: the file's tensors do not fit ``model`` (names or shapes).

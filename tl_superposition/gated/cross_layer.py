@@ -31,6 +31,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookedRootModule
 
+from tl_superposition.core.hooks import block_hook
 from tl_superposition.gated.block import GatedAttentionBlock
 from tl_superposition.gated.config import GatedAttentionConfig
 from tl_superposition.gated.sources import TensorBatches
@@ -147,7 +148,7 @@ def summed_attention_output(
     model: Any, tokens: Int[Tensor, "n pos"], layers: list[int], batch_size: int = 5000
 ) -> Float[Tensor, "n pos d_model"]:
     """Sum over ``layers`` of the model's own ``blocks.L.hook_attn_out``."""
-    names = [f"blocks.{lay}.hook_attn_out" for lay in layers]
+    names = [block_hook(lay, "hook_attn_out") for lay in layers]
     out = []
     device = next(model.parameters()).device
     for lo in range(0, tokens.shape[0], batch_size):

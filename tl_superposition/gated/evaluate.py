@@ -23,6 +23,7 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tl_superposition.core.hooks import block_hook
 from tl_superposition.gated.block import GatedAttentionBlock
 from tl_superposition.gated.gates import active_head_histogram, summarize_histogram
 from tl_superposition.gated.splice import splice
@@ -63,8 +64,9 @@ def evaluate_splice(
     if layer is None:
         raise ValueError("the block records no layer (cfg.layer); build it with from_layer")
     block.check_fits(model, layer)
-    pre = f"blocks.{layer}."
-    names = [pre + block.cfg.input_hook, pre + "hook_attn_out", pre + "attn.hook_pattern"]
+    names = [
+        block_hook(layer, n) for n in (block.cfg.input_hook, "hook_attn_out", "attn.hook_pattern")
+    ]
     device = next(model.parameters()).device
     d = block.cfg.d_model
     sums = {"sse": 0.0, "n": 0, "loss": 0.0, "loss_spliced": 0.0}

@@ -22,6 +22,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tl_superposition.core.batches import epoch_order
+from tl_superposition.core.hooks import block_hook
+
 
 class BatchSource(Protocol):
     """What :func:`~tl_superposition.gated.train.train_gated_block` reads."""
@@ -37,13 +40,6 @@ class BatchSource(Protocol):
     def describe(self) -> dict[str, Any]:
         """JSON-able description (stored in checkpoints; a resume must match it)."""
         ...
-
-
-def _order(n: int, seed: int, epoch: int, shuffle: bool) -> Tensor:
-    if not shuffle:
-        return torch.arange(n)
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g)
 
 
 class TensorBatches:
@@ -81,7 +77,7 @@ class TensorBatches:
         lo = index * self.batch_size
         if not self.shuffle:
             return self.x[lo : lo + self.batch_size], self.y[lo : lo + self.batch_size]
-        idx = _order(self.x.shape[0], self.seed, epoch, True)[lo : lo + self.batch_size]
+        idx = epoch_order(self.x.shape[0], self.seed, epoch)[lo : lo + self.batch_size]
         return self.x[idx], self.y[idx]
 
     def describe(self) -> dict[str, Any]:
@@ -178,8 +174,8 @@ class StoreBatches:
 
             store = ActivationStore(store)
         self.store = store
-        self.x_name = f"blocks.{layer}.{input_hook}"
-        self.y_name = f"blocks.{layer}.hook_attn_out"
+        self.x_name = block_hook(layer, input_hook)
+        self.y_name = block_hook(layer, "hook_attn_out")
         missing = [h for h in (self.x_name, self.y_name) if h not in store.hooks]
         if missing:
             raise KeyError(
@@ -194,7 +190,7 @@ class StoreBatches:
 
     def batch(self, epoch: int, index: int) -> tuple[Tensor, Tensor]:
         """This epoch's contexts ``index * batch_size ...`` (float32)."""
-        order = _order(self.contexts.numel(), self.seed, epoch, True)
+        order = epoch_order(self.contexts.numel(), self.seed, epoch)
         idx = self.contexts[order[index * self.batch_size : (index + 1) * self.batch_size]]
         got = self.store.get_contexts(idx, [self.x_name, self.y_name], tokens=False)
         return got[self.x_name].float(), got[self.y_name].float()
@@ -240,14 +236,14 @@ class ModelBatches:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.layer, self.tokens = model, layer, tokens.long()
         self.batch_size, self.seed = batch_size, seed
-        self.x_name = f"blocks.{layer}.{input_hook}"
-        self.y_name = f"blocks.{layer}.hook_attn_out"
+        self.x_name = block_hook(layer, input_hook)
+        self.y_name = block_hook(layer, "hook_attn_out")
         self.n_batches = math.ceil(tokens.shape[0] / batch_size)
 
     @torch.no_grad()
     def batch(self, epoch: int, index: int) -> tuple[Tensor, Tensor]:
         """Run the model on this epoch's contexts ``index * batch_size ...``."""
-        order = _order(self.tokens.shape[0], self.seed, epoch, True)
+        order = epoch_order(self.tokens.shape[0], self.seed, epoch)
         idx = order[index * self.batch_size : (index + 1) * self.batch_size]
         device = next(self.model.parameters()).device
         _, cache = self.model.run_with_cache(
@@ -284,7 +280,7 @@ def layer_activations(
     For toy models, and for real-model runs small enough to hold ``2 x 4 x d_model`` bytes
     per token (float32). The model runs only up to ``layer``.
     """
-    names = [f"blocks.{layer}.{input_hook}", f"blocks.{layer}.hook_attn_out"]
+    names = [block_hook(layer, input_hook), block_hook(layer, "hook_attn_out")]
     xs, ys = [], []
     device = next(model.parameters()).device
     starts = range(0, tokens.shape[0], batch_size)

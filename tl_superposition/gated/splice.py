@@ -15,35 +15,27 @@ from typing import Any
 
 from torch import Tensor
 
+from tl_superposition.core.splicing import Hooks, replacement_hooks, spliced
 from tl_superposition.gated.block import GatedAttentionBlock
 
 
-def splice_hooks(model: Any, blocks: Mapping[int, GatedAttentionBlock]) -> list[tuple[str, Any]]:
+def splice_hooks(model: Any, blocks: Mapping[int, GatedAttentionBlock]) -> Hooks:
     """The forward hooks ``[(name, fn), ...]`` that splice ``blocks`` into ``model``.
 
     Raises:
         ValueError: a block does not fit its layer (see
             :meth:`GatedAttentionBlock.check_fits`).
     """
-    hooks: list[tuple[str, Any]] = []
+    hooks: Hooks = []
     for layer, block in sorted(blocks.items()):
         block.check_fits(model, layer)
-        stash: dict[str, Tensor] = {}
 
-        def keep_input(x: Tensor, stash: dict[str, Tensor] = stash, **_: Any) -> None:
-            stash["x"] = x
+        def run_block(x: Tensor, out: Tensor, block: GatedAttentionBlock = block) -> Tensor:
+            return block(x.to(out.dtype))
 
-        def replace(
-            out: Tensor,
-            stash: dict[str, Tensor] = stash,
-            block: GatedAttentionBlock = block,
-            **_: Any,
-        ) -> Tensor:
-            x = stash.pop("x")
-            return block(x.to(out.dtype)).to(out.dtype)
-
-        hooks.append((f"blocks.{layer}.{block.cfg.input_hook}", keep_input))
-        hooks.append((f"blocks.{layer}.{block.cfg.target_hook}", replace))
+        hooks += replacement_hooks(
+            layer, block.cfg.input_hook, {block.cfg.target_hook: run_block}, pop=True
+        )
     return hooks
 
 
@@ -67,6 +59,5 @@ def splice(model: Any, blocks: Mapping[int, GatedAttentionBlock]) -> Iterator[An
         with splice(model, {23: block}):
             loss = model(tokens, return_type="loss")
     """
-    hooks = splice_hooks(model, blocks)
-    with model.hooks(fwd_hooks=hooks):
+    with spliced(model, splice_hooks(model, blocks)):
         yield model

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from transformer_lens import HookedTransformer
 
+from tl_superposition.core.hooks import block_hook
 from tl_superposition.models import nonstandard_attention
 
 #: Sparsity penalties (and the TopK activation) a dictionary can be trained with.
@@ -76,7 +77,7 @@ class AttentionShape:
 
     def hook(self, name: str) -> str:
         """Full hook name in the model, e.g. ``hook("attn.hook_q")`` -> ``blocks.L.attn.hook_q``."""
-        return f"blocks.{self.layer}.{name}"
+        return block_hook(self.layer, name)
 
     @classmethod
     def from_model(cls, model: HookedTransformer, layer: int) -> AttentionShape:

@@ -34,6 +34,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from tl_superposition.core.hooks import block_hook
 from tl_superposition.qk.attention import (
     FIRST_QUERY_ROW,
     causal_mask,
@@ -95,10 +96,10 @@ def _run_clean(
     """The clean per-token loss (``None`` without ``loss``: the pass stops after ``layer``)
     and the layer's activations."""
     names = {
-        f"blocks.{layer}.hook_resid_pre",
-        f"blocks.{layer}.ln1.hook_normalized",
-        f"blocks.{layer}.attn.hook_q",
-        f"blocks.{layer}.attn.hook_k",
+        block_hook(layer, "hook_resid_pre"),
+        block_hook(layer, "ln1.hook_normalized"),
+        block_hook(layer, "attn.hook_q"),
+        block_hook(layer, "attn.hook_k"),
     }
     if not loss:
         _, cache = model.run_with_cache(

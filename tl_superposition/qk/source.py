@@ -36,6 +36,7 @@ from transformer_lens import HookedTransformer
 from tl_superposition.activations import ActivationStore
 from tl_superposition.activations.mix import ContextMix
 from tl_superposition.activations.packing import open_packing
+from tl_superposition.core.batches import epoch_order
 from tl_superposition.qk.config import AttentionShape
 
 
@@ -189,8 +190,7 @@ class StoreSource(_Layers):
         return self.n_contexts // batch_contexts
 
     def _order(self, epoch: int) -> Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(epoch))
-        return torch.randperm(self.n_contexts, generator=g)
+        return epoch_order(self.n_contexts, self.seed, epoch)
 
     def layer_batches(
         self, batch_contexts: int, epoch: int, start: int = 0
@@ -422,8 +422,7 @@ class MemorySource(_Layers):
         self, batch_contexts: int, epoch: int, start: int = 0
     ) -> Iterator[dict[int, QKBatch]]:
         """Batches ``start..`` of epoch ``epoch``; the last partial batch is dropped."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(epoch))
-        order = torch.randperm(self.n_contexts, generator=g)
+        order = epoch_order(self.n_contexts, self.seed, epoch)
         for b in range(start, self.n_contexts // batch_contexts):
             idx = order[b * batch_contexts : (b + 1) * batch_contexts]
             yield {

@@ -16,19 +16,17 @@ replacement in place and the model is unchanged afterwards.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
+from tl_superposition.core.splicing import Hooks, Replacement, replacement_hooks
 from tl_superposition.qk.attention import attention_scores, causal_mask, layer_attention
 from tl_superposition.qk.config import AttentionShape
 
 #: ``f(x, true_value) -> new value``: x is ``ln1.hook_normalized`` of the same forward pass.
-Replacement = Callable[[Tensor, Tensor], Tensor]
-Hooks = list[tuple[str | Callable[..., Any], Callable[..., Any]]]
 
 
 def check_heads(heads: Sequence[int] | None, n_heads: int) -> list[int] | None:
@@ -63,26 +61,10 @@ def qk_hooks(
     """
     heads = check_heads(heads, shape.n_heads)
     state: dict[str, Tensor] = {}
-
-    def grab_x(x: Tensor, hook: HookPoint) -> Tensor:
-        del hook
-        state["x"] = x
-        return x
-
-    def swap(fn: Replacement) -> Callable[[Tensor, HookPoint], Tensor]:
-        def hook_fn(value: Tensor, hook: HookPoint) -> Tensor:
-            del hook
-            return fn(state["x"], value).to(value.dtype)
-
-        return hook_fn
-
-    hooks: Hooks = [(shape.hook("ln1.hook_normalized"), grab_x)]
     if heads is None:
-        if new_q is not None:
-            hooks.append((shape.hook("attn.hook_q"), swap(new_q)))
-        if new_k is not None:
-            hooks.append((shape.hook("attn.hook_k"), swap(new_k)))
-        return hooks
+        swaps = {"attn.hook_q": new_q, "attn.hook_k": new_k}
+        fns = {name: fn for name, fn in swaps.items() if fn is not None}
+        return replacement_hooks(shape.layer, "ln1.hook_normalized", fns, stash=state)
 
     attn = layer_attention(model, shape.layer)
     idx = torch.tensor(heads, dtype=torch.long)
@@ -105,6 +87,7 @@ def qk_hooks(
         out[:, h] = new[:, h]
         return out
 
+    hooks = replacement_hooks(shape.layer, "ln1.hook_normalized", {}, stash=state)
     hooks += [
         (shape.hook("attn.hook_q"), keep("q", new_q)),
         (shape.hook("attn.hook_k"), keep("k", new_k)),

@@ -12,7 +12,7 @@ From it:
 - :func:`ablation_table` -- accuracy per task for every subset of heads (a pandas table,
   plotted by :func:`tl_superposition.toys.plots.plot_ablation`);
 - :func:`head_usage` -- per task and head: needed (ablating it alone breaks the task),
-  sufficient alone, solely encoding (see :func:`tl_superposition.gated.check.solely_encoded`);
+  sufficient alone, solely encoding (see :func:`tl_superposition.toys.check.solely_encoded`);
 - :func:`minimal_head_sets` -- the smallest head sets that keep a task above threshold;
 - :func:`attention_ranking` -- each head's ranking of the signal tokens on the OV-coherent
   task (the "inverted attention preferences" of Greenspan & Wynroe).
@@ -34,6 +34,7 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
+from tl_superposition.core.hooks import block_hook
 from tl_superposition.toys.datasets import ToyDataset
 
 MAX_ABLATION_HEADS = 12
@@ -79,7 +80,7 @@ def _result_hook(
     if layer in blocks:
         stack.enter_context(blocks[layer].hooks(fwd_hooks=[("hook_result", fn)]))
     else:
-        stack.enter_context(model.hooks(fwd_hooks=[(f"blocks.{layer}.attn.hook_result", fn)]))
+        stack.enter_context(model.hooks(fwd_hooks=[(block_hook(layer, "attn.hook_result"), fn)]))
 
 
 @torch.inference_mode()
@@ -190,8 +191,8 @@ def _last_layer_terms(
         stack.enter_context(
             model.hooks(
                 fwd_hooks=[
-                    (f"blocks.{last}.hook_resid_pre", save("resid_pre")),
-                    (f"blocks.{last}.hook_attn_out", save("attn_out")),
+                    (block_hook(last, "hook_resid_pre"), save("resid_pre")),
+                    (block_hook(last, "hook_attn_out"), save("attn_out")),
                 ]
             )
         )
@@ -437,7 +438,7 @@ def attention_ranking(
             raise ValueError("pass tokens=[...]: the dataset defines no signal tokens")
         tokens = list(dataset.params["signal"])
     device = next(model.parameters()).device
-    name = f"blocks.{layer}.attn.hook_pattern"
+    name = block_hook(layer, "attn.hook_pattern")
     with torch.inference_mode():
         _, cache = model.run_with_cache(dataset.tokens.to(device), names_filter=[name])
     pattern = cache[name].cpu()  # [batch, head, q, k]

@@ -3,7 +3,7 @@
 For each setting and seed: train (or load) the toy model, run the head-subset ablations and
 the solely-encoded check on it, train a gated attention block with the setting's alpha and
 learning rate (or ``--alpha``/``--lr``), check the block, and write tables and figures (see
-:mod:`tl_superposition.gated.toy_runs` for the files). Runs resume where they stopped.
+:mod:`tl_superposition.toys.gated_runs` for the files). Runs resume where they stopped.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def _parse(args: argparse.Namespace) -> tuple[list[str], list[int]]:
 def run(args: argparse.Namespace) -> int:
     """Run every (setting, seed), seeds in the outer loop; print and write the tables."""
     from tl_superposition._atomic import write_text_atomic
-    from tl_superposition.gated.toy_runs import (
+    from tl_superposition.toys.gated_runs import (
         ToyRunOptions,
         cross_layer_table,
         load_rows,

@@ -141,7 +141,7 @@ def superposed_skip_trigram_model(
     0.75)``, ``C3: (0, 1)``. Head 0 attends to A from B1 and B2, head 1 from B2 and B3. So
     trigram 1 is carried by head 0 alone, trigram 3 by head 1 alone, and trigram 2 needs both
     heads (their outputs add up to C2's direction): the check of
-    :func:`tl_superposition.gated.check.solely_encoded` must fail for it.
+    :func:`tl_superposition.toys.check.solely_encoded` must fail for it.
 
     Args:
         scale: size of a head's write (logits), well above the residual's 1 on B.

@@ -66,7 +66,7 @@ def _task_head_heatmap(
 
 
 def plot_gate_map(gmap: pd.DataFrame, title: str = "") -> Figure:
-    """Heat map of a :func:`~tl_superposition.gated.gates.gate_map` (tasks x heads)."""
+    """Heat map of a :func:`~tl_superposition.toys.gates.gate_map` (tasks x heads)."""
     return _task_head_heatmap(
         gmap, cmap="magma", xlabel="head", colorbar="mean gate", title=title, annotate=True
     )

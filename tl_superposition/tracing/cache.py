@@ -12,6 +12,8 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
+from tl_superposition.core.hooks import block_hook
+
 
 class Workspace:
     """A flat tensor that successive batches (or chunks) of a trace are laid out in.
@@ -138,14 +140,14 @@ def run_batch(
         hooks.append(("hook_pos_embed", keep(embed)))
     for L in range(n):
         hooks += [
-            (f"blocks.{L}.ln1.hook_normalized", into(x, L)),
-            (f"blocks.{L}.ln1.hook_scale", into(scale, L, squeeze=True)),
-            (f"blocks.{L}.attn.hook_attn_scores", keep(scores)),
-            (f"blocks.{L}.attn.hook_pattern", keep(pattern)),
-            (f"blocks.{L}.attn.hook_z", into(z, L)),
+            (block_hook(L, "ln1.hook_normalized"), into(x, L)),
+            (block_hook(L, "ln1.hook_scale"), into(scale, L, squeeze=True)),
+            (block_hook(L, "attn.hook_attn_scores"), keep(scores)),
+            (block_hook(L, "attn.hook_pattern"), keep(pattern)),
+            (block_hook(L, "attn.hook_z"), into(z, L)),
         ]
         if not model.cfg.attn_only:
-            hooks.append((f"blocks.{L}.hook_mlp_out", into(mlp, L)))
+            hooks.append((block_hook(L, "hook_mlp_out"), into(mlp, L)))
     if model.cfg.attn_only:
         mlp.zero_()
     resid = model.run_with_hooks(tokens, fwd_hooks=hooks, stop_at_layer=n)

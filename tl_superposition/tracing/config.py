@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from numbers import Integral, Real
+from typing import Literal
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_superposition.tracing.edges import EDGE_RULES
+EdgeRule = Literal["paper", "positive"]
+EDGE_RULES: tuple[str, ...] = ("paper", "positive")
 
 
 @dataclass

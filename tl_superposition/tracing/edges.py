@@ -20,16 +20,12 @@ passed as ``valid=False``: they take no part in the sums or the ranking.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from tl_superposition.tracing.config import EDGE_RULES, EdgeRule
 from tl_superposition.tracing.decompose import selected_mask, shortest_prefix
-
-EdgeRule = Literal["paper", "positive"]
-EDGE_RULES: tuple[str, ...] = ("paper", "positive")
 
 
 def _valid(values: Tensor, valid: Tensor | None) -> Tensor:

@@ -27,6 +27,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from tl_superposition.core.hooks import block_hook
+from tl_superposition.ioi import logit_diff_from_resid
 from tl_superposition.tracing.decompose import project
 from tl_superposition.tracing.qk_svd import LayerQK, QKSVDCache
 
@@ -194,30 +196,8 @@ def _read_hooks(
     for L in readout.layer.unique().tolist():
         rows = (readout.layer == L).nonzero()[:, 0]
         for name, key in (("attn.hook_attn_scores", "score"), ("attn.hook_pattern", "pattern")):
-            hooks.append((f"blocks.{L}.{name}", _reader(readout, rows, key, store)))
+            hooks.append((block_hook(L, name), _reader(readout, rows, key, store)))
     return hooks
-
-
-def logit_diff_from_resid(
-    model: HookedTransformer,
-    resid: Float[Tensor, "rows pos d_model"],
-    end_pos: Int[Tensor, " rows"],
-    io_tokens: Int[Tensor, " rows"],
-    s_tokens: Int[Tensor, " rows"],
-) -> Float[Tensor, " rows"]:
-    """``logit(IO) - logit(S)`` at ``end_pos`` from the residual stream after the last block.
-
-    ``ln_final`` and two columns of the unembedding, at one position per row: equal to the
-    full model's logits up to float rounding.
-    """
-    dev = resid.device
-    rows = torch.arange(len(end_pos), device=dev)
-    x = resid[rows, end_pos.to(dev)][:, None, :]
-    if model.cfg.normalization_type is not None:
-        x = model.ln_final(x)
-    io, s = io_tokens.to(dev), s_tokens.to(dev)
-    direction = (model.W_U[:, io] - model.W_U[:, s]).T
-    return ((x[:, 0] * direction).sum(1) + model.b_U[io] - model.b_U[s]).float().cpu()
 
 
 @torch.inference_mode()
@@ -264,7 +244,7 @@ def run_output_edits(
             t[rows, pos] += delta[rows]
             return t
 
-        hooks.append((f"blocks.{L}.hook_attn_out", add))
+        hooks.append((block_hook(L, "hook_attn_out"), add))
     store: dict[str, Tensor] = {}
     hooks += _read_hooks(readout, store)
     with_logits = readout.end_pos is not None
@@ -315,7 +295,7 @@ def run_input_edits(
         return t
 
     store: dict[str, Tensor] = {}
-    hooks = [(f"blocks.{layer}.ln1.hook_normalized", add), *_read_hooks(readout, store)]
+    hooks = [(block_hook(layer, "ln1.hook_normalized"), add), *_read_hooks(readout, store)]
     with model.hooks(fwd_hooks=hooks):
         model(resid_pre, start_at_layer=layer, stop_at_layer=layer + 1)
     return ReadValues(score=store["score"], pattern=store["pattern"], logit_diff=None)
@@ -338,7 +318,7 @@ def resid_pre_cache(
         tokens, names_filter=lambda name: name.endswith(keep), stop_at_layer=n
     )
     assert isinstance(resid, Tensor)
-    stacked = torch.stack([cache[f"blocks.{L}.hook_resid_pre"] for L in range(n)], 2)
+    stacked = torch.stack([cache[block_hook(L, "hook_resid_pre")] for L in range(n)], 2)
     out = {k: v for k, v in cache.items() if not k.endswith("hook_resid_pre")}
     out["resid_final"] = resid
     return stacked, out

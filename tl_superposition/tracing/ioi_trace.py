@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from tl_superposition._atomic import atomic_path, write_json_atomic
+from tl_superposition.core.hooks import block_hook
 from tl_superposition.ioi import IOIDataset, role_positions
 from tl_superposition.tracing.cache import BatchCache
 from tl_superposition.tracing.config import TraceConfig
@@ -102,7 +103,7 @@ def head_logit_attribution(
     """
     device = next(model.parameters()).device
     n_layers = model.cfg.n_layers
-    names = {f"blocks.{L}.attn.hook_z" for L in range(n_layers)}
+    names = {block_hook(L, "attn.hook_z") for L in range(n_layers)}
     lds, dlas = [], []
     for lo in tqdm(
         range(0, len(dataset), batch_size),
@@ -116,7 +117,9 @@ def head_logit_attribution(
         )
         rows = torch.arange(len(part), device=device)
         end = part.end_pos.to(device)
-        z = torch.stack([cache[f"blocks.{L}.attn.hook_z"][rows, end] for L in range(n_layers)], 1)
+        z = torch.stack(
+            [cache[block_hook(L, "attn.hook_z")][rows, end] for L in range(n_layers)], 1
+        )
         resid_end = cast(Tensor, resid)[rows, end]
         ld, dla = logit_attribution(model, z, resid_end, part.io_tokens, part.s_tokens)
         lds.append(ld)

@@ -33,6 +33,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from tl_superposition._atomic import atomic_path, write_json_atomic
+from tl_superposition.core.hooks import block_hook
 from tl_superposition.evaluation.patching import (
     head_patching_effects,
     important_heads,
@@ -102,7 +103,7 @@ def ablated_logit_diff(
         return torch.where(mask[layer][None, None, :, None], means[:, :, layer], z)
 
     hooks: list[tuple[str | Callable, Callable]] = [
-        (f"blocks.{layer}.attn.hook_z", hook) for layer in range(n_layers)
+        (block_hook(layer, "attn.hook_z"), hook) for layer in range(n_layers)
     ]
     logits = model.run_with_hooks(dataset.tokens.to(model.cfg.device), fwd_hooks=hooks)
     return float(logit_diff_metric(dataset)(logits))

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from tl_superposition._atomic import atomic_path, write_json_atomic
+from tl_superposition.core.hooks import block_hook
 from tl_superposition.tracing.graph import head_name
 from tl_superposition.tracing.interventions import (
     Readout,
@@ -228,8 +229,10 @@ def _clean_values(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Score, pattern and logit difference of each instance in the clean run."""
     n_layers = model.cfg.n_layers
-    scores = torch.stack([cache[f"blocks.{L}.attn.hook_attn_scores"] for L in range(n_layers)], 1)
-    pattern = torch.stack([cache[f"blocks.{L}.attn.hook_pattern"] for L in range(n_layers)], 1)
+    scores = torch.stack(
+        [cache[block_hook(L, "attn.hook_attn_scores")] for L in range(n_layers)], 1
+    )
+    pattern = torch.stack([cache[block_hook(L, "attn.hook_pattern")] for L in range(n_layers)], 1)
     dev = scores.device
     idx = tuple(t.to(dev) for t in (it.prompt, it.layer, it.head, it.dest, it.src))
     ld = None
@@ -330,7 +333,7 @@ def validate_instances(
             continue
         resid_pre, cache = resid_pre_cache(model, tokens[lo : lo + prompts_per_batch].to(device))
         it = InstanceBatch.from_frame(out.iloc[rows], lo, model.cfg.d_head)
-        z = torch.stack([cache[f"blocks.{L}.attn.hook_z"] for L in range(model.cfg.n_layers)], 2)
+        z = torch.stack([cache[block_hook(L, "attn.hook_z")] for L in range(model.cfg.n_layers)], 2)
         y, p_sel, p_rand, rand = edit_vectors(model, qk, z, it, gen)
         logits = None
         if end_pos is not None and io_tokens is not None and s_tokens is not None:

@@ -37,13 +37,13 @@ import pandas as pd
 
 from tl_superposition._atomic import write_json_atomic, write_text_atomic
 from tl_superposition.gated.block import GatedAttentionBlock
-from tl_superposition.gated.check import SolelyEncodedReport, solely_encoded
 from tl_superposition.gated.config import BIAS_INITS
-from tl_superposition.gated.gates import gate_map
 from tl_superposition.gated.sources import TensorBatches, layer_activations
 from tl_superposition.gated.train import GatedTrainConfig, train_gated_block
 from tl_superposition.toys.analysis import attention_ranking, minimal_head_sets, subset_ablation
+from tl_superposition.toys.check import SolelyEncodedReport, solely_encoded
 from tl_superposition.toys.datasets import ToyDataset
+from tl_superposition.toys.gates import gate_map
 from tl_superposition.toys.models import (
     load_toy_model,
     make_toy_model,

@@ -1,0 +1,69 @@
+"""The shared core: hook names, rotary embedding, splicing and the epoch order."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tl_superposition.core.batches import epoch_generator, epoch_order
+from tl_superposition.core.hooks import block_hook, layer_hooks
+from tl_superposition.core.rotary import rope_tables, rotate
+from tl_superposition.core.splicing import replacement_hooks, spliced
+
+
+def test_hook_names_are_the_models_own(tiny_gpt2):
+    names = set(tiny_gpt2.hook_dict)
+    for rel in ("attn.hook_pattern", "ln1.hook_normalized", "hook_attn_out", "attn.hook_z"):
+        assert set(layer_hooks(range(tiny_gpt2.cfg.n_layers), rel)) <= names
+    with pytest.raises(ValueError, match="already full"):
+        block_hook(1, "blocks.1.attn.hook_q")
+    with pytest.raises(ValueError, match="negative"):
+        block_hook(-1, "attn.hook_q")
+
+
+@pytest.mark.parametrize("adjacent", [False, True])
+@pytest.mark.parametrize("rotary_dim", [16, 8])
+def test_rotate_is_bit_identical_to_transformer_lens(tiny_llama, adjacent, rotary_dim):
+    attn = copy.deepcopy(tiny_llama.blocks[0].attn)
+    attn.cfg = copy.copy(attn.cfg)
+    attn.cfg.rotary_adjacent_pairs, attn.cfg.rotary_dim = adjacent, rotary_dim
+    cos, sin = rope_tables(32, rotary_dim, 10000.0, adjacent)
+    attn.rotary_cos, attn.rotary_sin = cos, sin
+    x = torch.randn(2, 10, 4, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(rotate(x, cos, sin, adjacent), attn.apply_rotary(x))
+
+
+def test_rope_tables_match_the_models_to_float_rounding(tiny_llama):
+    attn = tiny_llama.blocks[0].attn
+    cos, sin = rope_tables(64, tiny_llama.cfg.rotary_dim, tiny_llama.cfg.rotary_base, False)
+    torch.testing.assert_close(cos, attn.rotary_cos[:64].float(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(sin, attn.rotary_sin[:64].float(), atol=1e-5, rtol=0)
+
+
+def test_a_spliced_identity_reproduces_the_model_and_a_zero_output_changes_it(tiny_gpt2):
+    tokens = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
+    clean = tiny_gpt2(tokens)
+    same = replacement_hooks(1, "ln1.hook_normalized", {"hook_attn_out": lambda x, v: v})
+    with spliced(tiny_gpt2, same):
+        assert torch.equal(tiny_gpt2(tokens), clean)
+    stash: dict[str, torch.Tensor] = {}
+    zero = replacement_hooks(1, "ln1.hook_normalized", {"hook_attn_out": lambda x, v: 0 * x},
+                             stash=stash, pop=True)  # fmt: skip
+    with spliced(tiny_gpt2, zero):
+        assert not torch.allclose(tiny_gpt2(tokens), clean)
+    assert not stash  # popped after its last reader
+    assert not tiny_gpt2.blocks[1].hook_attn_out.fwd_hooks  # removed on exit
+
+
+def test_epoch_order_depends_only_on_seed_and_epoch():
+    a = epoch_order(50, seed=3, epoch=2)
+    assert torch.equal(a, epoch_order(50, seed=3, epoch=2)) and sorted(a.tolist()) == list(
+        range(50)
+    )
+    assert not torch.equal(a, epoch_order(50, seed=3, epoch=1))
+    assert not torch.equal(a, epoch_order(50, seed=4, epoch=2))
+    assert torch.equal(epoch_order(5, 3, 2, shuffle=False), torch.arange(5))
+    g = epoch_generator(3, 2, offset=7)
+    assert torch.equal(torch.randperm(50, generator=g), epoch_order(50, seed=3, epoch=9))
