@@ -181,8 +181,8 @@ def agree(args: argparse.Namespace, model, qkts: list) -> dict | None:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     from tl_superposition import load_model
-    from tl_superposition._atomic import atomic_path
     from tl_superposition.activations import pack_text
+    from tl_superposition.core.atomic import atomic_path
     from tl_superposition.evaluation.prompts import ioi_prompts
     from tl_superposition.qk import QKTranscoder, layer_folder
     from tl_superposition.qk.cli import context_mix, parse_layers

@@ -22,7 +22,7 @@ from typing import Any
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden_outputs.json"
 
-# keys (JSON) or columns (CSV) holding wall-clock measurements or dates
+# keys (JSON) holding wall-clock measurements or dates
 VOLATILE = re.compile(r"(seconds|elapsed|_per_s$|^time$|^wall|^date$|duration)")
 
 
@@ -56,6 +56,14 @@ def _content_digest(obj: Any, h: Any, roots: list[Path]) -> None:
         h.update(repr(obj).encode())
 
 
+def _checkpoint_contents(raw: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's entries whatever its layout: the shared format's identity and state
+    merged, or an earlier layout's entries, without the layout's own ``format`` tag."""
+    if "identity" in raw and "state" in raw:
+        return {**raw["identity"], **raw["state"]}
+    return {k: v for k, v in raw.items() if k != "format"}
+
+
 def _normalised(path: Path, roots: list[Path]) -> bytes:
     data = path.read_bytes()
     for root in roots:
@@ -67,7 +75,7 @@ def _normalised(path: Path, roots: list[Path]) -> bytes:
         import torch
 
         h = hashlib.sha256()
-        _content_digest(_drop_volatile(torch.load(path, weights_only=False)), h, roots)
+        _content_digest(_checkpoint_contents(torch.load(path, weights_only=True)), h, roots)
         return h.hexdigest().encode()
     return data
 
@@ -117,7 +125,7 @@ def run_all(
 ) -> dict[str, dict[str, str]]:
     """Run every command once into ``root`` and return the digests of each run's folder."""
     out: dict[str, dict[str, str]] = {}
-    roots = [root, *{p.parent for p in models.values()}]
+    roots = [root, text, *{p.parent for p in models.values()}]
     for name, args in command_runs(models, text, root).items():
         status = main(args)
         assert status == 0, f"{name} exited with {status}"

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from tl_superposition.core.batches import epoch_generator, epoch_order
+from tl_superposition.core.checkpoint import load_checkpoint, save_checkpoint
 from tl_superposition.core.hooks import block_hook, layer_hooks
 from tl_superposition.core.rotary import rope_tables, rotate
 from tl_superposition.core.splicing import replacement_hooks, spliced
+from tl_superposition.core.training import Trainer
 
 
 def test_hook_names_are_the_models_own(tiny_gpt2):
@@ -67,3 +69,54 @@ def test_epoch_order_depends_only_on_seed_and_epoch():
     assert torch.equal(epoch_order(5, 3, 2, shuffle=False), torch.arange(5))
     g = epoch_generator(3, 2, offset=7)
     assert torch.equal(torch.randperm(50, generator=g), epoch_order(50, seed=3, epoch=9))
+
+
+def _toy_run(trainer_steps: int, resume_from: dict | None = None):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    seen = []
+    trainer = Trainer(
+        opt, 6, lr_at=lambda s: 0.05 * (s + 1) / 6, clip=(model.parameters(), 0.5),
+        after_step=[lambda t, out: seen.append(t.step)],
+    )  # fmt: skip
+    if resume_from is not None:
+        model.load_state_dict(resume_from["model"])
+        trainer.load_state_dict(resume_from)
+    x = torch.randn(6, 8, 4, generator=torch.Generator().manual_seed(1))
+    while trainer.step < trainer_steps:
+        out = trainer.run_step(lambda s: (model(x[s]) ** 2).mean())
+        trainer.log({"step": trainer.step, "loss": out.item()})
+    return model, trainer, seen
+
+
+def test_a_resumed_trainer_reaches_the_uninterrupted_weights(tmp_path):
+    whole, t_whole, seen = _toy_run(6)
+    assert seen == [1, 2, 3, 4, 5, 6] and t_whole.finished
+    assert t_whole.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+    half, t_half, _ = _toy_run(3)
+    save_checkpoint(tmp_path / "c.pt", "toy", {"run": "a"},
+                    {**t_half.state_dict(), "model": half.state_dict()})  # fmt: skip
+    identity, state = load_checkpoint(tmp_path / "c.pt", "toy")
+    assert identity == {"run": "a"}
+    resumed, t_resumed, _ = _toy_run(6, resume_from=state)
+    for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert t_resumed.history == t_whole.history
+
+
+def test_checkpoints_hold_plain_values_and_name_their_kind(tmp_path):
+    import numpy as np
+
+    with pytest.raises(TypeError, match=r"state\['x'\]\[0\] is a float64"):
+        save_checkpoint(tmp_path / "c.pt", "toy", {}, {"x": [np.float64(1.0)]})
+    assert not list(tmp_path.iterdir())  # nothing written
+    save_checkpoint(tmp_path / "c.pt", "toy", {}, {"w": torch.ones(2)})
+    first = (tmp_path / "c.pt").read_bytes()
+    save_checkpoint(tmp_path / "c.pt", "toy", {}, {"w": torch.ones(2)})
+    assert (tmp_path / "c.pt").read_bytes() == first  # bytes depend on the contents only
+    with pytest.raises(ValueError, match="a toy run, not of qk"):
+        load_checkpoint(tmp_path / "c.pt", "qk")
+    torch.save({"something": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a qk checkpoint"):
+        load_checkpoint(tmp_path / "other.pt", "qk", legacy=lambda raw: None)

@@ -297,15 +297,17 @@ def test_resume_is_exact(tmp_path, warmup):
         train_gated_block(drawn, source, cfg, tmp_path / "b", progress=False)
 
 
-def test_checkpoint_written_before_bias_init_existed_resumes(tmp_path):
+def test_checkpoint_written_before_bias_init_and_the_shared_format_resumes(tmp_path):
     model, source = _toy_block_source()
     cfg = GatedTrainConfig(alpha=0.3, lr=1e-2, epochs=2, log_every=2, checkpoint_every=2)
     block = GatedAttentionBlock.from_layer(model, 0, 2, seed=1)
     first = GatedTrainConfig(**{**cfg.__dict__, "max_steps": 4})
     train_gated_block(block, source, first, tmp_path, progress=False)
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    del state["block_config"]["bias_init"]  # as older versions wrote it
-    torch.save(state, tmp_path / "checkpoint.pt")
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert saved["format"] == "tl_superposition.checkpoint/1" and saved["kind"] == "gated"
+    legacy = {**saved["identity"], **saved["state"]}  # the layout before the shared format
+    del legacy["block_config"]["bias_init"]  # as older versions wrote it
+    torch.save(legacy, tmp_path / "checkpoint.pt")
     fresh = GatedAttentionBlock.from_layer(model, 0, 2, seed=1)
     result = train_gated_block(fresh, source, cfg, tmp_path, progress=False)
     assert result.resumed_from == 4 and result.steps == 8

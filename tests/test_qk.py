@@ -393,6 +393,11 @@ def test_resume_gives_identical_weights(tiny_llama, tmp_path):
         fresh(), tiny_llama, src, cfg, tmp_path / "b", stop_after_steps=10, progress=False
     )
     assert not part.finished and part.steps == 10
+    # a checkpoint in the layout before the shared format resumes as well
+    saved = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert (saved["format"], saved["kind"]) == ("tl_superposition.checkpoint/1", "qk")
+    legacy = {"format": "tl_superposition.qk.checkpoint/1", **saved["identity"], **saved["state"]}
+    torch.save(legacy, tmp_path / "b" / "checkpoint.pt")
     # a new process builds a differently initialised transcoder: the checkpoint wins
     rest = train_qk(fresh(seed=9), tiny_llama, src, cfg, tmp_path / "b", progress=False)
     assert rest.finished and rest.steps == 24

@@ -40,7 +40,7 @@ from typing import Any, Literal
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from tl_superposition._atomic import atomic_path, write_json_atomic
+from tl_superposition.core.atomic import atomic_path, write_json_atomic
 from tl_superposition.dtypes import parse_dtype
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,6 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from tl_superposition._atomic import atomic_path, write_json_atomic
 from tl_superposition.activations.config import SHORT_HOOKS, CollectConfig
 from tl_superposition.activations.folder import (
     ATTENTION_FILE,
@@ -46,6 +45,7 @@ from tl_superposition.activations.folder import (
 from tl_superposition.activations.packing import Packing, open_packing
 from tl_superposition.activations.patterns import attention_params, rotary_tables
 from tl_superposition.activations.sources import source_label
+from tl_superposition.core.atomic import atomic_path, write_json_atomic
 from tl_superposition.core.hooks import block_hook
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ Layout of a collection folder::
       shard_00001.safetensors    [n, context_size, ...hook dims] (patterns: [n, heads, ctx, ctx])
       ...
 
-Every file is written atomically (:mod:`tl_superposition._atomic`), so a folder holds only
+Every file is written atomically (:mod:`tl_superposition.core.atomic`), so a folder holds only
 whole files, plus at most a few hidden ``.*.tmp`` files of an interrupted write, which the next
 run removes.
 """

@@ -18,8 +18,8 @@ import networkx as nx
 import numpy as np
 import pandas as pd
 
-from tl_superposition._atomic import atomic_path, write_json_atomic
 from tl_superposition.circuit.graphs import ROOT, parse_node
+from tl_superposition.core.atomic import atomic_path, write_json_atomic
 
 FILES = ("circuit.json", "circuit.graphml", "circuit_heads.csv", "circuit.png", "circuit.html")
 

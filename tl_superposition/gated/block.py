@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookedRootModule, HookPoint
 
-from tl_superposition._atomic import atomic_path, write_json_atomic
+from tl_superposition.core.atomic import atomic_path, write_json_atomic
 from tl_superposition.core.rotary import rope_tables, rotate
 from tl_superposition.gated.config import GatedAttentionConfig
 

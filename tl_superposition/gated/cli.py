@@ -99,7 +99,7 @@ def _check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train (or resume), save, evaluate, print the summary."""
-    from tl_superposition._atomic import write_json_atomic, write_text_atomic
+    from tl_superposition.core.atomic import write_json_atomic, write_text_atomic
     from tl_superposition.gated.block import GatedAttentionBlock
     from tl_superposition.gated.evaluate import evaluate_splice
     from tl_superposition.gated.sources import (

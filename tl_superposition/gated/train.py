@@ -31,7 +31,8 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_superposition._atomic import atomic_path
+from tl_superposition.core.checkpoint import load_checkpoint, save_checkpoint
+from tl_superposition.core.training import Trainer
 from tl_superposition.gated.block import GatedAttentionBlock
 from tl_superposition.gated.sources import BatchSource
 
@@ -206,45 +207,37 @@ def block_objective(
     return {"loss": loss, "mse": mse, "penalty": penalty}
 
 
-def _save_checkpoint(
-    path: Path,
-    block: GatedAttentionBlock | CrossLayerGatedBlocks,
-    opt: torch.optim.Optimizer,
-    step: int,
-    history: list[dict[str, float]],
-    cfg: GatedTrainConfig,
-    source: dict[str, Any],
-) -> None:
-    state = {
-        "step": step,
-        "block": block.state_dict(),
-        "optimizer": opt.state_dict(),
-        "history": history,
-        "train_config": asdict(cfg),
-        "block_config": block.cfg.to_dict(),
-        "source": source,
-    }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+def _identity(
+    block: GatedAttentionBlock | CrossLayerGatedBlocks, cfg: GatedTrainConfig, source: dict
+) -> dict[str, Any]:
+    return {"block_config": block.cfg.to_dict(), "train_config": asdict(cfg), "source": source}
+
+
+def _legacy(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """``(identity, state)`` of a checkpoint written before the shared format."""
+    if "format" in raw or "block_config" not in raw:
+        return None
+    identity = {k: raw[k] for k in ("block_config", "train_config", "source")}
+    return identity, {k: raw[k] for k in ("step", "optimizer", "history", "block")}
 
 
 def _resume(
     path: Path,
     block: GatedAttentionBlock | CrossLayerGatedBlocks,
-    opt: torch.optim.Optimizer,
+    trainer: Trainer,
     cfg: GatedTrainConfig,
     source: dict[str, Any],
-) -> tuple[int, list[dict[str, float]]]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+) -> None:
+    saved, state = load_checkpoint(path, "gated", _legacy)
     mismatch = []
     # through from_dict: fields added since the checkpoint was written take their defaults
-    if type(block.cfg).from_dict(state["block_config"]).to_dict() != block.cfg.to_dict():
+    if type(block.cfg).from_dict(saved["block_config"]).to_dict() != block.cfg.to_dict():
         mismatch.append("block config")
     keep = ("alpha", "alpha_warmup_steps", "lr", "gate_p", "penalty_pairs")
-    saved = {k: state["train_config"].get(k, 0) for k in keep}  # no warm-up key: none
-    if saved != {k: getattr(cfg, k) for k in keep}:
+    old = {k: saved["train_config"].get(k, 0) for k in keep}  # no warm-up key: none
+    if old != {k: getattr(cfg, k) for k in keep}:
         mismatch.append("alpha/alpha_warmup_steps/lr/gate_p/penalty_pairs")
-    if state["source"] != source:
+    if saved["source"] != source:
         mismatch.append("data source")
     if mismatch:
         raise ValueError(
@@ -252,8 +245,7 @@ def _resume(
             "use a new checkpoint folder or the same settings"
         )
     block.load_state_dict(state["block"])
-    opt.load_state_dict(state["optimizer"])
-    return int(state["step"]), list(state["history"])
+    trainer.load_state_dict(state)
 
 
 def train_gated_block(
@@ -283,17 +275,16 @@ def train_gated_block(
     """
     cfg = config or GatedTrainConfig()
     device = next(block.parameters()).device
-    opt = torch.optim.Adam(block.parameters(), lr=cfg.lr)
     total = cfg.epochs * source.n_batches
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
+    trainer = Trainer(torch.optim.Adam(block.parameters(), lr=cfg.lr), total)
     ckpt = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
     desc = source.describe()
-    step, history = 0, []
     if ckpt is not None and ckpt.is_file():
-        step, history = _resume(ckpt, block, opt, cfg, desc)
-        log.info("resuming %s at step %d of %d", ckpt, step, total)
-    resumed_from = step
+        _resume(ckpt, block, trainer, cfg, desc)
+        log.info("resuming %s at step %d of %d", ckpt, trainer.step, total)
+    resumed_from = trainer.step
     t0 = time.perf_counter()
     sums = torch.zeros(3)
     n_sum = 0
@@ -304,33 +295,35 @@ def train_gated_block(
 
     loss_fn = torch.compile(batch_loss) if cfg.compile else batch_loss
     block.train()
-    bar = tqdm(total=total, initial=step, desc="gated block", disable=not progress, leave=False)
-    while step < total:
-        epoch, index = divmod(step, source.n_batches)
+    bar = tqdm(
+        total=total, initial=trainer.step, desc="gated block", disable=not progress, leave=False
+    )
+    while not trainer.finished:
+        epoch, index = divmod(trainer.step, source.n_batches)
         x, y = source.batch(epoch, index)
-        alpha = torch.tensor(cfg.alpha_at(step), device=device)
-        loss, mse, pen = loss_fn(x.to(device), y.to(device), alpha)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
+
+        def step_fn(step: int, x: Tensor = x, y: Tensor = y) -> tuple[Tensor, Tensor, Tensor]:
+            alpha = torch.tensor(cfg.alpha_at(step), device=device)
+            return loss_fn(x.to(device), y.to(device), alpha)
+
+        loss, mse, pen = trainer.run_step(step_fn)
         sums += torch.stack([loss.detach(), mse.detach(), pen.detach()]).cpu()
         n_sum += 1
-        if step % cfg.log_every == 0 or step == total:
+        if trainer.step % cfg.log_every == 0 or trainer.finished:
             avg = (sums / n_sum).tolist()
-            history.append(
-                {"step": step, "epoch": epoch, "loss": avg[0], "mse": avg[1], "penalty": avg[2]}
-            )
+            trainer.log(
+                {"step": trainer.step, "epoch": epoch, "loss": avg[0], "mse": avg[1],
+                 "penalty": avg[2]}
+            )  # fmt: skip
             bar.set_postfix(mse=f"{avg[1]:.3g}", penalty=f"{avg[2]:.3g}")
             sums.zero_()
             n_sum = 0
         bar.update(1)
-        if ckpt is not None and (
-            step == total or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
-        ):
+        if ckpt is not None and trainer.due(cfg.checkpoint_every):
             ckpt.parent.mkdir(parents=True, exist_ok=True)
-            _save_checkpoint(ckpt, block, opt, step, history, cfg, desc)
+            state = {**trainer.state_dict(), "block": block.state_dict()}
+            save_checkpoint(ckpt, "gated", _identity(block, cfg, desc), state)
     bar.close()
     block.eval()
     seconds = time.perf_counter() - t0
-    return GatedTrainResult(pd.DataFrame(history), step, resumed_from, seconds)
+    return GatedTrainResult(pd.DataFrame(trainer.history), trainer.step, resumed_from, seconds)

@@ -428,7 +428,7 @@ def _eval_layer(
     """Evaluate one layer's transcoder; print and (with ``out``) write its tables."""
     import pandas as pd
 
-    from tl_superposition._atomic import atomic_path, write_json_atomic
+    from tl_superposition.core.atomic import atomic_path, write_json_atomic
     from tl_superposition.qk.evaluate import evaluate_qk
     from tl_superposition.qk.transcoder import QKTranscoder
 

@@ -35,8 +35,8 @@ import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from tl_superposition._atomic import atomic_path, write_json_atomic
 from tl_superposition.circuit import Circuit
+from tl_superposition.core.atomic import atomic_path, write_json_atomic
 from tl_superposition.qk.feature_edges import feature_edges
 from tl_superposition.qk.transcoder import QKTranscoder
 from tl_superposition.tracing.cache import run_batch

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookedRootModule, HookPoint
 
+from tl_superposition.core.training import Trainer
 from tl_superposition.qk.attention import (
     FIRST_QUERY_ROW,
     kl_rows,
@@ -257,53 +258,72 @@ def train_pair_mask(
     check_reads(source, s)
     dq, dk = qkt.cfg.d_hidden_q, qkt.cfg.d_hidden_k
     mask = FeaturePairMask(heads, dq, dk).to(qkt.q_dict.W_dec.device)
-    opt = torch.optim.Adam(mask.parameters(), lr=cfg.lr)
     seen = {h: torch.zeros(dq * dk, dtype=torch.long) for h in heads}
-    rows: list[dict[str, Any]] = []
     qkt.eval()
     for p in qkt.parameters():
         p.requires_grad_(False)
+
+    def clamp(*_: Any) -> None:
+        with torch.no_grad():
+            mask.mask.clamp_(0.0, 1.0)
+
+    trainer = Trainer(torch.optim.Adam(mask.parameters(), lr=cfg.lr), cfg.steps, after_step=[clamp])
     try:
         batches = _cycle(source, s, cfg.batch_contexts)
-        for step in tqdm(range(cfg.steps), desc="pair mask", disable=not progress):
+        for _ in tqdm(range(cfg.steps), desc="pair mask", disable=not progress):
             batch = next(batches)
-            with torch.no_grad():
-                out = qkt(batch.x)
-            opt.zero_grad(set_to_none=True)
-            for h in heads:
+
+            def step_fn(step: int, batch: QKBatch = batch) -> None:
                 with torch.no_grad():
-                    pt = head_pair_terms(qkt, model, batch, out, h, cfg.max_active)
-                    i, j, _ = _co_active(pt)
-                    seen[h].index_add_(0, (i * dk + j).cpu(), torch.ones_like(i).cpu())
-                masked = mask(pt, h)
-                rows_kl = kl_rows(pt.logp_true[:, None], log_pattern(masked)[:, None])
-                kl = rows_kl[..., FIRST_QUERY_ROW:].mean()
-                m = mask.mask[mask.slot(h)]
-                penalty = torch.sqrt(m.abs() + cfg.eps).sum()
-                (kl + cfg.mu * penalty).backward()
-                with torch.no_grad():
-                    unmasked = kl_rows(
-                        pt.logp_true[:, None], log_pattern(pt.rest + pt.terms.sum((2, 4)))[:, None]
-                    )
-                    kept = ((m >= cfg.threshold).reshape(-1).cpu() & (seen[h] > 0)).sum()
-                rows.append(
-                    {
-                        "step": step,
-                        "head": h,
-                        "kl": float(kl.detach()),
-                        "kl_unmasked": float(unmasked[..., FIRST_QUERY_ROW:].mean()),
-                        "kept": int(kept),
-                    }
-                )
-            opt.step()
-            with torch.no_grad():
-                mask.mask.clamp_(0.0, 1.0)
+                    out = qkt(batch.x)
+                for h in heads:  # one backward pass per head, gradients summed
+                    trainer.log(_head_step(qkt, model, mask, batch, out, h, seen[h], step, cfg))
+
+            trainer.run_step(step_fn)
     finally:
         for p in qkt.parameters():
             p.requires_grad_(True)
     seen2d = {h: v.view(dq, dk) for h, v in seen.items()}
     pairs = condensed_pairs(mask, seen2d, cfg.threshold)
-    return PairMaskResult(mask, pd.DataFrame(rows), pairs, seen2d)
+    return PairMaskResult(mask, pd.DataFrame(trainer.history), pairs, seen2d)
+
+
+def _head_step(
+    qkt: QKTranscoder,
+    model: HookedTransformer,
+    mask: FeaturePairMask,
+    batch: QKBatch,
+    out: Any,
+    h: int,
+    seen: Tensor,
+    step: int,
+    cfg: PairMaskConfig,
+) -> dict[str, Any]:
+    """Backpropagate head ``h``'s masked KL and penalty on ``batch``; count its co-active pairs
+    in ``seen``; return its history row."""
+    dk = qkt.cfg.d_hidden_k
+    with torch.no_grad():
+        pt = head_pair_terms(qkt, model, batch, out, h, cfg.max_active)
+        i, j, _ = _co_active(pt)
+        seen.index_add_(0, (i * dk + j).cpu(), torch.ones_like(i).cpu())
+    masked = mask(pt, h)
+    rows_kl = kl_rows(pt.logp_true[:, None], log_pattern(masked)[:, None])
+    kl = rows_kl[..., FIRST_QUERY_ROW:].mean()
+    m = mask.mask[mask.slot(h)]
+    penalty = torch.sqrt(m.abs() + cfg.eps).sum()
+    (kl + cfg.mu * penalty).backward()
+    with torch.no_grad():
+        unmasked = kl_rows(
+            pt.logp_true[:, None], log_pattern(pt.rest + pt.terms.sum((2, 4)))[:, None]
+        )
+        kept = ((m >= cfg.threshold).reshape(-1).cpu() & (seen > 0)).sum()
+    return {
+        "step": step,
+        "head": h,
+        "kl": float(kl.detach()),
+        "kl_unmasked": float(unmasked[..., FIRST_QUERY_ROW:].mean()),
+        "kept": int(kept),
+    }
 
 
 def _cycle(source: ContextSource, shape: AttentionShape, batch_contexts: int):

@@ -14,11 +14,14 @@ Output folder::
       train_config.json     the QKTrainConfig and the source description
       qk_transcoder.json, q/, k/   the trained pair (QKTranscoder.load(out_dir)), at the end
 
-Checkpoints are written atomically every ``checkpoint_every_steps`` steps, at the end and on
-``KeyboardInterrupt``. A run restarted on the same folder resumes from the checkpoint and
-reaches exactly the weights an uninterrupted run reaches: the data order depends only on
-(seed, epoch, batch index), the learning rates only on the step, and the optimiser, the
-firing counters and the resampling generator are restored.
+The optimisation itself is the shared :class:`~tl_superposition.core.training.Trainer` (this
+module supplies the loss of a step and the resampling after it); checkpoints are in the shared
+format (:mod:`tl_superposition.core.checkpoint`, kind ``"qk"``), written atomically every
+``checkpoint_every_steps`` steps, at the end and on ``KeyboardInterrupt``. A run restarted on
+the same folder resumes from the checkpoint and reaches exactly the weights an uninterrupted
+run reaches: the data order depends only on (seed, epoch, batch index), the learning rates
+only on the step, and the optimiser, the firing counters and the resampling generator are
+restored.
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from tl_superposition._atomic import atomic_path, write_json_atomic
+from tl_superposition.core.atomic import atomic_path, write_json_atomic
+from tl_superposition.core.checkpoint import identity_mismatches, load_checkpoint, save_checkpoint
+from tl_superposition.core.training import Trainer, warmup_decay
 from tl_superposition.qk.attention import layer_attention
 from tl_superposition.qk.config import QKTrainConfig
 from tl_superposition.qk.dictionaries import init_from_data
@@ -51,7 +56,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 HISTORY = "history.csv"
 TRAIN_CONFIG = "train_config.json"
-CHECKPOINT_FORMAT = "tl_superposition.qk.checkpoint/1"
+#: The format of QK checkpoints before the shared one (:mod:`tl_superposition.core.checkpoint`).
+LEGACY_FORMAT = "tl_superposition.qk.checkpoint/1"
 #: Contexts read to estimate the data means that initialise the biases.
 MEAN_CONTEXTS = 64
 
@@ -86,14 +92,7 @@ class TrainResult:
 
 def lr_factor(step: int, total: int, cfg: QKTrainConfig) -> float:
     """Learning-rate multiplier at ``step`` (0-based) of ``total``: warm-up, flat, decay."""
-    warm = int(cfg.warmup_frac * total)
-    decay = int(cfg.decay_frac * total)
-    if warm and step < warm:
-        return (step + 1) / warm
-    if decay and step >= total - decay:
-        frac = (total - step) / decay
-        return cfg.lr_end_frac + (1 - cfg.lr_end_frac) * frac
-    return 1.0
+    return warmup_decay(step, total, cfg.warmup_frac, cfg.decay_frac, cfg.lr_end_frac)
 
 
 def sparsity_factor(step: int, total: int, cfg: QKTrainConfig) -> float:
@@ -151,21 +150,22 @@ def _check_setup(qkt: QKTranscoder, model: HookedTransformer, source: ContextSou
     check_reads(source, qkt.shape)
 
 
-def _save_checkpoint(out_dir: Path, state: dict[str, Any], history: list[dict]) -> None:
-    with atomic_path(out_dir / CHECKPOINT) as tmp:
-        torch.save(state, tmp)
-    with atomic_path(out_dir / HISTORY) as tmp:
-        pd.DataFrame(history).to_csv(tmp, index=False)
+IDENTITY = {"qk_config": "transcoder config", "train_config": "training config",
+            "source": "data source"}  # fmt: skip
+
+
+def _legacy(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """``(identity, state)`` of a checkpoint written before the shared format."""
+    if raw.get("format") != LEGACY_FORMAT:
+        return None
+    identity = {k: raw[k] for k in IDENTITY}
+    return identity, {k: v for k, v in raw.items() if k not in IDENTITY and k != "format"}
 
 
 def _load_checkpoint(path: Path, expected: dict[str, Any]) -> dict[str, Any]:
-    """The checkpoint at ``path``, refused if it holds another run than ``expected`` says."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a QK-transcoder checkpoint")
-    names = {"qk_config": "transcoder config", "train_config": "training config"}
-    names["source"] = "data source"
-    mismatches = [what for key, what in names.items() if state[key] != expected[key]]
+    """The state in the checkpoint at ``path``, refused if it holds another run."""
+    identity, state = load_checkpoint(path, "qk", _legacy)
+    mismatches = identity_mismatches(identity, expected, IDENTITY)
     if mismatches:
         raise ValueError(
             f"{path} holds a run with another {', '.join(mismatches)}: resume it with the same "
@@ -189,22 +189,39 @@ class _Run:
         self.source_description = source.description()
         self.attn = layer_attention(model, qkt.shape.layer)
         self.tokens_per_step = cfg.batch_contexts * source.context_size
-        self.total = max(1, math.ceil(cfg.max_tokens / self.tokens_per_step))
+        total = max(1, math.ceil(cfg.max_tokens / self.tokens_per_step))
         self.opt = torch.optim.Adam(qkt.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
+        self.trainer = Trainer(
+            self.opt,
+            total,
+            lr_at=lambda step: cfg.lr * lr_factor(step, total, cfg),
+            clip=None if cfg.grad_clip is None else (qkt.parameters(), cfg.grad_clip),
+        )
         self.trackers = {
             "q": FiringTracker(qkt.cfg.d_hidden_q),
             "k": FiringTracker(qkt.cfg.d_hidden_k),
         }
         self.gen = torch.Generator().manual_seed(cfg.seed + 17)
         self.means: dict[str, torch.Tensor] = {}
-        self.history: list[dict[str, Any]] = []
         self.loop: dict[str, int] = dict.fromkeys(
-            ("step", "epoch", "batch", "tokens", "resampled_q", "resampled_k"), 0
+            ("epoch", "batch", "tokens", "resampled_q", "resampled_k"), 0
         )
 
     @property
+    def total(self) -> int:
+        return self.trainer.total
+
+    @property
+    def steps(self) -> int:
+        return self.trainer.step
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self.trainer.history
+
+    @property
     def finished(self) -> bool:
-        return self.loop["step"] >= self.total
+        return self.trainer.finished
 
     @property
     def position(self) -> tuple[int, int]:
@@ -214,7 +231,6 @@ class _Run:
     def identity(self) -> dict[str, Any]:
         """What a checkpoint must match to be resumed by this run."""
         return {
-            "format": CHECKPOINT_FORMAT,
             "qk_config": self.qkt.cfg.to_dict(),
             "train_config": self.cfg.to_dict(),
             "source": self.source_description,
@@ -227,7 +243,7 @@ class _Run:
             out.mkdir(parents=True, exist_ok=True)
         if out is not None and (out / CHECKPOINT).is_file() and not overwrite:
             self.load_state_dict(_load_checkpoint(out / CHECKPOINT, self.identity()))
-            log.info("resuming %s at step %d", out, self.loop["step"])
+            log.info("resuming %s at step %d", out, self.steps)
             return True
         if out is not None:
             config = {"train": self.cfg.to_dict(), "source": self.source_description}
@@ -244,35 +260,36 @@ class _Run:
 
     def save(self) -> None:
         if self.out is not None:
-            _save_checkpoint(self.out, self.state_dict(), self.history)
+            save_checkpoint(self.out / CHECKPOINT, "qk", self.identity(), self.state_dict())
+            with atomic_path(self.out / HISTORY) as tmp:
+                pd.DataFrame(self.history).to_csv(tmp, index=False)
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            **self.identity(),
+            **self.trainer.state_dict(),
             **self.loop,
             "weights": {k: v.detach().clone() for k, v in self.qkt.state_dict().items()},
-            "optimizer": self.opt.state_dict(),
             "trackers": {k: t.state_dict() for k, t in self.trackers.items()},
             "generator": self.gen.get_state(),
             "means": self.means,
-            "history": self.history,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.qkt.load_state_dict(state["weights"])
-        self.opt.load_state_dict(state["optimizer"])
+        self.trainer.load_state_dict(state)
         for name, tracker in self.trackers.items():
             tracker.load_state_dict(state["trackers"][name])
         self.gen.set_state(state["generator"])
         self.means = state["means"]
-        self.history = list(state["history"])
         self.loop = {k: int(state[k]) for k in self.loop}
 
     def step(self, epoch: int, index: int, batch: QKBatch) -> dict[str, Any] | None:
         """One optimisation step on ``batch``; the logged row on logging steps, else None."""
         loop, cfg = self.loop, self.cfg
-        row = _train_step(self.qkt, self.attn, self.opt, batch, loop["step"], self.total, cfg)
-        loop.update(step=loop["step"] + 1, epoch=epoch, batch=index + 1)
+        _, row = self.trainer.run_step(
+            lambda step: _step_loss(self.qkt, self.attn, batch, step, self.total, cfg)
+        )
+        loop.update(epoch=epoch, batch=index + 1)
         loop["tokens"] += self.tokens_per_step
         out = row.pop("_out")
         row.update(
@@ -283,11 +300,11 @@ class _Run:
         for side in ("q", "k"):
             loop[f"resampled_{side}"] += row[f"resampled_{side}"]
             row[f"resampled_{side}"] = loop[f"resampled_{side}"]
-        if loop["step"] % cfg.log_every_steps and not self.finished:
+        if self.steps % cfg.log_every_steps and not self.finished:
             return None
-        row = {"step": loop["step"], "tokens": loop["tokens"], **row}
-        self.history.append(row)
-        log.info("layer %d step %d: %s", self.qkt.shape.layer, loop["step"], row)
+        row = {"step": self.steps, "tokens": loop["tokens"], **row}
+        self.trainer.log(row)
+        log.info("layer %d step %d: %s", self.qkt.shape.layer, self.steps, row)
         return row
 
     def result(self, seconds: float, steps_here: int) -> TrainResult:
@@ -295,7 +312,7 @@ class _Run:
         return TrainResult(
             transcoder=self.qkt,
             history=pd.DataFrame(self.history),
-            steps=self.loop["step"],
+            steps=self.steps,
             tokens=self.loop["tokens"],
             seconds=seconds,
             tokens_per_s=steps_here * self.tokens_per_step / seconds if seconds > 0 else 0.0,
@@ -428,7 +445,7 @@ def _train(
     first = min((run.position for run in todo), default=(0, 0))
     bar = tqdm(
         total=max(run.total for run in runs.values()),
-        initial=min(run.loop["step"] for run in runs.values()),
+        initial=min(run.steps for run in runs.values()),
         unit="step",
         disable=not progress,
         desc="train-qk" if len(runs) == 1 else f"train-qk {len(runs)} layers",
@@ -448,7 +465,7 @@ def _train(
                 steps_here[run.qkt.shape.layer] += 1
                 if row is not None and len(runs) == 1:
                     bar.set_postfix(_postfix(row))
-                if run.loop["step"] % cfg.checkpoint_every_steps == 0:
+                if run.steps % cfg.checkpoint_every_steps == 0:
                     run.save()
             todo = [run for run in todo if not run.finished]
             done_here += 1
@@ -480,20 +497,13 @@ def _postfix(row: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def _train_step(
-    qkt: QKTranscoder,
-    attn: Any,
-    opt: torch.optim.Optimizer,
-    batch: QKBatch,
-    step: int,
-    total: int,
-    cfg: QKTrainConfig,
-) -> dict[str, Any]:
-    """One Adam step; returns the logged values (and the output under ``"_out"``)."""
+def _step_loss(
+    qkt: QKTranscoder, attn: Any, batch: QKBatch, step: int, total: int, cfg: QKTrainConfig
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The loss of one step at 0-based ``step`` and the logged values (the output under
+    ``"_out"``); the :class:`~tl_superposition.core.training.Trainer` does the rest."""
     lr = cfg.lr * lr_factor(step, total, cfg)
     lam = cfg.sparsity_coeff * sparsity_factor(step, total, cfg)
-    for group in opt.param_groups:
-        group["lr"] = lr
     out: QKOutput = qkt(batch.x)
     loss: QKLoss = qk_loss(
         attn,
@@ -508,12 +518,7 @@ def _train_step(
         kl_mixed_weight=cfg.kl_mixed_weight,
         sqrt_eps=cfg.sqrt_eps,
     )
-    opt.zero_grad(set_to_none=True)
-    loss.total.backward()
-    if cfg.grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(qkt.parameters(), cfg.grad_clip)
-    opt.step()
-    return {
+    return loss.total, {
         "lr": lr,
         "sparsity_coeff": lam,
         **loss.items(),

@@ -33,7 +33,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookedRootModule, HookPoint
 
-from tl_superposition._atomic import write_json_atomic
+from tl_superposition.core.atomic import write_json_atomic
 from tl_superposition.qk.config import AttentionShape, QKTranscoderConfig
 from tl_superposition.qk.dictionaries import dictionary_equal, load_dictionary, make_dictionary
 from tl_superposition.qk.splice import qk_hooks

@@ -119,7 +119,7 @@ def _parse(args: argparse.Namespace) -> tuple[list[str], list[int]]:
 
 def run(args: argparse.Namespace) -> int:
     """Run every (setting, seed), seeds in the outer loop; print and write the tables."""
-    from tl_superposition._atomic import write_text_atomic
+    from tl_superposition.core.atomic import write_text_atomic
     from tl_superposition.toys.gated_runs import (
         ToyRunOptions,
         cross_layer_table,

@@ -35,7 +35,7 @@ from typing import Any
 
 import pandas as pd
 
-from tl_superposition._atomic import write_json_atomic, write_text_atomic
+from tl_superposition.core.atomic import write_json_atomic, write_text_atomic
 from tl_superposition.gated.block import GatedAttentionBlock
 from tl_superposition.gated.config import BIAS_INITS
 from tl_superposition.gated.sources import TensorBatches, layer_activations

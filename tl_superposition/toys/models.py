@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from tl_superposition._atomic import atomic_path, write_json_atomic
+from tl_superposition.core.atomic import atomic_path, write_json_atomic
 from tl_superposition.toys.datasets import overlap_copy_vocab, skip_trigram_vocab
 
 #: The trainable parameter names of a toy model's attention (per layer).

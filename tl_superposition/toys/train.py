@@ -20,6 +20,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tl_superposition.core.training import Trainer
 from tl_superposition.toys.datasets import ToyDataset
 
 log = logging.getLogger(__name__)
@@ -159,6 +160,7 @@ def train_toy_model(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     batches = [b for b in train.batches(cfg.batch_size)]
+    trainer = Trainer(opt, cfg.max_epochs * len(batches))
     rows = []
     acc = pd.Series(dtype=float)
     reached = False
@@ -168,12 +170,12 @@ def train_toy_model(
         model.train()
         total = 0.0
         for batch in batches:
-            logits = model(batch.tokens.to(device))
-            loss = toy_loss(logits, _to(batch, device), cfg.loss_positions)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item()
+
+            def step_fn(_step: int, batch: ToyDataset = batch) -> torch.Tensor:
+                logits = model(batch.tokens.to(device))
+                return toy_loss(logits, _to(batch, device), cfg.loss_positions)
+
+            total += trainer.run_step(step_fn).item()
         model.eval()
         acc = task_accuracy(model, val)
         rows.append(

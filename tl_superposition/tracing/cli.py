@@ -11,7 +11,7 @@ must be writable and empty (or ``--overwrite`` given), the thresholds valid
 known and the seed heads inside the model, whose shape is read from its config
 (:func:`tl_superposition.models.model_config`). Everything is written into a temporary
 folder that takes ``--out``'s place only once the run is complete
-(:func:`~tl_superposition._atomic.atomic_dir`): an interrupted run leaves the previous
+(:func:`~tl_superposition.core.atomic.atomic_dir`): an interrupted run leaves the previous
 results whole.
 """
 
@@ -292,7 +292,7 @@ def check_arguments(args: argparse.Namespace) -> Checked:
     Raises:
         ValueError, FileNotFoundError, RuntimeError: a bad argument (the message names it).
     """
-    from tl_superposition._atomic import is_empty_dir
+    from tl_superposition.core.atomic import is_empty_dir
     from tl_superposition.models import model_config
     from tl_superposition.tracing.graph import parse_heads
     from tl_superposition.tracing.ioi_trace import PER_PROMPT, resolve_seed_src, resolve_seeds
@@ -371,7 +371,7 @@ def _circuit(model, result, checked: Checked, heldout, args, out: Path) -> dict:
 def run(args: argparse.Namespace) -> int:
     """Check the arguments, load the model, trace, extract and score the circuit, write the
     folder (all of it at once), print the summary."""
-    from tl_superposition._atomic import atomic_dir
+    from tl_superposition.core.atomic import atomic_dir
     from tl_superposition.models import load_model
     from tl_superposition.tracing.ioi_trace import format_summary, trace_ioi
 

@@ -31,7 +31,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from tl_superposition._atomic import atomic_path, write_json_atomic
+from tl_superposition.core.atomic import atomic_path, write_json_atomic
 from tl_superposition.core.hooks import block_hook
 from tl_superposition.ioi import IOIDataset, role_positions
 from tl_superposition.tracing.cache import BatchCache

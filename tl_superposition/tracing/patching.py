@@ -32,7 +32,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from tl_superposition._atomic import atomic_path, write_json_atomic
+from tl_superposition.core.atomic import atomic_path, write_json_atomic
 from tl_superposition.core.hooks import block_hook
 from tl_superposition.evaluation.patching import (
     head_patching_effects,

@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
-from tl_superposition._atomic import atomic_path
+from tl_superposition.core.atomic import atomic_path
 from tl_superposition.tracing.graph import (
     HeadStats,
     aggregate_edges,

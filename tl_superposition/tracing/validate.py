@@ -38,7 +38,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from tl_superposition._atomic import atomic_path, write_json_atomic
+from tl_superposition.core.atomic import atomic_path, write_json_atomic
 from tl_superposition.core.hooks import block_hook
 from tl_superposition.tracing.graph import head_name
 from tl_superposition.tracing.interventions import (
