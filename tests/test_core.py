@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 
+from tl_superposition.activations.mix import ContextMix
 from tl_superposition.core.batches import epoch_generator, epoch_order
 from tl_superposition.core.checkpoint import load_checkpoint, save_checkpoint
 from tl_superposition.core.hooks import block_hook, layer_hooks
 from tl_superposition.core.rotary import rope_tables, rotate
 from tl_superposition.core.splicing import replacement_hooks, spliced
 from tl_superposition.core.training import Trainer
+from tl_superposition.gated.train import GatedTrainConfig
+from tl_superposition.qk.config import QKTrainConfig
 
 
 def test_hook_names_are_the_models_own(tiny_gpt2):
@@ -120,3 +124,16 @@ def test_checkpoints_hold_plain_values_and_name_their_kind(tmp_path):
     torch.save({"something": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a qk checkpoint"):
         load_checkpoint(tmp_path / "other.pt", "qk", legacy=lambda raw: None)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [QKTrainConfig(adam_betas=(0.8, 0.9)), GatedTrainConfig(alpha=0.2), ContextMix(0.5, True)],
+    ids=lambda c: type(c).__name__,
+)
+def test_configs_round_trip_through_json_and_refuse_unknown_fields(cfg):
+    d = json.loads(json.dumps(cfg.to_dict()))
+    assert type(cfg).from_dict(d) == type(cfg).from_dict(cfg.to_dict())
+    assert type(cfg).from_dict(d).to_dict() == cfg.to_dict()
+    with pytest.raises(ValueError, match=f"unknown {type(cfg).__name__} fields"):
+        type(cfg).from_dict({**d, "no_such_field": 1})

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from tl_superposition.activations.mix import ContextMix
+from tl_superposition.core.config import Config
 from tl_superposition.dtypes import parse_dtype
 
 #: The hooks the collector is built for (any other hook point of the model also works).
@@ -43,7 +44,7 @@ DEFAULT_HOOKS = ("ln1.hook_normalized", "attn.hook_q", "attn.hook_k")
 
 
 @dataclass
-class CollectConfig:
+class CollectConfig(Config):
     """Settings of :func:`tl_superposition.collect`.
 
     The fields that decide what is written (hooks, layers, heads, sizes, dtype, BOS and

@@ -22,14 +22,15 @@ short contexts) gives exactly :func:`~.sources.pack_contexts`'s contexts.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
+from tl_superposition.core.config import Config
+
 
 @dataclass(frozen=True)
-class ContextMix:
+class ContextMix(Config):
     """How contexts are cut from a token stream (module docstring).
 
     Attributes:
@@ -71,22 +72,6 @@ class ContextMix:
             raise ValueError(
                 f"short_size {self.short_size} must be below context_size {context_size}"
             )
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-able dict (saved with what was trained on it)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ContextMix:
-        """The mix of :meth:`to_dict`.
-
-        Raises:
-            ValueError: an unknown key, or a field out of range.
-        """
-        unknown = set(d) - set(asdict(cls()))
-        if unknown:
-            raise ValueError(f"unknown ContextMix fields: {sorted(unknown)}")
-        return cls(**d)
 
 
 def _stream(

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from numbers import Integral, Real
-from typing import Any
+
+from tl_superposition.core.config import Config
 
 
 @dataclass
-class CircuitConfig:
+class CircuitConfig(Config):
     """Settings of :func:`extract_circuit`; ACC++'s values for GPT-2 IOI by default.
 
     Attributes:
@@ -40,7 +41,3 @@ class CircuitConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fields, for JSON."""
-        return asdict(self)

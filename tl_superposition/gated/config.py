@@ -8,8 +8,10 @@ settings (alpha, learning rate, ...) live in
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
+
+from tl_superposition.core.config import Config
 
 POSITIONAL = ("none", "rotary")
 INITS = ("xavier", "duplicate", "copy")
@@ -17,7 +19,7 @@ BIAS_INITS = ("zeros", "xavier")
 
 
 @dataclass
-class GatedAttentionConfig:
+class GatedAttentionConfig(Config):
     """Shape of a gated attention block and where it attaches to a model.
 
     Attributes:
@@ -115,23 +117,6 @@ class GatedAttentionConfig:
         """Query heads per key/value head."""
         assert self.n_key_value_heads is not None
         return self.n_heads // self.n_key_value_heads
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict of every field."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> GatedAttentionConfig:
-        """Inverse of :meth:`to_dict`.
-
-        Raises:
-            ValueError: unknown fields (a file from another tool or version).
-        """
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown GatedAttentionConfig fields {unknown}")
-        return cls(**d)
 
     def shape_fields(self) -> dict[str, Any]:
         """The fields that fix the weights' shapes and meaning (compared on load)."""

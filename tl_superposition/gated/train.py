@@ -32,6 +32,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tl_superposition.core.checkpoint import load_checkpoint, save_checkpoint
+from tl_superposition.core.config import Config
 from tl_superposition.core.training import Trainer
 from tl_superposition.gated.block import GatedAttentionBlock
 from tl_superposition.gated.sources import BatchSource
@@ -53,7 +54,7 @@ AUTHORS_SETTINGS: dict[str, tuple[float, float]] = {
 
 
 @dataclass
-class GatedTrainConfig:
+class GatedTrainConfig(Config):
     """Settings of :func:`train_gated_block`.
 
     Attributes:

@@ -7,11 +7,12 @@ and saved as JSON beside the safetensors weights (:meth:`to_dict` / :meth:`from_
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from dataclasses import dataclass, fields
+from typing import Literal
 
 from transformer_lens import HookedTransformer
 
+from tl_superposition.core.config import Config
 from tl_superposition.core.hooks import block_hook
 from tl_superposition.models import nonstandard_attention
 
@@ -146,7 +147,7 @@ class AttentionShape:
 
 
 @dataclass
-class QKTranscoderConfig:
+class QKTranscoderConfig(Config):
     """Architecture of a pair of query/key transcoders (Wynroe & Sharkey 2024).
 
     Attributes:
@@ -183,21 +184,9 @@ class QKTranscoderConfig:
                 f"top_k must be in 1..min(d_hidden_q, d_hidden_k), got {self.top_k}",
             )
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict (``shape`` nested)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> QKTranscoderConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise :class:`ValueError`."""
-        known = {f.name for f in fields(cls)}
-        extra = set(d) - known
-        _check(not extra, f"unknown QKTranscoderConfig fields {sorted(extra)}")
-        return cls(**d)
-
 
 @dataclass
-class QKTrainConfig:
+class QKTrainConfig(Config):
     """Hyperparameters of :func:`tl_superposition.qk.train_qk`.
 
     Defaults are the settings of the documented SmolLM2 run (about 1.5M tokens on a CPU); see
@@ -290,17 +279,3 @@ class QKTrainConfig:
         _check(self.resample_enc_norm > 0, "resample_enc_norm must be > 0")
         _check(self.checkpoint_every_steps >= 1, "checkpoint_every_steps must be >= 1")
         _check(self.log_every_steps >= 1, "log_every_steps must be >= 1")
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict."""
-        d = asdict(self)
-        d["adam_betas"] = list(self.adam_betas)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> QKTrainConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise :class:`ValueError`."""
-        known = {f.name for f in fields(cls)}
-        extra = set(d) - known
-        _check(not extra, f"unknown QKTrainConfig fields {sorted(extra)}")
-        return cls(**d)

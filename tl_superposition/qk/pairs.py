@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookedRootModule, HookPoint
 
+from tl_superposition.core.config import Config
 from tl_superposition.core.training import Trainer
 from tl_superposition.qk.attention import (
     FIRST_QUERY_ROW,
@@ -138,7 +139,7 @@ def head_pair_terms(
 
 
 @dataclass
-class PairMaskConfig:
+class PairMaskConfig(Config):
     """Hyperparameters of :func:`train_pair_mask`.
 
     Attributes:

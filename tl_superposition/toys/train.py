@@ -20,6 +20,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tl_superposition.core.config import Config
 from tl_superposition.core.training import Trainer
 from tl_superposition.toys.datasets import ToyDataset
 
@@ -29,7 +30,7 @@ LOSS_POSITIONS = ("asked", "all")
 
 
 @dataclass
-class ToyTrainConfig:
+class ToyTrainConfig(Config):
     """Settings of :func:`train_toy_model`.
 
     Attributes:

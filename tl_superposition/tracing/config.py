@@ -10,12 +10,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_superposition.core.config import Config
+
 EdgeRule = Literal["paper", "positive"]
 EDGE_RULES: tuple[str, ...] = ("paper", "positive")
 
 
 @dataclass
-class TraceConfig:
+class TraceConfig(Config):
     """Hyperparameters of the decomposition and the tracing.
 
     The defaults are Franco & Crovella's (arXiv 2410.00340): a head fires at pattern >= 0.5,
