@@ -8,8 +8,12 @@ importing it stays cheap and ``tl-superposition --help`` answers at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
 import sys
+
+from tl_superposition.core import distributed
 
 # subcommand name -> (module, one-line help); "module:name" takes the object `name` of the
 # module (for a cli.py serving several subcommands)
@@ -62,12 +66,24 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    world = None
     try:
+        if distributed.launched():  # under torchrun: join the process group first
+            world = distributed.init(getattr(args, "device", None))
+            if getattr(args, "device", None) is not None:
+                args.device = distributed.device_of(world, args.device)
+            if not world.main:  # one report, from rank 0
+                with contextlib.redirect_stdout(io.StringIO()):
+                    return int(args._module.run(args) or 0)
         return int(args._module.run(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, PermissionError) as exc:
         # Bad input: one clear line, no traceback.
-        print(f"tl-superposition {args.command}: error: {exc}", file=sys.stderr)
+        rank = "" if world is None else f" (rank {world.rank})"
+        print(f"tl-superposition {args.command}{rank}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if world is not None:
+            distributed.close(world)
 
 
 if __name__ == "__main__":

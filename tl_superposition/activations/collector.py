@@ -14,8 +14,10 @@ shard with the running token count, and a restart skips the contexts already on 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
+import json
 import logging
 import platform
 import re
@@ -32,6 +34,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from tl_superposition.activations import ranks
 from tl_superposition.activations.config import SHORT_HOOKS, CollectConfig
 from tl_superposition.activations.folder import (
     ATTENTION_FILE,
@@ -45,6 +48,7 @@ from tl_superposition.activations.folder import (
 from tl_superposition.activations.packing import Packing, open_packing
 from tl_superposition.activations.patterns import attention_params, rotary_tables
 from tl_superposition.activations.sources import source_label
+from tl_superposition.core import distributed
 from tl_superposition.core.atomic import atomic_path, write_json_atomic
 from tl_superposition.core.hooks import block_hook
 
@@ -463,6 +467,9 @@ def collect(model: HookedTransformer, config: CollectConfig, source: Any = None)
     settings = _settings(model, config, plan, packing)
 
     out_dir = Path(config.out_dir)
+    world = distributed.current()
+    if world.distributed:
+        return _collect_ranked(model, config, plan, shapes, attention, rotary, settings, contexts)
     existing = open_out_dir(out_dir, settings, config.overwrite)
     n_before = existing.n_contexts
     manifest = _manifest(model, settings, shapes, attention, existing)
@@ -487,6 +494,87 @@ def collect(model: HookedTransformer, config: CollectConfig, source: Any = None)
     return summary
 
 
+def _collect_ranked(
+    model: HookedTransformer,
+    config: CollectConfig,
+    plan: _Plan,
+    shapes: dict[str, list[int]],
+    attention: dict[str, Any],
+    rotary: dict[str, torch.Tensor],
+    settings: dict[str, Any],
+    contexts: Iterator[np.ndarray],
+) -> CollectSummary:
+    """:func:`collect` in one of several processes (:mod:`.ranks`): rank 0 opens the folder,
+    every rank writes its shards, rank 0 merges the manifest."""
+    t_start = time.perf_counter()
+    world = distributed.current()
+    out_dir = Path(config.out_dir)
+    if world.main:
+        existing = open_out_dir(out_dir, settings, config.overwrite)
+        manifest = _manifest(model, settings, shapes, attention, existing)
+        if not existing.complete:
+            if rotary:
+                with atomic_path(out_dir / ATTENTION_FILE) as tmp:
+                    save_file(rotary, str(tmp), metadata={"format": "pt"})
+            write_json_atomic(out_dir / MANIFEST, manifest)
+    distributed.barrier(world)
+    if not world.main:
+        manifest = _manifest(
+            model, settings, shapes, attention, open_out_dir(out_dir, settings, False)
+        )
+    n_before = manifest["n_contexts"]
+    new = 0
+    if not manifest["complete"]:
+        t_loop = time.perf_counter()
+        new = _write_rank_shards(model, config, plan, shapes, contexts, manifest, world)
+        distributed.barrier(world)
+        if world.main:
+            ranks.merge(out_dir, manifest)
+        distributed.barrier(world)
+        manifest = json.loads((out_dir / MANIFEST).read_text())
+        seconds = time.perf_counter() - t_loop
+    else:
+        seconds = time.perf_counter() - t_start
+    new_tokens = sum(distributed.gather_objects(new, world)) * config.context_size
+    return _summary(out_dir, manifest, new_tokens, n_before, seconds)
+
+
+def _write_rank_shards(
+    model: HookedTransformer,
+    config: CollectConfig,
+    plan: _Plan,
+    shapes: dict[str, list[int]],
+    contexts: Iterator[np.ndarray],
+    manifest: dict[str, Any],
+    world: distributed.World,
+) -> int:
+    """Write this rank's unfinished shards; returns the contexts it added."""
+    out_dir = Path(config.out_dir)
+    n_shard, target = config.shard_contexts, config.max_contexts
+    done = ranks.done_shards(out_dir, manifest)
+    mine = [s for s in done.values() if s["file"] not in {m["file"] for m in manifest["shards"]}]
+    mine = [s for s in mine if int(s["first_context"]) // n_shard % world.size == world.rank]
+    added, k, first = 0, 0, 0
+    desc = f"collect rank {world.rank}"
+    with _progress(config, 0, desc) as bar, _shard_runner(model, config, plan, shapes) as run:
+        while target is None or first < target:
+            want = n_shard if target is None else min(n_shard, target - first)
+            rows = list(islice(contexts, want))
+            if not rows:
+                break
+            name = SHARD_PATTERN.format(k)
+            if k % world.size == world.rank and name not in done:
+                nbytes = _save_shard(out_dir / name, run(rows, bar))
+                mine.append({"file": name, "first_context": first, "n_contexts": len(rows),
+                             "bytes": nbytes})  # fmt: skip
+                ranks.record_shard(out_dir, world.rank, mine)
+                added += len(rows)
+            k, first = k + 1, first + len(rows)
+            if len(rows) < want:
+                break
+    return added
+
+
 def _check_disk_for_run(
     config: CollectConfig, shapes: dict[str, list[int]], out_dir: Path, n_done: int
 ) -> None:
@@ -508,17 +596,12 @@ def _skip_done(contexts: Iterator[np.ndarray], n_done: int) -> None:
         )
 
 
-def _write_shards(
-    model: HookedTransformer,
-    config: CollectConfig,
-    plan: _Plan,
-    shapes: dict[str, list[int]],
-    contexts: Iterator[np.ndarray],
-    manifest: dict[str, Any],
-    out_dir: Path,
-) -> int:
-    """Run the model shard by shard and write each shard and the manifest; returns how many
-    contexts this call added. Stops at ``config.max_contexts`` or when the source ends."""
+@contextlib.contextmanager
+def _shard_runner(
+    model: HookedTransformer, config: CollectConfig, plan: _Plan, shapes: dict[str, list[int]]
+) -> Iterator[Callable[[list[np.ndarray], Any], dict[str, torch.Tensor]]]:
+    """Yield ``run(rows, bar)``: the forward passes over one shard's contexts, returning the
+    shard's tensors (views of buffers reused by the next call)."""
     n_shard = config.shard_contexts
     buffers = {
         h: torch.empty([n_shard] + shapes[h], dtype=config.storage_dtype) for h in plan.hooks
@@ -540,38 +623,59 @@ def _write_shards(
 
         return hook
 
+    def run(rows: list[np.ndarray], bar: Any) -> dict[str, torch.Tensor]:
+        n = len(rows)
+        tokens[:n] = torch.from_numpy(np.stack(rows)).to(torch.int32)
+        for lo in range(0, n, config.batch_size):
+            window[:] = lo, min(lo + config.batch_size, n)
+            model(
+                tokens[window[0] : window[1]].to(device=plan.device, dtype=torch.long),
+                stop_at_layer=plan.stop_at_layer,
+                return_type=None,
+            )
+            bar.update((window[1] - window[0]) * config.context_size)
+        return {"tokens": tokens[:n]} | {h: buffers[h][:n] for h in plan.hooks}
+
+    fwd_hooks: list[tuple[str | Callable, Callable]] = [(h, make_hook(h)) for h in plan.hooks]
+    with torch.inference_mode(), model.hooks(fwd_hooks=fwd_hooks):
+        yield run
+
+
+def _progress(config: CollectConfig, n_done: int, desc: str = "collect") -> Any:
     target = config.max_contexts
-    n_done = start = manifest["n_contexts"]
-    bar = tqdm(
+    return tqdm(
         total=None if target is None else target * config.context_size,
         initial=n_done * config.context_size,
         unit="tok",
         unit_scale=True,
-        desc="collect",
+        desc=desc,
         disable=not config.progress,
         dynamic_ncols=True,
     )
-    fwd_hooks: list[tuple[str | Callable, Callable]] = [(h, make_hook(h)) for h in plan.hooks]
-    with bar, torch.inference_mode(), model.hooks(fwd_hooks=fwd_hooks):
+
+
+def _write_shards(
+    model: HookedTransformer,
+    config: CollectConfig,
+    plan: _Plan,
+    shapes: dict[str, list[int]],
+    contexts: Iterator[np.ndarray],
+    manifest: dict[str, Any],
+    out_dir: Path,
+) -> int:
+    """Run the model shard by shard and write each shard and the manifest; returns how many
+    contexts this call added. Stops at ``config.max_contexts`` or when the source ends."""
+    n_shard, target = config.shard_contexts, config.max_contexts
+    n_done = start = manifest["n_contexts"]
+    with _progress(config, n_done) as bar, _shard_runner(model, config, plan, shapes) as run:
         while target is None or n_done < target:
             want = n_shard if target is None else min(n_shard, target - n_done)
             rows = list(islice(contexts, want))
             if not rows:
                 break
-            n = len(rows)
-            tokens[:n] = torch.from_numpy(np.stack(rows)).to(torch.int32)
-            for lo in range(0, n, config.batch_size):
-                window[:] = lo, min(lo + config.batch_size, n)
-                model(
-                    tokens[window[0] : window[1]].to(device=plan.device, dtype=torch.long),
-                    stop_at_layer=plan.stop_at_layer,
-                    return_type=None,
-                )
-                bar.update((window[1] - window[0]) * config.context_size)
-            shard = {"tokens": tokens[:n]} | {h: buffers[h][:n] for h in plan.hooks}
-            _add_shard(out_dir, manifest, shard, n)
-            n_done += n
-            if n < want:
+            _add_shard(out_dir, manifest, run(rows, bar), len(rows))
+            n_done += len(rows)
+            if len(rows) < want:
                 break
     return n_done - start
 

@@ -9,6 +9,7 @@ Layout of a collection folder::
       shard_00000.safetensors    "tokens": int32 [n, context_size], and one tensor per hook,
       shard_00001.safetensors    [n, context_size, ...hook dims] (patterns: [n, heads, ctx, ctx])
       ...
+      manifest.rank1.json        while several processes collect: the shards rank 1 finished
 
 Every file is written atomically (:mod:`tl_superposition.core.atomic`), so a folder holds only
 whole files, plus at most a few hidden ``.*.tmp`` files of an interrupted write, which the next
@@ -31,6 +32,9 @@ MANIFEST = "manifest.json"
 ATTENTION_FILE = "attention.safetensors"
 SHARD_PATTERN = "shard_{:05d}.safetensors"
 _SHARD_RE = re.compile(r"^shard_\d{5}\.safetensors$")
+#: Progress of one rank of a collection written by several processes (:mod:`.ranks`).
+RANK_FILE = "manifest.rank{}.json"
+RANK_RE = re.compile(r"^manifest\.rank\d+\.json$")
 
 
 @dataclass
@@ -135,7 +139,8 @@ def _delete_collection(out_dir: Path) -> None:
     foreign = [
         p.name
         for p in out_dir.iterdir()
-        if not (p.name in ours or _SHARD_RE.match(p.name) or _is_temp(p.name))
+        if not (p.name in ours or _SHARD_RE.match(p.name) or RANK_RE.match(p.name))
+        and not _is_temp(p.name)
     ]
     if foreign:
         raise FileExistsError(

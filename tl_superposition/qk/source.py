@@ -63,16 +63,35 @@ class ContextSource(Protocol):
     context_size: int
 
     def layer_batches(
-        self, batch_contexts: int, epoch: int, start: int = 0
+        self, batch_contexts: int, epoch: int, start: int = 0, part: Part = None
     ) -> Iterator[dict[int, QKBatch]]:
         """Batches ``start, start+1, ...`` of epoch ``epoch``, each ``{layer: batch}`` of the
-        same contexts (every batch full)."""
+        same contexts (every batch full). With ``part=(rank, n)``, only that rank's rows of
+        each batch (:func:`part_rows`), for data-parallel training."""
         ...
 
     def description(self) -> dict[str, Any]:
         """JSON-able description (recorded with checkpoints; a resume must match it). It does
         not name the layers: a layer's run resumes from any source of the same data."""
         ...
+
+
+Part = tuple[int, int] | None
+
+
+def part_rows(n: int, part: Part) -> slice:
+    """The rows of an ``n``-row batch that rank ``part[0]`` of ``part[1]`` reads: its contiguous
+    ``n / part[1]`` rows, so the ranks' rows in rank order are the whole batch.
+
+    Raises:
+        ValueError: ``n`` is not a multiple of the number of ranks.
+    """
+    if part is None:
+        return slice(0, n)
+    rank, size = part
+    if n % size:
+        raise ValueError(f"a batch of {n} contexts does not split over {size} processes")
+    return slice(rank * n // size, (rank + 1) * n // size)
 
 
 def _hooks(shape: AttentionShape) -> tuple[str, str, str]:
@@ -113,7 +132,7 @@ class _Layers:
         return next(iter(self.shapes.values()))
 
     def layer_batches(
-        self, batch_contexts: int, epoch: int, start: int = 0
+        self, batch_contexts: int, epoch: int, start: int = 0, part: Part = None
     ) -> Iterator[dict[int, QKBatch]]:
         raise NotImplementedError
 
@@ -193,9 +212,10 @@ class StoreSource(_Layers):
         return epoch_order(self.n_contexts, self.seed, epoch)
 
     def layer_batches(
-        self, batch_contexts: int, epoch: int, start: int = 0
+        self, batch_contexts: int, epoch: int, start: int = 0, part: Part = None
     ) -> Iterator[dict[int, QKBatch]]:
-        """Batches ``start..`` of epoch ``epoch``; the last partial batch is dropped.
+        """Batches ``start..`` of epoch ``epoch`` (``part``: :class:`ContextSource`); the last
+        partial batch is dropped.
 
         Raises:
             ValueError: the collection holds fewer than ``batch_contexts`` contexts.
@@ -211,7 +231,7 @@ class StoreSource(_Layers):
         names = [h for layer in self.layers for h in hooks[layer]]
         for b in range(start, n):
             idx = order[b * batch_contexts : (b + 1) * batch_contexts]
-            got = self.store.get_contexts(idx, names)
+            got = self.store.get_contexts(idx[part_rows(len(idx), part)], names)
             tokens = got["tokens"].to(self.device)
             yield {layer: self._batch(got, hooks[layer], tokens) for layer in self.layers}
 
@@ -338,10 +358,10 @@ class ModelSource(_Layers):
                 rows.clear()
 
     def layer_batches(
-        self, batch_contexts: int, epoch: int, start: int = 0
+        self, batch_contexts: int, epoch: int, start: int = 0, part: Part = None
     ) -> Iterator[dict[int, QKBatch]]:
         """Batches ``start..`` of a pass (the same for every ``epoch``), every layer's from one
-        forward pass.
+        forward pass (``part``: :class:`ContextSource`).
 
         Raises:
             ValueError: the source has fewer than ``batch_contexts`` contexts.
@@ -354,6 +374,7 @@ class ModelSource(_Layers):
             produced += 1
             if b < start:
                 continue
+            rows = rows[part_rows(len(rows), part)]
             tokens = torch.as_tensor(rows, dtype=torch.long, device=device)
             yield run_to_layers(self.model, shapes, tokens, self.forward_batch)
         if produced == 0:
@@ -419,12 +440,14 @@ class MemorySource(_Layers):
         }
 
     def layer_batches(
-        self, batch_contexts: int, epoch: int, start: int = 0
+        self, batch_contexts: int, epoch: int, start: int = 0, part: Part = None
     ) -> Iterator[dict[int, QKBatch]]:
-        """Batches ``start..`` of epoch ``epoch``; the last partial batch is dropped."""
+        """Batches ``start..`` of epoch ``epoch`` (``part``: :class:`ContextSource`); the last
+        partial batch is dropped."""
         order = epoch_order(self.n_contexts, self.seed, epoch)
         for b in range(start, self.n_contexts // batch_contexts):
             idx = order[b * batch_contexts : (b + 1) * batch_contexts]
+            idx = idx[part_rows(len(idx), part)]
             yield {
                 layer: QKBatch(*(t[idx.to(t.device)] for t in data))
                 for layer, data in self.data.items()

@@ -40,6 +40,7 @@ import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from tl_superposition.core import distributed
 from tl_superposition.core.atomic import atomic_path, write_json_atomic
 from tl_superposition.core.checkpoint import identity_mismatches, load_checkpoint, save_checkpoint
 from tl_superposition.core.training import Trainer, warmup_decay
@@ -48,7 +49,7 @@ from tl_superposition.qk.config import QKTrainConfig
 from tl_superposition.qk.dictionaries import init_from_data
 from tl_superposition.qk.loss import QKLoss, qk_loss
 from tl_superposition.qk.resample import FiringTracker, resample_dead
-from tl_superposition.qk.source import ContextSource, QKBatch, check_reads
+from tl_superposition.qk.source import ContextSource, Part, QKBatch, check_reads
 from tl_superposition.qk.transcoder import QKOutput, QKTranscoder
 
 log = logging.getLogger(__name__)
@@ -102,13 +103,13 @@ def sparsity_factor(step: int, total: int, cfg: QKTrainConfig) -> float:
 
 
 def _batch_stream(
-    source: ContextSource, batch_contexts: int, epoch: int, start: int
+    source: ContextSource, batch_contexts: int, epoch: int, start: int, part: Part = None
 ) -> Iterator[tuple[int, int, dict[int, QKBatch]]]:
     """``(epoch, batch index, {layer: batch})`` from ``(epoch, start)`` on, across epochs
-    forever."""
+    forever (with ``part``, this rank's rows of each batch)."""
     while True:
         n = 0
-        for batch in source.layer_batches(batch_contexts, epoch, start):
+        for batch in source.layer_batches(batch_contexts, epoch, start, part):
             yield epoch, start + n, batch
             n += 1
         if n == 0 and start == 0:
@@ -186,6 +187,11 @@ class _Run:
         out: Path | None,
     ) -> None:
         self.qkt, self.cfg, self.out = qkt, cfg, out
+        self.world = distributed.current()
+        self.module: Any = qkt  # the module the forward pass runs: DDP-wrapped under torchrun
+        if self.world.distributed:
+            ids = [qkt.q_dict.W_dec.device] if qkt.q_dict.W_dec.is_cuda else None
+            self.module = torch.nn.parallel.DistributedDataParallel(qkt, device_ids=ids)
         self.source_description = source.description()
         self.attn = layer_attention(model, qkt.shape.layer)
         self.tokens_per_step = cfg.batch_contexts * source.context_size
@@ -242,10 +248,12 @@ class _Run:
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
         if out is not None and (out / CHECKPOINT).is_file() and not overwrite:
+            distributed.barrier(self.world)  # every rank sees the folder before rank 0 writes
             self.load_state_dict(_load_checkpoint(out / CHECKPOINT, self.identity()))
             log.info("resuming %s at step %d", out, self.steps)
             return True
-        if out is not None:
+        distributed.barrier(self.world)
+        if out is not None and self.world.main:
             config = {"train": self.cfg.to_dict(), "source": self.source_description}
             write_json_atomic(out / TRAIN_CONFIG, config)
         return False
@@ -259,7 +267,7 @@ class _Run:
             init_from_data(self.qkt.k_dict, means["x"], means["k"], decoder_norm=norm)
 
     def save(self) -> None:
-        if self.out is not None:
+        if self.out is not None and self.world.main:
             save_checkpoint(self.out / CHECKPOINT, "qk", self.identity(), self.state_dict())
             with atomic_path(self.out / HISTORY) as tmp:
                 pd.DataFrame(self.history).to_csv(tmp, index=False)
@@ -287,18 +295,29 @@ class _Run:
         """One optimisation step on ``batch``; the logged row on logging steps, else None."""
         loop, cfg = self.loop, self.cfg
         _, row = self.trainer.run_step(
-            lambda step: _step_loss(self.qkt, self.attn, batch, step, self.total, cfg)
+            lambda step: _step_loss(self.module, self.qkt, self.attn, batch, step, self.total, cfg)
         )
         loop.update(epoch=epoch, batch=index + 1)
         loop["tokens"] += self.tokens_per_step
         out = row.pop("_out")
+        same = {k: row.pop(k) for k in ("lr", "sparsity_coeff")}
+        row: dict[str, Any] = same | distributed.mean_over_ranks(row, self.world)  # whole batch
         row.update(
             _dead_and_resample(
-                self.qkt, self.trackers, batch, out, loop, self.opt, self.means, self.gen, cfg
+                self.qkt,
+                self.trackers,
+                batch,
+                out,
+                loop,
+                self.opt,
+                self.means,
+                self.gen,
+                cfg,
+                self.world,
             )
         )
         for side in ("q", "k"):
-            loop[f"resampled_{side}"] += row[f"resampled_{side}"]
+            loop[f"resampled_{side}"] += int(row[f"resampled_{side}"])
             row[f"resampled_{side}"] = loop[f"resampled_{side}"]
         if self.steps % cfg.log_every_steps and not self.finished:
             return None
@@ -430,6 +449,13 @@ def _train(
 ) -> dict[int, TrainResult]:
     """The loop behind :func:`train_qk` and :func:`train_qk_layers`."""
     device = torch.device(cfg.device)
+    world = distributed.current()
+    if cfg.batch_contexts % world.size:
+        raise ValueError(
+            f"batch_contexts {cfg.batch_contexts} does not split over {world.size} processes: "
+            "give a multiple of the process count"
+        )
+    part = (world.rank, world.size) if world.distributed else None
     for qkt, _ in runs_in.values():
         _check_setup(qkt, model, source)
         qkt.to(device)
@@ -450,7 +476,7 @@ def _train(
         disable=not progress,
         desc="train-qk" if len(runs) == 1 else f"train-qk {len(runs)} layers",
     )
-    stream = _batch_stream(source, cfg.batch_contexts, *first)
+    stream = _batch_stream(source, cfg.batch_contexts, *first, part=part)
     for run in runs.values():
         run.qkt.train()
     done_here = 0
@@ -480,8 +506,9 @@ def _train(
     for run in runs.values():
         run.save()
         run.qkt.eval()
-        if run.finished and run.out is not None:
+        if run.finished and run.out is not None and world.main:
             run.qkt.save(run.out)
+    distributed.barrier(world)
     return {L: run.result(seconds, steps_here[L]) for L, run in runs.items()}
 
 
@@ -498,13 +525,21 @@ def _postfix(row: dict[str, Any]) -> dict[str, str]:
 
 
 def _step_loss(
-    qkt: QKTranscoder, attn: Any, batch: QKBatch, step: int, total: int, cfg: QKTrainConfig
+    module: Any,
+    qkt: QKTranscoder,
+    attn: Any,
+    batch: QKBatch,
+    step: int,
+    total: int,
+    cfg: QKTrainConfig,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """The loss of one step at 0-based ``step`` and the logged values (the output under
-    ``"_out"``); the :class:`~tl_superposition.core.training.Trainer` does the rest."""
+    ``"_out"``); the :class:`~tl_superposition.core.training.Trainer` does the rest.
+    ``module`` runs the forward pass: ``qkt`` itself, or its DDP wrapper (which averages the
+    gradients over ranks)."""
     lr = cfg.lr * lr_factor(step, total, cfg)
     lam = cfg.sparsity_coeff * sparsity_factor(step, total, cfg)
-    out: QKOutput = qkt(batch.x)
+    out: QKOutput = module(batch.x)
     loss: QKLoss = qk_loss(
         attn,
         batch.q,
@@ -538,13 +573,17 @@ def _dead_and_resample(
     means: dict[str, torch.Tensor],
     gen: torch.Generator,
     cfg: QKTrainConfig,
+    world: distributed.World,
 ) -> dict[str, Any]:
-    """Update the firing counters; resample dead features when the schedule says so."""
+    """Update the firing counters; resample dead features when the schedule says so. Under
+    torchrun the counters see every rank's rows and the resampling draws from the whole batch,
+    identically on every rank."""
     tokens = loop["tokens"]
-    trackers["q"].update(out.q_features, tokens)
-    trackers["k"].update(out.k_features, tokens)
+    for name, f in (("q", out.q_features), ("k", out.k_features)):
+        fired = (f.detach().reshape(-1, f.shape[-1]) > 0).any(0)
+        trackers[name].update(distributed.any_rank(fired, world)[None].float(), tokens)
     every = cfg.resample_every_tokens
-    tokens_per_step = batch.x.shape[0] * batch.x.shape[1]
+    tokens_per_step = batch.x.shape[0] * batch.x.shape[1] * world.size
     due = (
         every > 0
         and tokens // every > (tokens - tokens_per_step) // every
@@ -559,8 +598,8 @@ def _dead_and_resample(
         row[f"dead_{name}"] = float(dead.float().mean())
         n = 0
         if due and dead.any():
-            x = batch.x.reshape(-1, batch.x.shape[-1])
-            err = (y - y_hat.detach()).reshape(x.shape[0], -1)
+            x = distributed.gather_rows(batch.x, world).reshape(-1, batch.x.shape[-1])
+            err = distributed.gather_rows(y - y_hat.detach(), world).reshape(x.shape[0], -1)
             n = resample_dead(
                 sae,
                 dead,
