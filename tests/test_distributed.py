@@ -119,3 +119,23 @@ def test_dead_features_are_resampled_alike_on_two_processes(hf_models, tmp_path)
     pd.testing.assert_frame_equal(h1, h2, rtol=1e-4)
     assert _max_diff(tmp_path / "one", tmp_path / "two") < 1e-4
     assert torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)["kind"] == "qk"
+
+
+def test_a_two_process_gated_block_reaches_the_one_process_weights(hf_models, tmp_path):
+    from tl_superposition.gated import GatedAttentionBlock
+
+    _, model = hf_models["llama"]
+    text = str(data_path("shakespeare"))
+    # 21 contexts in batches of 4: the last batch has one row, which one rank trains on
+    args = ["train-gated", "--model", str(model), "--layer", "1", "--source", text, "--split",
+            "valid", "--eval-source", text, "--eval-split", "test", "--context-size", "32",
+            "--max-tokens", "672", "--max-eval-tokens", "128", "--epochs", "2",
+            "--batch-size", "4", "--n-ioi", "0"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    torchrun("-m", "tl_superposition", *args, "--out", str(tmp_path / "two"))
+    one = GatedAttentionBlock.load(tmp_path / "one" / "block").state_dict()
+    two = GatedAttentionBlock.load(tmp_path / "two" / "block").state_dict()
+    assert max(float((one[k] - two[k]).abs().max()) for k in one) < 1e-5
+    h1 = pd.read_csv(tmp_path / "one" / "history.csv")
+    pd.testing.assert_frame_equal(h1, pd.read_csv(tmp_path / "two" / "history.csv"), rtol=1e-5)
+    assert h1.step.iloc[-1] == 12

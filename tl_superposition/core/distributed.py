@@ -128,6 +128,15 @@ def gather_rows(t: torch.Tensor, world: World) -> torch.Tensor:
     return torch.cat(parts, 0)
 
 
+def sum_over_ranks(t: torch.Tensor, world: World) -> torch.Tensor:
+    """The element-wise sum of ``t`` over ranks (``t`` itself in a single process)."""
+    if not world.distributed:
+        return t
+    out = _for_backend(t.detach().clone())
+    dist.all_reduce(out)
+    return out.to(t.device)
+
+
 def any_rank(mask: torch.Tensor, world: World) -> torch.Tensor:
     """Element-wise OR of a boolean ``mask`` over ranks."""
     if not world.distributed:

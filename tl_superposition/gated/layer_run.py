@@ -23,6 +23,7 @@ from typing import Any
 
 from torch import Tensor
 
+from tl_superposition.core import distributed
 from tl_superposition.core.atomic import write_json_atomic, write_text_atomic
 from tl_superposition.core.config import Config
 from tl_superposition.gated.config import INITS
@@ -180,6 +181,9 @@ def train_gated(
     t0 = time.perf_counter()
     result = train_gated_block(block.to(cfg.device), source, train_cfg, out)
     train_s = time.perf_counter() - t0
+    world = distributed.current()
+    if not world.main:  # under torchrun rank 0 saves and evaluates
+        return distributed.broadcast_object({}, world)
     block.save(out / "block")
     write_text_atomic(out / "history.csv", result.history.to_csv(index=False))
     ioi = make_ioi_dataset(model, cfg.n_ioi, seed=0) if cfg.n_ioi else None
@@ -205,4 +209,4 @@ def train_gated(
         **report,
     }
     write_json_atomic(out / "summary.json", summary)
-    return summary
+    return distributed.broadcast_object(summary, world)

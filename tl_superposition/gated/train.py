@@ -31,6 +31,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tl_superposition.core import distributed
 from tl_superposition.core.checkpoint import load_checkpoint, save_checkpoint
 from tl_superposition.core.config import Config
 from tl_superposition.core.training import Trainer
@@ -208,6 +209,24 @@ def block_objective(
     return {"loss": loss, "mse": mse, "penalty": penalty}
 
 
+class _WithGate(torch.nn.Module):
+    """``forward`` = the block's ``forward_with_gate``: what DDP wraps (it syncs the gradients
+    of what ran through ``forward``)."""
+
+    def __init__(self, block: torch.nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: Tensor) -> Any:
+        return self.block.forward_with_gate(x)  # type: ignore[operator]
+
+
+def _ddp(block: torch.nn.Module) -> torch.nn.Module:
+    device = next(block.parameters()).device
+    ids = [device] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(_WithGate(block), device_ids=ids)
+
+
 def _identity(
     block: GatedAttentionBlock | CrossLayerGatedBlocks, cfg: GatedTrainConfig, source: dict
 ) -> dict[str, Any]:
@@ -290,8 +309,11 @@ def train_gated_block(
     sums = torch.zeros(3)
     n_sum = 0
 
+    world = distributed.current()
+    forward = block.forward_with_gate if not world.distributed else _ddp(block)
+
     def batch_loss(x: Tensor, y: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        out, gate = block.forward_with_gate(x)
+        out, gate = forward(x)
         return gated_loss(out, y, gate, cfg, alpha)
 
     loss_fn = torch.compile(batch_loss) if cfg.compile else batch_loss
@@ -302,13 +324,23 @@ def train_gated_block(
     while not trainer.finished:
         epoch, index = divmod(trainer.step, source.n_batches)
         x, y = source.batch(epoch, index)
+        share, n_rows, n_mine = 1.0, len(x), len(x)
+        if world.distributed:  # this rank's rows; its loss weighted so DDP's mean is the batch's
+            rows = torch.tensor_split(torch.arange(n_rows), world.size)[world.rank]
+            n_mine, share = len(rows), len(rows) * world.size / n_rows
+            rows = rows if n_mine else torch.arange(1)  # no row left: one, weighted 0
+            x, y = x[rows], y[rows]
 
-        def step_fn(step: int, x: Tensor = x, y: Tensor = y) -> tuple[Tensor, Tensor, Tensor]:
+        def step_fn(step: int, x: Tensor = x, y: Tensor = y) -> tuple[Tensor, ...]:
             alpha = torch.tensor(cfg.alpha_at(step), device=device)
-            return loss_fn(x.to(device), y.to(device), alpha)
+            loss, mse, pen = loss_fn(x.to(device), y.to(device), alpha)
+            return (loss * share if world.distributed else loss), loss, mse, pen
 
-        loss, mse, pen = trainer.run_step(step_fn)
-        sums += torch.stack([loss.detach(), mse.detach(), pen.detach()]).cpu()
+        _, loss, mse, pen = trainer.run_step(step_fn)
+        terms = torch.stack([loss.detach(), mse.detach(), pen.detach()])
+        if world.distributed:  # the whole batch's means, from every rank's rows
+            terms = distributed.sum_over_ranks(terms * n_mine, world) / n_rows
+        sums += terms.cpu()
         n_sum += 1
         if trainer.step % cfg.log_every == 0 or trainer.finished:
             avg = (sums / n_sum).tolist()
@@ -320,11 +352,12 @@ def train_gated_block(
             sums.zero_()
             n_sum = 0
         bar.update(1)
-        if ckpt is not None and trainer.due(cfg.checkpoint_every):
+        if ckpt is not None and world.main and trainer.due(cfg.checkpoint_every):
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             state = {**trainer.state_dict(), "block": block.state_dict()}
             save_checkpoint(ckpt, "gated", _identity(block, cfg, desc), state)
     bar.close()
     block.eval()
+    distributed.barrier(world)
     seconds = time.perf_counter() - t0
     return GatedTrainResult(pd.DataFrame(trainer.history), trainer.step, resumed_from, seconds)
