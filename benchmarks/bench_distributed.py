@@ -9,8 +9,9 @@ Runs, each under ``torchrun --standalone --nproc-per-node P`` for P = 1 and P = 
   byte for byte;
 - ``train-qk`` of those layers from the 1-process collection (``--acts``), the same global
   batch on every P; ``train_tokens_per_s_P`` is the command's figure for the first layer
-  (training tokens over the training loop's wall time); ``max_weight_diff``: the largest
-  absolute difference between the 1- and P-process dictionaries' weights.
+  (training tokens over the training loop's wall time); ``max_weight_diff`` /
+  ``mean_weight_diff``: the largest and mean absolute difference between the 1- and
+  P-process dictionaries' weights (``max_abs_weight`` for scale).
 
 ``wall_s_*`` give each command's whole wall time (process start and model loading included).
 On a machine with several GPUs pass ``--device cuda`` (one process per GPU, NCCL); on CPUs the
@@ -63,16 +64,23 @@ def same_files(a: Path, b: Path) -> bool:
     return all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
 
 
-def max_weight_diff(a: Path, b: Path, layers: list[int]) -> float:
+def weight_diffs(a: Path, b: Path, layers: list[int]) -> dict[str, float]:
+    """Largest and mean absolute difference between two runs' weights, and the largest
+    absolute weight (for scale)."""
+    import torch
+
     from tl_superposition.qk import QKTranscoder
 
-    worst = 0.0
+    diffs, weights = [], []
     for layer in layers:
         sub = f"layer_{layer}" if (a / f"layer_{layer}").is_dir() else "."
         sa = QKTranscoder.load(a / sub).state_dict()
         sb = QKTranscoder.load(b / sub).state_dict()
-        worst = max(worst, *(float((sa[k] - sb[k]).abs().max()) for k in sa))
-    return worst
+        diffs += [(sa[k] - sb[k]).abs().flatten() for k in sa]
+        weights += [sa[k].abs().flatten() for k in sa]
+    d = torch.cat(diffs)
+    return {"max_weight_diff": float(d.max()), "mean_weight_diff": float(d.mean()),
+            "max_abs_weight": float(torch.cat(weights).max())}  # fmt: skip
 
 
 def main() -> None:
@@ -120,7 +128,7 @@ def main() -> None:
         out[f"wall_s_train_{n}"] = round(wall, 1)
     n = args.nproc
     out["identical_collection"] = same_files(work / "acts1", work / f"acts{n}")
-    out["max_weight_diff"] = max_weight_diff(work / "qk1", work / f"qk{n}", layers)
+    out |= weight_diffs(work / "qk1", work / f"qk{n}", layers)
     print(json.dumps(out))
 
 
