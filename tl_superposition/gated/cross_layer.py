@@ -31,6 +31,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookedRootModule
 
+from tl_superposition.activations.batches import run_hooks
 from tl_superposition.core.hooks import block_hook
 from tl_superposition.gated.block import GatedAttentionBlock
 from tl_superposition.gated.config import GatedAttentionConfig
@@ -152,11 +153,7 @@ def summed_attention_output(
     out = []
     device = next(model.parameters()).device
     for lo in range(0, tokens.shape[0], batch_size):
-        _, cache = model.run_with_cache(
-            tokens[lo : lo + batch_size].to(device),
-            names_filter=names,
-            stop_at_layer=max(layers) + 1,
-        )
+        cache = run_hooks(model, tokens[lo : lo + batch_size].to(device), names)
         out.append(torch.stack([cache[n] for n in names]).sum(dim=0).cpu())
     return torch.cat(out)
 

@@ -14,7 +14,6 @@ same arguments, so a resumed run sees exactly the batches an uninterrupted one w
 
 from __future__ import annotations
 
-import math
 from typing import Any, Protocol
 
 import torch
@@ -22,7 +21,13 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_superposition.core.batches import epoch_order
+from tl_superposition.activations.batches import (
+    ModelActivations,
+    StoreActivations,
+    TensorActivations,
+    n_batches,
+    run_hooks,
+)
 from tl_superposition.core.hooks import block_hook
 
 
@@ -70,15 +75,13 @@ class TensorBatches:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.x, self.y = x, y
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
-        self.n_batches = math.ceil(x.shape[0] / batch_size)
+        self.n_batches = n_batches(x.shape[0], batch_size, drop_last=False)
+        self._rows = TensorActivations({"x": x, "y": y}, seed, shuffle)
 
     def batch(self, epoch: int, index: int) -> tuple[Tensor, Tensor]:
         """Rows ``index * batch_size ...`` of this epoch's order."""
-        lo = index * self.batch_size
-        if not self.shuffle:
-            return self.x[lo : lo + self.batch_size], self.y[lo : lo + self.batch_size]
-        idx = epoch_order(self.x.shape[0], self.seed, epoch)[lo : lo + self.batch_size]
-        return self.x[idx], self.y[idx]
+        got = self._rows.batch(self.batch_size, epoch, index)
+        return got["x"], got["y"]
 
     def describe(self) -> dict[str, Any]:
         """Kind, shape and batching."""
@@ -118,7 +121,7 @@ class LazyTensorBatches:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self._make, self._shape = make, [int(n) for n in shape]
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
-        self.n_batches = math.ceil(self._shape[0] / batch_size)
+        self.n_batches = n_batches(self._shape[0], batch_size, drop_last=False)
         self._pairs: TensorBatches | None = None
 
     def batch(self, epoch: int, index: int) -> tuple[Tensor, Tensor]:
@@ -182,17 +185,18 @@ class StoreBatches:
                 f"{store.path} lacks {missing}; collect them with "
                 f"hooks=['{input_hook}', 'hook_attn_out'], layers={layer}"
             )
-        self.contexts = torch.arange(store.n_contexts) if contexts is None else contexts.long()
+        self._rows = StoreActivations(
+            store, [self.x_name, self.y_name], seed, contexts=contexts, tokens=False
+        )
+        self.contexts = self._rows.contexts
         if batch_size < 1 or self.contexts.numel() == 0:
             raise ValueError("batch_size must be >= 1 and the context list non-empty")
         self.batch_size, self.seed = batch_size, seed
-        self.n_batches = math.ceil(self.contexts.numel() / batch_size)
+        self.n_batches = n_batches(self._rows.n_rows, batch_size, drop_last=False)
 
     def batch(self, epoch: int, index: int) -> tuple[Tensor, Tensor]:
         """This epoch's contexts ``index * batch_size ...`` (float32)."""
-        order = epoch_order(self.contexts.numel(), self.seed, epoch)
-        idx = self.contexts[order[index * self.batch_size : (index + 1) * self.batch_size]]
-        got = self.store.get_contexts(idx, [self.x_name, self.y_name], tokens=False)
+        got = self._rows.batch(self.batch_size, epoch, index)
         return got[self.x_name].float(), got[self.y_name].float()
 
     def describe(self) -> dict[str, Any]:
@@ -238,20 +242,13 @@ class ModelBatches:
         self.batch_size, self.seed = batch_size, seed
         self.x_name = block_hook(layer, input_hook)
         self.y_name = block_hook(layer, "hook_attn_out")
-        self.n_batches = math.ceil(tokens.shape[0] / batch_size)
+        self.n_batches = n_batches(tokens.shape[0], batch_size, drop_last=False)
+        self._rows = ModelActivations(model, self.tokens, [self.x_name, self.y_name], seed)
 
-    @torch.no_grad()
     def batch(self, epoch: int, index: int) -> tuple[Tensor, Tensor]:
         """Run the model on this epoch's contexts ``index * batch_size ...``."""
-        order = epoch_order(self.tokens.shape[0], self.seed, epoch)
-        idx = order[index * self.batch_size : (index + 1) * self.batch_size]
-        device = next(self.model.parameters()).device
-        _, cache = self.model.run_with_cache(
-            self.tokens[idx].to(device),
-            names_filter=[self.x_name, self.y_name],
-            stop_at_layer=self.layer + 1,
-        )
-        return cache[self.x_name].float(), cache[self.y_name].float()
+        got = self._rows.batch(self.batch_size, epoch, index)
+        return got[self.x_name].float(), got[self.y_name].float()
 
     def describe(self) -> dict[str, Any]:
         """Kind, model, hooks and batching."""
@@ -281,15 +278,13 @@ def layer_activations(
     per token (float32). The model runs only up to ``layer``.
     """
     names = [block_hook(layer, input_hook), block_hook(layer, "hook_attn_out")]
-    xs, ys = [], []
     device = next(model.parameters()).device
+    xs, ys = [], []
     starts = range(0, tokens.shape[0], batch_size)
     for lo in tqdm(starts, desc="layer activations", disable=not progress, leave=False):
-        _, cache = model.run_with_cache(
-            tokens[lo : lo + batch_size].to(device), names_filter=names, stop_at_layer=layer + 1
-        )
-        xs.append(cache[names[0]].cpu())
-        ys.append(cache[names[1]].cpu())
+        got = run_hooks(model, tokens[lo : lo + batch_size].to(device), names, to_cpu=True)
+        xs.append(got[names[0]])
+        ys.append(got[names[1]])
     return torch.cat(xs), torch.cat(ys)
 
 

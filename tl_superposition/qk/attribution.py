@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from tl_superposition.activations.batches import run_hooks
 from tl_superposition.qk.attention import layer_attention, rotate
 from tl_superposition.qk.transcoder import QKTranscoder
 
@@ -106,9 +107,7 @@ def attribute_score(
     if not 0 <= src <= dest < n:
         raise ValueError(f"need 0 <= src <= dest < {n} (causal), got dest={dest}, src={src}")
     names = {s.hook("ln1.hook_normalized"), s.hook("attn.hook_attn_scores")}
-    _, cache = model.run_with_cache(
-        tokens, names_filter=lambda name: name in names, stop_at_layer=s.layer + 1
-    )
+    cache = run_hooks(model, tokens, sorted(names))
     score = float(cache[s.hook("attn.hook_attn_scores")][0, head, dest, src])
     x = cache[s.hook("ln1.hook_normalized")][0]
     fq = qkt.encode_q(x[dest]).double()

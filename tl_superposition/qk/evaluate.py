@@ -34,6 +34,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from tl_superposition.activations.batches import run_hooks
 from tl_superposition.core.hooks import block_hook
 from tl_superposition.qk.attention import (
     FIRST_QUERY_ROW,
@@ -102,9 +103,7 @@ def _run_clean(
         block_hook(layer, "attn.hook_k"),
     }
     if not loss:
-        _, cache = model.run_with_cache(
-            tokens, names_filter=lambda n: n in names, stop_at_layer=layer + 1
-        )
+        cache = run_hooks(model, tokens, sorted(names))
         return None, {k.split(".", 2)[-1]: v for k, v in cache.items()}
     value, cache = model.run_with_cache(
         tokens, return_type="loss", loss_per_token=True, names_filter=lambda n: n in names

@@ -29,6 +29,7 @@ from jaxtyping import Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from tl_superposition.activations.batches import run_hooks
 from tl_superposition.ioi import IOIDataset
 from tl_superposition.qk.attention import attention_scores, layer_attention
 from tl_superposition.qk.transcoder import QKTranscoder
@@ -136,9 +137,7 @@ def ioi_fit(
     }
     for lo in range(0, len(dataset), batch_size):
         part = dataset[lo : lo + batch_size]
-        _, cache = model.run_with_cache(
-            part.tokens.to(dev), names_filter=lambda n: n in names, stop_at_layer=s.layer + 1
-        )
+        cache = run_hooks(model, part.tokens.to(dev), sorted(names))
         true = cache[s.hook("attn.hook_attn_scores")][:, heads].double()
         out = qkt(cache[s.hook("ln1.hook_normalized")].float())
         q, k = cache[s.hook("attn.hook_q")].float(), cache[s.hook("attn.hook_k")].float()
@@ -225,11 +224,7 @@ def text_error_share(
     names = {s.hook("ln1.hook_normalized"), s.hook("attn.hook_attn_scores")}
     err, size = 0.0, 0.0
     for lo in range(0, tokens.shape[0], batch_size):
-        _, cache = model.run_with_cache(
-            tokens[lo : lo + batch_size].to(model.cfg.device),
-            names_filter=lambda n: n in names,
-            stop_at_layer=s.layer + 1,
-        )
+        cache = run_hooks(model, tokens[lo : lo + batch_size].to(model.cfg.device), sorted(names))
         true = cache[s.hook("attn.hook_attn_scores")][:, heads].double()
         out = qkt(cache[s.hook("ln1.hook_normalized")].float())
         rec = attention_scores(attn_module, out.q, out.k)[:, heads].double()

@@ -34,9 +34,14 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from tl_superposition.activations import ActivationStore
+from tl_superposition.activations.batches import (
+    StoreActivations,
+    TensorActivations,
+    n_batches,
+    run_hooks,
+)
 from tl_superposition.activations.mix import ContextMix
 from tl_superposition.activations.packing import open_packing
-from tl_superposition.core.batches import epoch_order
 from tl_superposition.qk.config import AttentionShape
 
 
@@ -92,6 +97,9 @@ def part_rows(n: int, part: Part) -> slice:
     if n % size:
         raise ValueError(f"a batch of {n} contexts does not split over {size} processes")
     return slice(rank * n // size, (rank + 1) * n // size)
+
+
+QK_FIELDS = ("x", "q", "k", "tokens")
 
 
 def _hooks(shape: AttentionShape) -> tuple[str, str, str]:
@@ -181,6 +189,8 @@ class StoreSource(_Layers):
             self._check_layer(self.shapes[layer])
         self.context_size = self.store.context_size
         self.n_contexts = self.store.n_contexts
+        names = [h for layer in self.layers for h in _hooks(self.shapes[layer])]
+        self._rows = StoreActivations(self.store, names, self.seed)
 
     def _check_layer(self, shape: AttentionShape) -> None:
         hooks = _hooks(shape)
@@ -206,10 +216,7 @@ class StoreSource(_Layers):
 
     def n_batches(self, batch_contexts: int) -> int:
         """Full batches per epoch."""
-        return self.n_contexts // batch_contexts
-
-    def _order(self, epoch: int) -> Tensor:
-        return epoch_order(self.n_contexts, self.seed, epoch)
+        return n_batches(self.n_contexts, batch_contexts, drop_last=True)
 
     def layer_batches(
         self, batch_contexts: int, epoch: int, start: int = 0, part: Part = None
@@ -226,12 +233,10 @@ class StoreSource(_Layers):
                 f"the collection holds {self.n_contexts} contexts, fewer than one batch of "
                 f"{batch_contexts}: collect more or lower the batch size"
             )
-        order = self._order(epoch)
         hooks = {layer: _hooks(shape) for layer, shape in self.shapes.items()}
-        names = [h for layer in self.layers for h in hooks[layer]]
+        rows = part_rows(batch_contexts, part)
         for b in range(start, n):
-            idx = order[b * batch_contexts : (b + 1) * batch_contexts]
-            got = self.store.get_contexts(idx[part_rows(len(idx), part)], names)
+            got = self._rows.batch(batch_contexts, epoch, b, rows)
             tokens = got["tokens"].to(self.device)
             yield {layer: self._batch(got, hooks[layer], tokens) for layer in self.layers}
 
@@ -265,19 +270,9 @@ def run_to_layers(
     """``x``, ``q``, ``k`` of every layer of ``shapes`` for ``tokens`` (``[batch, pos]``), in
     one forward pass per chunk that stops after the last of those layers."""
     hooks = {s.layer: _hooks(s) for s in shapes}
-    names = {h for hs in hooks.values() for h in hs}
-    parts: dict[int, list[tuple[Tensor, ...]]] = {layer: [] for layer in hooks}
-    for i in range(0, tokens.shape[0], forward_batch):
-        _, cache = model.run_with_cache(
-            tokens[i : i + forward_batch],
-            names_filter=lambda n: n in names,
-            stop_at_layer=max(hooks) + 1,
-        )
-        for layer, hs in hooks.items():
-            parts[layer].append(tuple(cache[h].float() for h in hs))
+    got = run_hooks(model, tokens, [h for hs in hooks.values() for h in hs], forward_batch)
     return {
-        layer: QKBatch(*(torch.cat([p[j] for p in ps]) for j in range(3)), tokens=tokens)
-        for layer, ps in parts.items()
+        layer: QKBatch(*(got[h].float() for h in hs), tokens=tokens) for layer, hs in hooks.items()
     }
 
 
@@ -429,6 +424,8 @@ class MemorySource(_Layers):
         self.seed = int(seed)
         tokens = tokens.to(model.cfg.device)
         self.data = run_to_layers(model, list(self.shapes.values()), tokens, forward_batch)
+        flat = {f"{L}.{n}": getattr(b, n) for L, b in self.data.items() for n in QK_FIELDS}
+        self._rows = TensorActivations(flat, self.seed)
         digest = hashlib.sha256(tokens.cpu().numpy().tobytes()).hexdigest()[:16]
         self._description = {
             "kind": "memory",
@@ -444,14 +441,10 @@ class MemorySource(_Layers):
     ) -> Iterator[dict[int, QKBatch]]:
         """Batches ``start..`` of epoch ``epoch`` (``part``: :class:`ContextSource`); the last
         partial batch is dropped."""
-        order = epoch_order(self.n_contexts, self.seed, epoch)
-        for b in range(start, self.n_contexts // batch_contexts):
-            idx = order[b * batch_contexts : (b + 1) * batch_contexts]
-            idx = idx[part_rows(len(idx), part)]
-            yield {
-                layer: QKBatch(*(t[idx.to(t.device)] for t in data))
-                for layer, data in self.data.items()
-            }
+        rows = part_rows(batch_contexts, part)
+        for b in range(start, n_batches(self.n_contexts, batch_contexts, drop_last=True)):
+            got = self._rows.batch(batch_contexts, epoch, b, rows)
+            yield {layer: QKBatch(*(got[f"{layer}.{n}"] for n in QK_FIELDS)) for layer in self.data}
 
     def description(self) -> dict[str, Any]:
         """Model, size and a digest of the tokens."""

@@ -23,6 +23,7 @@ from pandas.io.formats.style import Styler
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from tl_superposition.activations.batches import run_hooks
 from tl_superposition.qk.pairs import PairMaskResult, PairStats, bilinear_map
 from tl_superposition.qk.transcoder import QKTranscoder
 
@@ -97,7 +98,7 @@ def feature_activations(
     fq, fk = [], []
     for lo in range(0, tokens.shape[0], batch_contexts):
         batch = tokens[lo : lo + batch_contexts].to(model.cfg.device)
-        _, cache = model.run_with_cache(batch, names_filter=name, stop_at_layer=qkt.shape.layer + 1)
+        cache = run_hooks(model, batch, [name])
         x = cache[name].float()
         fq.append(qkt.encode_q(x).cpu())
         fk.append(qkt.encode_k(x).cpu())
