@@ -3,7 +3,9 @@
 - a 2-process collection writes the same files, byte for byte, as a 1-process one, and resumes
   from what either wrote;
 - 2-process QK training (DDP, each rank reading half of every batch) reaches the 1-process
-  weights within float32 tolerance, with the same dead-feature resampling, and resumes exactly.
+  weights within float32 tolerance, with the same dead-feature resampling, and resumes exactly;
+- a 2-process gated block reaches the 1-process weights (a last batch of one row included);
+- a 2-process trace writes the same firings, edges and tables as a 1-process one.
 """
 
 from __future__ import annotations
@@ -139,3 +141,25 @@ def test_a_two_process_gated_block_reaches_the_one_process_weights(hf_models, tm
     h1 = pd.read_csv(tmp_path / "one" / "history.csv")
     pd.testing.assert_frame_equal(h1, pd.read_csv(tmp_path / "two" / "history.csv"), rtol=1e-5)
     assert h1.step.iloc[-1] == 12
+
+
+def test_a_two_process_trace_writes_the_same_files(hf_models, tmp_path):
+    from golden_runs import digests
+
+    _, model = hf_models["gpt2"]
+    # fixed seeds (random models answer no prompt, so per-prompt seeds would trace nothing);
+    # 5 batches of 2 prompts: rank 0 traces 3, rank 1 traces 2
+    args = ["trace-ioi", "--model", str(model), "--n-prompts", "10", "--pattern-thresh", "0.05",
+            "--batch-size", "2", "--seeds", "1.0,1.1,1.2,1.3", "--seed-src", "any",
+            "--no-circuit", "--no-plots"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    torchrun("-m", "tl_superposition", *args, "--out", str(tmp_path / "two"))
+    one = digests(tmp_path / "one", [tmp_path / "one"])
+    two = digests(tmp_path / "two", [tmp_path / "two"])
+    assert len(one) == 10 and {k: two[k] for k in one if k != "summary.json"} == {
+        k: v for k, v in one.items() if k != "summary.json"
+    }
+    summaries = [json.loads((tmp_path / r / "summary.json").read_text()) for r in ("one", "two")]
+    for s in summaries:  # the run's wall time and torch threads (1 per process under torchrun)
+        del s["seconds"], s["threads"]
+    assert summaries[0] == summaries[1] and summaries[0]["n_traced_firings"] > 100

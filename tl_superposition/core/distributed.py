@@ -118,6 +118,16 @@ def gather_objects(obj: T, world: World) -> list[T]:
     return out
 
 
+def gather_to_main(obj: T, world: World) -> list[T]:
+    """Every rank's ``obj`` in rank order on rank 0 (an empty list on the others; ``[obj]`` in
+    a single process)."""
+    if not world.distributed:
+        return [obj]
+    out: list[Any] | None = [None] * world.size if world.main else None
+    dist.gather_object(obj, out, dst=0)
+    return out if out is not None else []
+
+
 def gather_rows(t: torch.Tensor, world: World) -> torch.Tensor:
     """Every rank's ``t`` (same shape on every rank) concatenated along dim 0 in rank order:
     the whole batch when each rank holds its :func:`~tl_superposition.qk.source.part_rows`."""

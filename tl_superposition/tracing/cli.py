@@ -371,6 +371,7 @@ def _circuit(model, result, checked: Checked, heldout, args, out: Path) -> dict:
 def run(args: argparse.Namespace) -> int:
     """Check the arguments, load the model, trace, extract and score the circuit, write the
     folder (all of it at once), print the summary."""
+    from tl_superposition.core import distributed
     from tl_superposition.core.atomic import atomic_dir
     from tl_superposition.models import load_model
     from tl_superposition.tracing.ioi_trace import format_summary, trace_ioi
@@ -378,6 +379,10 @@ def run(args: argparse.Namespace) -> int:
     checked = check_arguments(args)
     model = load_model(args.model, device=args.device)
     dataset, heldout = _prompts(model, args, checked.heldout_seed)
+    if not distributed.current().main:  # under torchrun: trace this rank's batches for rank 0
+        trace_ioi(model, dataset, seeds=args.seeds, n_seeds=args.n_seeds,
+                  seed_src=args.seed_src, config=checked.config, beta=args.beta)  # fmt: skip
+        return 0
     with atomic_dir(checked.out, overwrite=args.overwrite) as tmp:
         result = trace_ioi(
             model,

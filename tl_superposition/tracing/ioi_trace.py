@@ -239,6 +239,19 @@ class DLASeeds(SeedChooser):
         self.logit_diff = torch.full((len(dataset),), float("nan"))
         self.dla = torch.full((len(dataset), n_layers, n_heads), float("nan"))
 
+    @property
+    def final_per_batch(self) -> bool:  # type: ignore[override]
+        """Given seeds are final from the first batch; DLA seeds only after the last."""
+        return self.fixed is not None
+
+    def observed(self, lo: int, hi: int) -> dict[str, Tensor]:
+        """The logit differences and DLA of prompts ``lo .. hi - 1``."""
+        return {"logit_diff": self.logit_diff[lo:hi], "dla": self.dla[lo:hi]}
+
+    def absorb(self, lo: int, hi: int, state: dict[str, Tensor]) -> None:
+        """Take over :meth:`observed` of prompts ``lo .. hi - 1`` from another process."""
+        self.logit_diff[lo:hi], self.dla[lo:hi] = state["logit_diff"], state["dla"]
+
     def observe(self, model: HookedTransformer, cache: BatchCache, lo: int, hi: int) -> None:
         """Logit difference and DLA of prompts ``lo .. hi - 1`` from the batch's cache."""
         part = self.dataset[lo:hi]
@@ -485,6 +498,8 @@ def trace_ioi(
         positions=role_mask(dataset, roles) if positions == "roles" else None,
     )
     prompts = dataset.to_dataframe()
+    if "worker_rank" in result.stats:  # under torchrun, rank 0 holds the trace
+        return IOITrace(dataset, prompts, result, chooser.dla, dict(result.stats), None, result.qk)
     prompts["logit_diff"] = chooser.logit_diff.numpy()
     table = chooser.table() if isinstance(chooser, PromptSeeds) else None
     if isinstance(chooser, PromptSeeds):

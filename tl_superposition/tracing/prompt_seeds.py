@@ -21,6 +21,7 @@ fire there) are kept as circuit nodes next to the logits but are not traced, as 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -238,6 +239,19 @@ class PromptSeeds(SeedChooser):
         rows["attribution"] = flat[i, j].numpy()
         rows["total"] = flat.where(valid, torch.zeros_like(flat)).sum(1)[i].numpy()
         self._rows[lo] = rows
+
+    final_per_batch = True
+
+    def observed(self, lo: int, hi: int) -> dict[str, Any]:
+        """The logit differences, answers, DLA and seeds of prompts ``lo .. hi - 1``."""
+        return {"logit_diff": self.logit_diff[lo:hi], "correct": self.correct[lo:hi],
+                "dla": self.dla[lo:hi], "rows": self._rows[lo]}  # fmt: skip
+
+    def absorb(self, lo: int, hi: int, state: dict[str, Any]) -> None:
+        """Take over :meth:`observed` of prompts ``lo .. hi - 1`` from another process."""
+        self.logit_diff[lo:hi], self.correct[lo:hi] = state["logit_diff"], state["correct"]
+        self.dla[lo:hi] = state["dla"]
+        self._rows[lo] = state["rows"]
 
     def table(self) -> pd.DataFrame:
         """Every seed: prompt_id, kind, layer, head, src, attribution (logits), total (the

@@ -32,7 +32,15 @@ if TYPE_CHECKING:
 
 
 class SeedChooser(ABC):
-    """Picks the seed heads of a trace from what the trace's forward pass computes."""
+    """Picks the seed heads of a trace from what the trace's forward pass computes.
+
+    Attributes:
+        final_per_batch: a batch's seeds are final once it is observed (fixed heads, seeds
+            per prompt): its batches can then be traced in separate processes
+            (:meth:`observed` / :meth:`absorb` carry what one process saw to another).
+    """
+
+    final_per_batch = False
 
     def observe(self, model: HookedTransformer, cache: BatchCache, lo: int, hi: int) -> None:
         """See the activations of prompts ``lo .. hi - 1`` (one batch); by default nothing."""
@@ -51,6 +59,16 @@ class SeedChooser(ABC):
         """
         return self.choose()
 
+    def observed(self, lo: int, hi: int) -> Any:
+        """What :meth:`observe` recorded of prompts ``lo .. hi - 1``, for :meth:`absorb`
+        in another process (None: nothing)."""
+        del lo, hi
+        return None
+
+    def absorb(self, lo: int, hi: int, state: Any) -> None:
+        """Take over :meth:`observed` of prompts ``lo .. hi - 1`` from another process."""
+        del lo, hi, state
+
     def seed_firings(self, firings: BatchFirings, lo: int) -> np.ndarray | None:
         """Per firing of the batch starting at prompt ``lo``, whether it starts the walk.
 
@@ -68,6 +86,8 @@ class FixedSeeds(SeedChooser):
     Attributes:
         heads: the seed heads.
     """
+
+    final_per_batch = True
 
     def __init__(self, heads: Iterable[tuple[int, int]]):
         self.heads = [(int(L), int(h)) for L, h in heads]

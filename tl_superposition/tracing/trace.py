@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -42,6 +42,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from tl_superposition.core import distributed
 from tl_superposition.tracing.cache import BatchCache, Workspace, run_batch
 from tl_superposition.tracing.config import TraceConfig
 from tl_superposition.tracing.decompose import BatchFirings, decompose_batch
@@ -283,6 +284,12 @@ def trace(
     """
     cfg = config or TraceConfig()
     chooser = _seed_chooser(seeds, model.cfg.n_layers, model.cfg.n_heads)
+    world = distributed.current()
+    if world.distributed and not chooser.final_per_batch:
+        raise ValueError(
+            "seeds chosen over all prompts (DLA) are traced in one process: run it without "
+            "torchrun, or give per-prompt or fixed seeds"
+        )
     n_prompts = tokens.shape[0]
     if n_prompts == 0:
         raise ValueError("trace needs at least one prompt")
@@ -326,10 +333,14 @@ def trace(
 
     t0 = time.time()
     starts = list(range(0, n_prompts, cfg.batch_size))
+    batches = _observed_batches(starts, n_prompts, cfg.batch_size, run, chooser, world, progress)
+    if not world.main:  # a worker: its batches go to rank 0, which writes the files
+        for _ in batches:
+            pass
+        return TraceResult(out, [], cfg, time.time() - t0, model.cfg.model_name,
+                           {"worker_rank": world.rank}, tmpdir, qk)  # fmt: skip
     with TraceStore(out, model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_head) as store:
-        for lo in tqdm(starts, desc="trace", unit="batch", disable=not progress):
-            hi = min(lo + cfg.batch_size, n_prompts)
-            heads, batch = run(lo, hi, [], observe=True)
+        for lo, heads, batch in batches:
             store.add_batch(lo, batch.firings, batch.walk, batch.nonfirings, role_pos)
             walked.append(None if batch.own_seeds else {h for h, _ in heads})
         seed_heads = chooser.choose()
@@ -353,6 +364,41 @@ def trace(
         tmpdir=tmpdir,
         qk=qk,
     )
+
+
+def _observed_batches(
+    starts: list[int],
+    n_prompts: int,
+    batch_size: int,
+    run: Any,
+    chooser: SeedChooser,
+    world: distributed.World,
+    progress: bool,
+) -> Iterator[tuple[int, Any, _Batch]]:
+    """``(first prompt, heads, batch)`` of every batch, in prompt order.
+
+    Under torchrun rank ``r`` runs batches ``r, r + n, ...``; each round's batches are gathered
+    on rank 0 with what the chooser observed of them, and only rank 0 yields them (the seeds
+    of such choosers depend on each batch alone, so the results equal one process's).
+    """
+
+    def bounds(i: int) -> tuple[int, int]:
+        return starts[i], min(starts[i] + batch_size, n_prompts)
+
+    rounds = range(0, len(starts), world.size)
+    for first in tqdm(rounds, desc="trace", unit="batch", disable=not progress):
+        mine = None
+        if first + world.rank < len(starts):
+            lo, hi = bounds(first + world.rank)
+            heads, batch = run(lo, hi, [], observe=True)
+            mine = (heads, batch, chooser.observed(lo, hi) if world.distributed else None)
+        for j, got in enumerate(distributed.gather_to_main(mine, world)):
+            if got is None:
+                continue
+            lo, hi = bounds(first + j)
+            if j != world.rank:
+                chooser.absorb(lo, hi, got[2])
+            yield lo, got[0], got[1]
 
 
 __all__ = [
