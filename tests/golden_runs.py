@@ -8,6 +8,16 @@ their paths), and JSON/CSV fields that measure wall-clock time are dropped (see 
 
 Regenerate the reference (only for an intended change of outputs, named in the commit) with
 ``TL_SUP_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_golden_outputs.py``.
+
+Intended changes since the reference was first written (each checked against the earlier
+files, everything else equal):
+
+- checkpoints moved to the shared format (:mod:`tl_superposition.core.checkpoint`): they are
+  compared by their entries (identity and state merged), which stayed equal;
+- ``GatedTrainConfig.log_every`` / ``checkpoint_every`` became ``log_every_steps`` /
+  ``checkpoint_every_steps`` (the QK trainer's names): the gated checkpoints record the
+  training config under the new names (``train-gated/checkpoint.pt``, the toy run's
+  ``gated/checkpoint.pt``).
 """
 
 from __future__ import annotations
@@ -111,7 +121,7 @@ def command_runs(models: dict[str, Path], text: Path, root: Path) -> dict[str, l
                     "--batch-contexts 4 --ioi-prompts 4 --no-progress")],
         "train-gated": ["train-gated", "--model", llama, *src, "--eval-source", str(text),
                         *split("--layer 1 --eval-split test --context-size 32 --max-tokens 512 "
-                        "--max-eval-tokens 128 --epochs 2 --batch-size 4 --n-ioi 4")],
+                        "--max-eval-tokens 128 --epochs 2 --batch-contexts 4 --n-ioi 4")],
         "trace-ioi": ["trace-ioi", "--model", gpt2, *split(
             "--n-prompts 6 --heldout-prompts 4 --pattern-thresh 0.2 --no-plots")],
         "toy": split("toy --settings 2H/3ST --seeds 0 --epochs 1 --n-train 2000 --n-check 2000 "

@@ -137,3 +137,10 @@ def test_configs_round_trip_through_json_and_refuse_unknown_fields(cfg):
     assert type(cfg).from_dict(d).to_dict() == cfg.to_dict()
     with pytest.raises(ValueError, match=f"unknown {type(cfg).__name__} fields"):
         type(cfg).from_dict({**d, "no_such_field": 1})
+
+
+def test_a_config_reads_fields_under_their_former_names():
+    old = {"alpha": 0.2, "log_every": 5, "checkpoint_every": 7}  # as gated runs wrote them
+    cfg = GatedTrainConfig.from_dict(old)
+    assert (cfg.log_every_steps, cfg.checkpoint_every_steps) == (5, 7)
+    assert "log_every" not in cfg.to_dict() and cfg.to_dict()["log_every_steps"] == 5

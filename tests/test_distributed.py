@@ -132,7 +132,7 @@ def test_a_two_process_gated_block_reaches_the_one_process_weights(hf_models, tm
     args = ["train-gated", "--model", str(model), "--layer", "1", "--source", text, "--split",
             "valid", "--eval-source", text, "--eval-split", "test", "--context-size", "32",
             "--max-tokens", "672", "--max-eval-tokens", "128", "--epochs", "2",
-            "--batch-size", "4", "--n-ioi", "0"]  # fmt: skip
+            "--batch-contexts", "4", "--n-ioi", "0"]  # fmt: skip
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     torchrun("-m", "tl_superposition", *args, "--out", str(tmp_path / "two"))
     one = GatedAttentionBlock.load(tmp_path / "one" / "block").state_dict()

@@ -232,7 +232,10 @@ def test_training_lowers_the_loss():
     model, source = _toy_block_source()
     block = GatedAttentionBlock.from_layer(model, 0, 2, seed=0)
     result = train_gated_block(
-        block, source, GatedTrainConfig(alpha=0.1, lr=1e-2, epochs=15, log_every=4), progress=False
+        block,
+        source,
+        GatedTrainConfig(alpha=0.1, lr=1e-2, epochs=15, log_every_steps=4),
+        progress=False,
     )
     h = result.history
     assert result.steps == 60 and h["loss"].iloc[-1] < 0.6 * h["loss"].iloc[0]
@@ -263,7 +266,7 @@ def test_alpha_warmup_rises_linearly_and_starts_without_penalty():
         GatedTrainConfig(alpha_warmup_steps=-1)
     model, source = _toy_block_source()
     block = GatedAttentionBlock.from_layer(model, 0, 2, seed=0)
-    cfg = GatedTrainConfig(alpha=0.4, alpha_warmup_steps=8, lr=1e-2, max_steps=3, log_every=1)
+    cfg = GatedTrainConfig(alpha=0.4, alpha_warmup_steps=8, lr=1e-2, max_steps=3, log_every_steps=1)
     h = train_gated_block(block, source, cfg, progress=False).history
     assert h["penalty"].iloc[0] > 0 and h["loss"].iloc[0] == h["mse"].iloc[0]
     assert h["loss"].iloc[2] == pytest.approx(h["mse"].iloc[2] + 0.1 * h["penalty"].iloc[2])
@@ -273,7 +276,12 @@ def test_alpha_warmup_rises_linearly_and_starts_without_penalty():
 def test_resume_is_exact(tmp_path, warmup):
     model, source = _toy_block_source()
     cfg = GatedTrainConfig(
-        alpha=0.3, lr=1e-2, epochs=4, log_every=2, checkpoint_every=3, alpha_warmup_steps=warmup
+        alpha=0.3,
+        lr=1e-2,
+        epochs=4,
+        log_every_steps=2,
+        checkpoint_every_steps=3,
+        alpha_warmup_steps=warmup,
     )
     straight = GatedAttentionBlock.from_layer(model, 0, 2, seed=1)
     train_gated_block(straight, source, cfg, tmp_path / "a", progress=False)
@@ -299,7 +307,9 @@ def test_resume_is_exact(tmp_path, warmup):
 
 def test_checkpoint_written_before_bias_init_and_the_shared_format_resumes(tmp_path):
     model, source = _toy_block_source()
-    cfg = GatedTrainConfig(alpha=0.3, lr=1e-2, epochs=2, log_every=2, checkpoint_every=2)
+    cfg = GatedTrainConfig(
+        alpha=0.3, lr=1e-2, epochs=2, log_every_steps=2, checkpoint_every_steps=2
+    )
     block = GatedAttentionBlock.from_layer(model, 0, 2, seed=1)
     first = GatedTrainConfig(**{**cfg.__dict__, "max_steps": 4})
     train_gated_block(block, source, first, tmp_path, progress=False)

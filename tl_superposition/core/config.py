@@ -27,6 +27,8 @@ class Config:
     """
 
     __dataclass_fields__: ClassVar[dict[str, Any]]  # set by @dataclass on the subclass
+    #: fields renamed since files were written with the old name: ``{old: new}``
+    renamed: ClassVar[dict[str, str]] = {}
 
     def to_dict(self) -> dict[str, Any]:
         """Every field, JSON-able (nested dataclasses as dicts, tuples as lists)."""
@@ -34,11 +36,13 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Self:
-        """Inverse of :meth:`to_dict`; fields missing from ``d`` take their defaults.
+        """Inverse of :meth:`to_dict`; fields missing from ``d`` take their defaults, fields
+        under a former name (:attr:`renamed`) are read under the new one.
 
         Raises:
             ValueError: ``d`` has fields this config does not know, or a value out of range.
         """
+        d = {cls.renamed.get(k, k): v for k, v in d.items()}
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"unknown {cls.__name__} fields {unknown}")

@@ -59,13 +59,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=8, help="contexts per step")
+    p.add_argument(
+        "--batch-contexts", "--batch-size", dest="batch_contexts", type=int, default=8,
+        help="contexts per step (--batch-size: its former name)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-ioi", type=int, default=128, help="IOI prompts (0: skip the IOI figure)")
     p.add_argument(
         "--threshold", type=float, default=0.1, help="attention at which a head is active"
     )
-    p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
+    p.add_argument(
+        "--checkpoint-every", dest="checkpoint_every_steps", type=int, default=200,
+        help="steps between checkpoints",
+    )  # fmt: skip
     p.add_argument("--device", default="cpu")
 
 

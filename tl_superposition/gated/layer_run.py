@@ -50,11 +50,11 @@ class GatedLayerConfig(Config):
             but ``"copy"``).
         alpha, alpha_warmup_steps, lr, epochs: the block's training
             (:class:`~tl_superposition.gated.train.GatedTrainConfig`).
-        batch_size: contexts per step.
+        batch_contexts: contexts per step.
         seed: the block's initialisation and the order of the batches.
         n_ioi: IOI prompts for the logit-difference figure (0: skip it).
         threshold: attention at which a head counts as active.
-        checkpoint_every: steps between checkpoints.
+        checkpoint_every_steps: steps between checkpoints.
         device: where the block trains.
 
     Raises:
@@ -78,11 +78,11 @@ class GatedLayerConfig(Config):
     alpha_warmup_steps: int = 0
     lr: float = 1e-3
     epochs: int = 2
-    batch_size: int = 8
+    batch_contexts: int = 8
     seed: int = 0
     n_ioi: int = 128
     threshold: float = 0.1
-    checkpoint_every: int = 200
+    checkpoint_every_steps: int = 200
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -93,8 +93,8 @@ class GatedLayerConfig(Config):
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if self.epochs < 1:
             raise ValueError("--epochs must be >= 1")
-        if self.batch_size < 1 or self.alpha < 0 or self.lr <= 0 or self.n_ioi < 0:
-            raise ValueError("need --batch-size >= 1, --alpha >= 0, --lr > 0, --n-ioi >= 0")
+        if self.batch_contexts < 1 or self.alpha < 0 or self.lr <= 0 or self.n_ioi < 0:
+            raise ValueError("need --batch-contexts >= 1, --alpha >= 0, --lr > 0, --n-ioi >= 0")
         if self.alpha_warmup_steps < 0:
             raise ValueError("--alpha-warmup-steps must be >= 0")
         if not 0 < self.threshold <= 1:
@@ -119,19 +119,19 @@ def _training_source(model: Any, cfg: GatedLayerConfig, input_hook: str) -> Any:
     )
 
     if cfg.acts is not None:
-        return StoreBatches(cfg.acts, cfg.layer, cfg.batch_size, cfg.seed)
+        return StoreBatches(cfg.acts, cfg.layer, cfg.batch_contexts, cfg.seed)
     assert cfg.source is not None  # GatedLayerConfig asks for one of them
     tokens = text_contexts(model, cfg.source, cfg.split, cfg.context_size, cfg.max_tokens)
     if cfg.stream:
-        return ModelBatches(model, cfg.layer, tokens, cfg.batch_size, cfg.seed)
+        return ModelBatches(model, cfg.layer, tokens, cfg.batch_contexts, cfg.seed)
 
     def make() -> tuple[Tensor, Tensor]:
         return layer_activations(
-            model, tokens, cfg.layer, input_hook, batch_size=cfg.batch_size, progress=True
+            model, tokens, cfg.layer, input_hook, batch_size=cfg.batch_contexts, progress=True
         )
 
     shape = (*tokens.shape, model.cfg.d_model)
-    return LazyTensorBatches(make, shape, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    return LazyTensorBatches(make, shape, cfg.batch_contexts, shuffle=True, seed=cfg.seed)
 
 
 def train_gated(
@@ -175,8 +175,8 @@ def train_gated(
         alpha_warmup_steps=cfg.alpha_warmup_steps,
         lr=cfg.lr,
         epochs=cfg.epochs,
-        log_every=20,
-        checkpoint_every=cfg.checkpoint_every,
+        log_every_steps=20,
+        checkpoint_every_steps=cfg.checkpoint_every_steps,
     )
     t0 = time.perf_counter()
     result = train_gated_block(block.to(cfg.device), source, train_cfg, out)
@@ -188,7 +188,7 @@ def train_gated(
     write_text_atomic(out / "history.csv", result.history.to_csv(index=False))
     ioi = make_ioi_dataset(model, cfg.n_ioi, seed=0) if cfg.n_ioi else None
     report = evaluate_splice(model, block, eval_tokens, ioi=ioi, threshold=cfg.threshold)
-    tokens_per_step = cfg.batch_size * cfg.context_size
+    tokens_per_step = cfg.batch_contexts * cfg.context_size
     summary = {
         "model": model.cfg.model_name if model_name is None else model_name,
         "layer": cfg.layer,

@@ -20,9 +20,9 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pandas as pd
 import torch
@@ -69,8 +69,8 @@ class GatedTrainConfig(Config):
         gate_p: exponent of the quasi-norm across heads (0.6).
         penalty_pairs: ``"all"`` -- average over every (query, key) pair, future keys too, as
             the authors' code does; ``"causal"`` -- only keys at or before the query.
-        log_every: steps per history row (losses averaged over them).
-        checkpoint_every: steps between checkpoints (0: only at the end).
+        log_every_steps: steps per history row (losses averaged over them).
+        checkpoint_every_steps: steps between checkpoints (0: only at the end).
         compile: run the forward and loss through ``torch.compile`` (after a compilation
             of about a minute; whether it is faster depends on the machine -- on a loaded
             2-core CPU it ran slower than eager, see ``benchmarks/bench_gated.py --compile``).
@@ -83,8 +83,11 @@ class GatedTrainConfig(Config):
     max_steps: int | None = None
     gate_p: float = 0.6
     penalty_pairs: str = "all"
-    log_every: int = 100
-    checkpoint_every: int = 5000
+    log_every_steps: int = 100
+    checkpoint_every_steps: int = 5000
+    renamed: ClassVar[dict[str, str]] = {
+        "log_every": "log_every_steps", "checkpoint_every": "checkpoint_every_steps"
+    }  # fmt: skip
     compile: bool = False
 
     def __post_init__(self) -> None:
@@ -96,8 +99,8 @@ class GatedTrainConfig(Config):
             raise ValueError(f"gate_p must be in (0, 2], got {self.gate_p}")
         if self.penalty_pairs not in PENALTY_PAIRS:
             raise ValueError(f"penalty_pairs must be one of {PENALTY_PAIRS}")
-        if self.log_every < 1 or self.checkpoint_every < 0:
-            raise ValueError("log_every must be >= 1 and checkpoint_every >= 0")
+        if self.log_every_steps < 1 or self.checkpoint_every_steps < 0:
+            raise ValueError("log_every_steps must be >= 1 and checkpoint_every_steps >= 0")
         if self.alpha_warmup_steps < 0:
             raise ValueError(f"alpha_warmup_steps must be >= 0, got {self.alpha_warmup_steps}")
 
@@ -230,7 +233,7 @@ def _ddp(block: torch.nn.Module) -> torch.nn.Module:
 def _identity(
     block: GatedAttentionBlock | CrossLayerGatedBlocks, cfg: GatedTrainConfig, source: dict
 ) -> dict[str, Any]:
-    return {"block_config": block.cfg.to_dict(), "train_config": asdict(cfg), "source": source}
+    return {"block_config": block.cfg.to_dict(), "train_config": cfg.to_dict(), "source": source}
 
 
 def _legacy(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
@@ -342,7 +345,7 @@ def train_gated_block(
             terms = distributed.sum_over_ranks(terms * n_mine, world) / n_rows
         sums += terms.cpu()
         n_sum += 1
-        if trainer.step % cfg.log_every == 0 or trainer.finished:
+        if trainer.step % cfg.log_every_steps == 0 or trainer.finished:
             avg = (sums / n_sum).tolist()
             trainer.log(
                 {"step": trainer.step, "epoch": epoch, "loss": avg[0], "mse": avg[1],
@@ -352,7 +355,7 @@ def train_gated_block(
             sums.zero_()
             n_sum = 0
         bar.update(1)
-        if ckpt is not None and world.main and trainer.due(cfg.checkpoint_every):
+        if ckpt is not None and world.main and trainer.due(cfg.checkpoint_every_steps):
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             state = {**trainer.state_dict(), "block": block.state_dict()}
             save_checkpoint(ckpt, "gated", _identity(block, cfg, desc), state)

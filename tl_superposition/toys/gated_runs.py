@@ -124,8 +124,8 @@ class ToyRunOptions:
             lr=setting.lr if self.lr is None else self.lr,
             epochs=self.epochs or setting.epochs,
             compile=self.compile,
-            log_every=500,
-            checkpoint_every=1000,
+            log_every_steps=500,
+            checkpoint_every_steps=1000,
         )
 
     def reference_seed(self, seed: int) -> int:
