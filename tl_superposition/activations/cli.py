@@ -23,6 +23,7 @@ from tl_superposition.activations.config import (
     STORAGE_DTYPES,
     CollectConfig,
 )
+from tl_superposition.core.options import add_device, add_model, add_progress
 
 _DEFAULTS: dict[str, Any] = {
     f.name: f.default for f in dataclasses.fields(CollectConfig) if f.name != "out_dir"
@@ -33,11 +34,7 @@ _PREPEND_BOS = {"auto": None, "yes": True, "no": False}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the ``collect`` options on ``parser``."""
     d = _DEFAULTS
-    parser.add_argument(
-        "--model",
-        default="smollm2-135m",
-        help="model for tl_superposition.load_model (default: smollm2-135m)",
-    )
+    add_model(parser)
     parser.add_argument(
         "--source",
         default="auto",
@@ -109,9 +106,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="replace an existing collection in --out instead of refusing",
     )
-    parser.add_argument("--device", default=d["device"], help="torch device (default: the model's)")
+    add_device(parser, d["device"])
     _int_option(parser, "--seed", "seed recorded in the manifest (the reader's shuffle seed)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_progress(parser)
 
 
 def _int_option(parser: argparse.ArgumentParser, flag: str, help_text: str) -> None:

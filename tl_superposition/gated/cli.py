@@ -11,12 +11,13 @@ import argparse
 import json
 from typing import Any
 
+from tl_superposition.core.options import add_device, add_model
 from tl_superposition.gated.config import INITS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Register the ``train-gated`` options on ``p``."""
-    p.add_argument("--model", default="smollm2-135m", help="model name or local folder")
+    add_model(p)
     p.add_argument("--layer", type=int, required=True, help="the attention layer to replace")
     p.add_argument(
         "--out", required=True, help="output folder (created; resumed if it holds a run)"
@@ -72,7 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--checkpoint-every", dest="checkpoint_every_steps", type=int, default=200,
         help="steps between checkpoints",
     )  # fmt: skip
-    p.add_argument("--device", default="cpu")
+    add_device(p)
 
 
 def config_from_args(args: argparse.Namespace) -> Any:

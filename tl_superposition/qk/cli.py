@@ -13,21 +13,18 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from tl_superposition.core.options import add_device, add_model, add_progress
+
 HOOKS = "ln1.hook_normalized,attn.hook_q,attn.hook_k"
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        default="smollm2-135m",
-        help="'smollm2-135m' (offline), a local Hugging Face folder, or a hub name "
-        "(default: %(default)s)",
-    )
+    add_model(p)
     p.add_argument("--context-size", type=int, default=128, help="tokens per context (with BOS)")
     p.add_argument("--split", default=None, help="file-name prefix in a source folder")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    add_device(p)
+    add_progress(p)
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:

@@ -13,6 +13,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from tl_superposition.core.options import add_progress
 from tl_superposition.gated.config import BIAS_INITS
 from tl_superposition.toys.settings import PUBLISHED, SETTINGS
 
@@ -89,7 +90,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "machine it ran slower than eager)",
     )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+    add_progress(p)
 
 
 def _parse(args: argparse.Namespace) -> tuple[list[str], list[int]]:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from tl_superposition.circuit.config import CircuitConfig
+from tl_superposition.core.options import add_device, add_model
 from tl_superposition.tracing.config import TraceConfig
 
 _CIRCUIT_DEFAULTS = CircuitConfig()
@@ -43,12 +44,7 @@ _CIRCUIT_OPTIONS = {"node_frac": "node_frac", "min_prompts": "min_prompts",
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Register the ``trace-ioi`` options on ``p``."""
-    p.add_argument(
-        "--model",
-        default="smollm2-135m",
-        help="'smollm2-135m' (offline), a local Hugging Face folder, or a hub name "
-        "such as 'gpt2' (default: %(default)s)",
-    )
+    add_model(p)
     p.add_argument("--n-prompts", type=int, default=256, help="IOI prompts (default: %(default)s)")
     p.add_argument(
         "--seed", type=int, default=0, help="prompt generation seed (default: %(default)s)"
@@ -194,7 +190,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=_DEFAULTS.batch_size,
         help="prompts per forward pass (default: %(default)s)",
     )
-    p.add_argument("--device", default="cpu")
+    add_device(p)
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
 
 
