@@ -3,8 +3,10 @@
 ``tests/test_golden_outputs.py`` compares these digests with ``tests/data/golden_outputs.json``,
 written before the shared core (issue 27) replaced each method's own training loop, sources and
 helpers: the refactor must leave every output byte-identical. Digests cover file bytes after
-two normalisations only: the run's temporary root is replaced by ``<ROOT>`` (commands record
-their paths), and JSON/CSV fields that measure wall-clock time are dropped (see ``VOLATILE``).
+these normalisations only: the run's temporary root is replaced by ``<ROOT>`` (commands record
+their paths), JSON fields that measure wall-clock time are dropped (see ``VOLATILE``), parquet
+files are compared by their tables (their metadata names library versions) and checkpoints by
+their entries.
 
 Regenerate the reference (only for an intended change of outputs, named in the commit) with
 ``TL_SUP_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_golden_outputs.py``.
@@ -80,6 +82,11 @@ def _normalised(path: Path, roots: list[Path]) -> bytes:
         data = data.replace(str(root).encode(), b"<ROOT>")
     if path.suffix == ".json":
         return json.dumps(_drop_volatile(json.loads(data)), sort_keys=True).encode()
+    if path.suffix == ".parquet":
+        # the file's metadata names the pandas and pyarrow versions: compare the table
+        import pandas as pd
+
+        return pd.read_parquet(path).to_csv(index=False).encode()
     if path.suffix == ".pt":
         # torch.save names the zip archive after the (temporary) file: compare the contents
         import torch
