@@ -516,6 +516,7 @@ def _collect_ranked(
             if rotary:
                 with atomic_path(out_dir / ATTENTION_FILE) as tmp:
                     save_file(rotary, str(tmp), metadata={"format": "pt"})
+            _check_disk_for_run(config, shapes, out_dir, existing.n_contexts)
             write_json_atomic(out_dir / MANIFEST, manifest)
     distributed.barrier(world)
     if not world.main:
