@@ -77,6 +77,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument(
+        "--restarts",
+        type=int,
+        default=1,
+        help="gated blocks trained together per run (seeds seed, seed+1000, ...); the one with "
+        "the lowest training objective is kept (default: %(default)s)",
+    )
+    p.add_argument(
         "--toy-max-epochs",
         type=int,
         default=300,
@@ -147,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
         alpha_warmup_steps=args.alpha_warmup_steps,
         lr=args.lr,
         bias_init=args.bias_init,
+        restarts=args.restarts,
     )
     for seed in seeds:
         for name in names:

@@ -38,6 +38,7 @@ import pandas as pd
 from tl_superposition.core.atomic import write_json_atomic, write_text_atomic
 from tl_superposition.gated.block import GatedAttentionBlock
 from tl_superposition.gated.config import BIAS_INITS
+from tl_superposition.gated.restarts import train_gated_restarts
 from tl_superposition.gated.sources import TensorBatches, layer_activations
 from tl_superposition.gated.train import GatedTrainConfig, train_gated_block
 from tl_superposition.toys.analysis import attention_ranking, minimal_head_sets, subset_ablation
@@ -81,6 +82,10 @@ class ToyRunOptions:
         lr: Adam learning rate of the block (None: the setting's).
         bias_init: the blocks' starting query/key/value biases, ``"zeros"`` or ``"xavier"``
             (the authors' draw; :attr:`GatedAttentionConfig.bias_init`).
+        restarts: blocks trained together from seeds ``seed, seed + 1000, ...``
+            (:func:`~tl_superposition.gated.restarts.train_gated_restarts`); the one with the
+            lowest training objective is kept and checked, every restart's check is reported
+            (one-layer runs; 1: one block, trained resumably as before).
     """
 
     epochs: int | None = None
@@ -96,8 +101,11 @@ class ToyRunOptions:
     alpha_warmup_steps: int = 0
     lr: float | None = None
     bias_init: str = "zeros"
+    restarts: int = 1
 
     def __post_init__(self) -> None:
+        if self.restarts < 1:
+            raise ValueError(f"restarts must be >= 1, got {self.restarts}")
         if self.epochs is not None and self.epochs < 1:
             raise ValueError(f"epochs must be >= 1 (or None for the setting's), got {self.epochs}")
         if self.alpha is not None and self.alpha < 0:
@@ -243,7 +251,11 @@ def toy_block(
 
 
 def _same_training(
-    row: dict[str, Any], cfg: GatedTrainConfig, setting: ToySetting, bias_init: str
+    row: dict[str, Any],
+    cfg: GatedTrainConfig,
+    setting: ToySetting,
+    bias_init: str,
+    restarts: int = 1,
 ) -> bool:
     """Whether a saved summary row was trained with ``cfg``'s epochs, alpha, warm-up and lr,
     and blocks whose biases started as ``bias_init``.
@@ -257,6 +269,7 @@ def _same_training(
         and row.get("gated_alpha_warmup_steps", 0) == cfg.alpha_warmup_steps
         and row.get("gated_lr", setting.lr) == cfg.lr
         and row.get("gated_bias_init", "zeros") == bias_init
+        and row.get("restarts", 1) == restarts
     )
 
 
@@ -302,7 +315,8 @@ def run_toy(
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         row = json.loads(summary_path.read_text())
-        done = _same_training(row, cfg, setting, opts.bias_init) and "removed_authors_check" in row
+        same = _same_training(row, cfg, setting, opts.bias_init, opts.restarts)
+        done = same and "removed_authors_check" in row
         if done or setting.task == "ov_coherent":
             return row
 
@@ -326,10 +340,14 @@ def run_toy(
 
     x, y = layer_activations(model, train.tokens, 0, "hook_resid_pre")
     source = TensorBatches(x, y, opts.batch_size)
-    block = toy_block(model, 0, setting, seed, opts.bias_init)
-    result = train_gated_block(block, source, cfg, run_dir / "gated", progress=opts.progress)
+    if opts.restarts > 1:
+        block, history, steps = _restarts(model, val, source, cfg, setting, seed, opts, row)
+    else:
+        block = toy_block(model, 0, setting, seed, opts.bias_init)
+        result = train_gated_block(block, source, cfg, run_dir / "gated", progress=opts.progress)
+        history, steps = result.history, result.steps
     block.save(run_dir / "gated" / "block")
-    _write_csv(result.history, run_dir / "gated_history.csv")
+    _write_csv(history, run_dir / "gated_history.csv")
     report, table = _check_files(model, val, {0: block}, run_dir, "gated", opts.plots)
     authors = _authors_check(model, val, {0: block}, run_dir / "gated_check_authors.csv")
     gmap = gate_map(model, {0: block}, val.subset(slice(0, 20_000)))  # memory: 20k sequences
@@ -340,7 +358,7 @@ def run_toy(
         plot_gate_map(gmap, title=f"{setting.name} seed {seed}: mean gate at (B, A)").savefig(
             run_dir / "gate_map.png", dpi=110
         )
-    last = result.history.iloc[-1]
+    last = history.iloc[-1]
     row.update(
         {
             "gated_heads": block.cfg.n_heads,
@@ -349,7 +367,7 @@ def run_toy(
             "gated_alpha_warmup_steps": cfg.alpha_warmup_steps,
             "gated_lr": cfg.lr,
             "gated_bias_init": opts.bias_init,
-            "gated_steps": result.steps,
+            "gated_steps": steps,
             "final_mse": float(last["mse"]),
             "final_penalty": float(last["penalty"]),
             "accuracy": _min(report.table["accuracy"]),
@@ -367,6 +385,37 @@ def run_toy(
         row["sets_disjoint"] = _disjoint(minimal_head_sets(table))
     write_json_atomic(summary_path, row)
     return row
+
+
+def _restarts(
+    model: Any,
+    val: ToyDataset,
+    source: TensorBatches,
+    cfg: GatedTrainConfig,
+    setting: ToySetting,
+    seed: int,
+    opts: ToyRunOptions,
+    row: dict[str, Any],
+) -> tuple[GatedAttentionBlock, pd.DataFrame, int]:
+    """Train ``opts.restarts`` blocks together, keep the lowest-objective one; add to ``row``
+    every restart's objective and whether its block removes superposition."""
+    seeds = [seed + 1000 * r for r in range(opts.restarts)]
+    blocks = [toy_block(model, 0, setting, s, opts.bias_init) for s in seeds]
+    res = train_gated_restarts(blocks, source, cfg, progress=opts.progress)
+    removed = [bool(solely_encoded(model, val, {0: b}).removed) for b in res.blocks]
+    row.update(
+        {
+            "restarts": opts.restarts,
+            "restart_seeds": seeds,
+            "restart_chosen": res.chosen,
+            "restart_objectives": [o["loss"] for o in res.objectives],
+            "restart_removed": removed,
+            "restart_removal_rate": sum(removed) / len(removed),
+        }
+    )
+    chosen = res.history.loc[res.history["restart"] == res.chosen]
+    history = pd.DataFrame(chosen.drop(columns="restart")).reset_index(drop=True)
+    return res.block, history, res.steps
 
 
 def _sets(minimal: pd.DataFrame) -> dict[str, list[str]]:
