@@ -3,6 +3,11 @@
 - ``toy``: a gated block for the 4H/5ST toy (8 heads, d_model 12, d_head 1) on batches of
   1000 sequences of 11 tokens, the authors' step; eager and, with ``--compile``, through
   ``torch.compile``.
+- ``restarts``: ``--restarts`` such blocks trained together
+  (:func:`~tl_superposition.gated.restarts.train_gated_restarts`);
+  ``toy_steps_per_s_batched`` counts restart-steps per second (R per step), timed as the
+  difference between a run of ``10 + steps`` and one of 10 steps (so the setup and the final
+  choice of the block cancel out).
 - ``real``: a gated block for SmolLM2-135M-Instruct layer 23 (18 heads of 64, rotary,
   grouped keys) on batches of 8 contexts of 128 tokens, the training pairs precomputed (the
   block's forward, loss, backward and Adam step only), plus the cost of computing the pairs
@@ -18,6 +23,7 @@ is one JSON object.
 
     python benchmarks/bench_gated.py --runs runs/toy
     python benchmarks/bench_gated.py --parts toy --steps 50
+    python benchmarks/bench_gated.py --parts toy,restarts --steps 30 --restarts 8
 """
 
 from __future__ import annotations
@@ -61,6 +67,42 @@ def child_toy(steps: int, compile: bool) -> dict:
         "compile": compile,
         "steps": steps,
         "steps_per_s": steps / seconds,
+        "threads": torch.get_num_threads(),
+        "peak_rss_mb": _peak_mb(),
+    }
+
+
+def child_restarts(steps: int, restarts: int) -> dict:
+    import torch
+
+    from tl_superposition.gated.block import GatedAttentionBlock
+    from tl_superposition.gated.restarts import train_gated_restarts
+    from tl_superposition.gated.sources import TensorBatches, layer_activations
+    from tl_superposition.gated.train import GatedTrainConfig
+    from tl_superposition.toys.models import make_toy_model
+    from tl_superposition.toys.settings import SETTINGS
+
+    setting = SETTINGS["4H/5ST"]
+    data = setting.dataset(10_000, 0)
+    model = make_toy_model(setting.n_heads, data.d_vocab, seed=0)
+    x, y = layer_activations(model, data.tokens, 0, "hook_resid_pre")
+    source = TensorBatches(x, y, 1000)
+
+    def timed(n: int) -> float:
+        blocks = [GatedAttentionBlock.from_layer(model, 0, setting.expansion_factor, seed=s)
+                  for s in range(restarts)]  # fmt: skip
+        cfg = GatedTrainConfig(alpha=setting.alpha, lr=setting.lr, max_steps=n)
+        t0 = time.perf_counter()
+        train_gated_restarts(blocks, source, cfg, progress=False)
+        return time.perf_counter() - t0
+
+    timed(10)  # warm-up
+    seconds = timed(10 + steps) - timed(10)
+    return {
+        "part": "restarts",
+        "restarts": restarts,
+        "steps": steps,
+        "restart_steps_per_s": restarts * steps / seconds,
         "threads": torch.get_num_threads(),
         "peak_rss_mb": _peak_mb(),
     }
@@ -144,7 +186,10 @@ def reproduction(runs: Path | None) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    p.add_argument("--parts", default="toy,real", help="comma-separated: toy, real")
+    p.add_argument(
+        "--parts", default="toy,restarts,real", help="comma-separated: toy, restarts, real"
+    )
+    p.add_argument("--restarts", type=int, default=8, help="blocks trained together (default 8)")
     p.add_argument("--steps", type=int, default=100, help="timed toy steps (default 100)")
     p.add_argument("--real-steps", type=int, default=8, help="timed real-layer steps (default 8)")
     p.add_argument("--layer", type=int, default=23)
@@ -158,6 +203,9 @@ def main() -> int:
     if args.child == "toy-compiled":
         print(json.dumps(child_toy(args.steps, True)))
         return 0
+    if args.child == "restarts":
+        print(json.dumps(child_restarts(args.steps, args.restarts)))
+        return 0
     if args.child == "real":
         print(json.dumps(child_real(args.real_steps, args.layer)))
         return 0
@@ -167,6 +215,8 @@ def main() -> int:
         children.append("toy")
         if args.compile:
             children.append("toy-compiled")
+    if "restarts" in parts:
+        children.append("restarts")
     if "real" in parts:
         children.append("real")
     results = []
@@ -182,6 +232,8 @@ def main() -> int:
             str(args.real_steps),
             "--layer",
             str(args.layer),
+            "--restarts",
+            str(args.restarts),
         ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         res = json.loads(out.stdout.strip().splitlines()[-1])
@@ -189,8 +241,11 @@ def main() -> int:
         results.append(res)
     toy = [r for r in results if r["part"] == "toy"]
     real = [r for r in results if r["part"] == "real"]
+    batched = [r for r in results if r["part"] == "restarts"]
     summary = {
         "toy_steps_per_s": max((r["steps_per_s"] for r in toy), default=None),
+        "toy_steps_per_s_batched": batched[0]["restart_steps_per_s"] if batched else None,
+        "restarts": args.restarts if batched else None,
         "real_tokens_per_s": real[0]["tokens_per_s"] if real else None,
         "peak_rss_mb": max((r["peak_rss_mb"] for r in results), default=None),
         **reproduction(args.runs),
