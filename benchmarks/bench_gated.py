@@ -41,12 +41,9 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child_toy(steps: int, compile: bool) -> dict:
-    import torch
-
-    from tl_superposition.gated.block import GatedAttentionBlock
+def _toy_source() -> tuple:
+    """The 4H/5ST setting, a toy model of it and its training pairs in batches of 1000."""
     from tl_superposition.gated.sources import TensorBatches, layer_activations
-    from tl_superposition.gated.train import GatedTrainConfig, train_gated_block
     from tl_superposition.toys.models import make_toy_model
     from tl_superposition.toys.settings import SETTINGS
 
@@ -54,7 +51,16 @@ def child_toy(steps: int, compile: bool) -> dict:
     data = setting.dataset(10_000, 0)
     model = make_toy_model(setting.n_heads, data.d_vocab, seed=0)
     x, y = layer_activations(model, data.tokens, 0, "hook_resid_pre")
-    source = TensorBatches(x, y, 1000)
+    return setting, model, TensorBatches(x, y, 1000)
+
+
+def child_toy(steps: int, compile: bool) -> dict:
+    import torch
+
+    from tl_superposition.gated.block import GatedAttentionBlock
+    from tl_superposition.gated.train import GatedTrainConfig, train_gated_block
+
+    setting, model, source = _toy_source()
     block = GatedAttentionBlock.from_layer(model, 0, setting.expansion_factor, seed=0)
     cfg = GatedTrainConfig(alpha=setting.alpha, lr=setting.lr, max_steps=10, compile=compile)
     train_gated_block(block, source, cfg, progress=False)  # warm-up (and compilation)
@@ -77,16 +83,9 @@ def child_restarts(steps: int, restarts: int) -> dict:
 
     from tl_superposition.gated.block import GatedAttentionBlock
     from tl_superposition.gated.restarts import train_gated_restarts
-    from tl_superposition.gated.sources import TensorBatches, layer_activations
     from tl_superposition.gated.train import GatedTrainConfig
-    from tl_superposition.toys.models import make_toy_model
-    from tl_superposition.toys.settings import SETTINGS
 
-    setting = SETTINGS["4H/5ST"]
-    data = setting.dataset(10_000, 0)
-    model = make_toy_model(setting.n_heads, data.d_vocab, seed=0)
-    x, y = layer_activations(model, data.tokens, 0, "hook_resid_pre")
-    source = TensorBatches(x, y, 1000)
+    setting, model, source = _toy_source()
 
     def timed(n: int) -> float:
         blocks = [GatedAttentionBlock.from_layer(model, 0, setting.expansion_factor, seed=s)

@@ -477,12 +477,7 @@ def collect(model: HookedTransformer, config: CollectConfig, source: Any = None)
         summary = _summary(out_dir, manifest, 0, n_before, time.perf_counter() - t_start)
         log.info("%s is already complete with these settings: %s", out_dir, summary.line())
         return summary
-    if rotary:
-        with atomic_path(out_dir / ATTENTION_FILE) as tmp:
-            save_file(rotary, str(tmp), metadata={"format": "pt"})
-    _check_disk_for_run(config, shapes, out_dir, n_before)
-    write_json_atomic(out_dir / MANIFEST, manifest)
-
+    _begin_writing(config, shapes, rotary, manifest)
     _skip_done(contexts, n_before)
     t_loop = time.perf_counter()
     new_contexts = _write_shards(model, config, plan, shapes, contexts, manifest, out_dir)
@@ -492,6 +487,22 @@ def collect(model: HookedTransformer, config: CollectConfig, source: Any = None)
     summary = _summary(out_dir, manifest, new_contexts * config.context_size, n_before, seconds)
     log.info("%s", summary.line())
     return summary
+
+
+def _begin_writing(
+    config: CollectConfig,
+    shapes: dict[str, list[int]],
+    rotary: dict[str, torch.Tensor],
+    manifest: dict[str, Any],
+) -> None:
+    """Before the first shard of a run: the rotary tables, the disk check for what is left to
+    write, and the manifest."""
+    out_dir = Path(config.out_dir)
+    if rotary:
+        with atomic_path(out_dir / ATTENTION_FILE) as tmp:
+            save_file(rotary, str(tmp), metadata={"format": "pt"})
+    _check_disk_for_run(config, shapes, out_dir, manifest["n_contexts"])
+    write_json_atomic(out_dir / MANIFEST, manifest)
 
 
 def _collect_ranked(
@@ -513,11 +524,7 @@ def _collect_ranked(
         existing = open_out_dir(out_dir, settings, config.overwrite)
         manifest = _manifest(model, settings, shapes, attention, existing)
         if not existing.complete:
-            if rotary:
-                with atomic_path(out_dir / ATTENTION_FILE) as tmp:
-                    save_file(rotary, str(tmp), metadata={"format": "pt"})
-            _check_disk_for_run(config, shapes, out_dir, existing.n_contexts)
-            write_json_atomic(out_dir / MANIFEST, manifest)
+            _begin_writing(config, shapes, rotary, manifest)
     distributed.barrier(world)
     if not world.main:
         manifest = _manifest(

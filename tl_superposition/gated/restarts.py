@@ -29,7 +29,7 @@ from tl_superposition.gated.block import GatedAttentionBlock
 from tl_superposition.gated.sources import TensorBatches
 from tl_superposition.gated.train import (
     GatedTrainConfig,
-    _WithGate,
+    WithGate,
     block_objective,
     gated_loss,
 )
@@ -87,7 +87,7 @@ def train_gated_restarts(
     if not blocks or any(s != shapes[0] for s in shapes):
         raise ValueError("give at least one block, all of one config (but the seed)")
     params, buffers = stack_module_state(list(blocks))  # type: ignore[arg-type]
-    base = _WithGate(copy.deepcopy(blocks[0]).to("meta"))  # forward = forward_with_gate
+    base = WithGate(copy.deepcopy(blocks[0]).to("meta"))  # forward = forward_with_gate
     total = cfg.epochs * source.n_batches
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)

@@ -212,9 +212,10 @@ def block_objective(
     return {"loss": loss, "mse": mse, "penalty": penalty}
 
 
-class _WithGate(torch.nn.Module):
-    """``forward`` = the block's ``forward_with_gate``: what DDP wraps (it syncs the gradients
-    of what ran through ``forward``)."""
+class WithGate(torch.nn.Module):
+    """A block whose ``forward`` is its ``forward_with_gate``, for the wrappers that call
+    ``forward``: DDP (it syncs the gradients of what ran through ``forward``) and
+    ``torch.func.functional_call`` (batched restarts)."""
 
     def __init__(self, block: torch.nn.Module) -> None:
         super().__init__()
@@ -227,7 +228,7 @@ class _WithGate(torch.nn.Module):
 def _ddp(block: torch.nn.Module) -> torch.nn.Module:
     device = next(block.parameters()).device
     ids = [device] if device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(_WithGate(block), device_ids=ids)
+    return torch.nn.parallel.DistributedDataParallel(WithGate(block), device_ids=ids)
 
 
 def _identity(

@@ -196,9 +196,8 @@ class _Run:
         self.attn = layer_attention(model, qkt.shape.layer)
         self.tokens_per_step = cfg.batch_contexts * source.context_size
         total = max(1, math.ceil(cfg.max_tokens / self.tokens_per_step))
-        self.opt = torch.optim.Adam(qkt.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
         self.trainer = Trainer(
-            self.opt,
+            torch.optim.Adam(qkt.parameters(), lr=cfg.lr, betas=cfg.adam_betas),
             total,
             lr_at=lambda step: cfg.lr * lr_factor(step, total, cfg),
             clip=None if cfg.grad_clip is None else (qkt.parameters(), cfg.grad_clip),
@@ -309,7 +308,7 @@ class _Run:
                 batch,
                 out,
                 loop,
-                self.opt,
+                self.trainer.optimizer,
                 self.means,
                 self.gen,
                 cfg,
