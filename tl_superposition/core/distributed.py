@@ -6,15 +6,15 @@
 process its device (``cuda:LOCAL_RANK``). Without those variables a run is a single process:
 :func:`init` returns rank 0 of 1 and creates no process group, so it costs nothing.
 
-The commands split their work with the helpers here: :func:`shard_of` (every ``world``-th item,
-starting at ``rank``), :func:`gather_objects` (results back in rank order), :func:`barrier`;
-training wraps its module in ``torch.nn.parallel.DistributedDataParallel``.
+The commands split their work themselves (shard ``k`` or batch ``k`` to rank ``k mod N``, or
+each rank's rows of a batch) and meet through the helpers here: :func:`barrier`, gathers of
+objects and rows, reductions over ranks; training wraps its module in
+``torch.nn.parallel.DistributedDataParallel``.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -96,11 +96,6 @@ def device_of(world: World, device: str) -> str:
     if world.distributed and str(device) == "cuda":
         return f"cuda:{world.local_rank}"
     return device
-
-
-def shard_of(items: Sequence[T], world: World) -> list[T]:
-    """This rank's items: ``items[rank::size]`` (all of them in a single process)."""
-    return list(items[world.rank :: world.size])
 
 
 def barrier(world: World) -> None:
