@@ -17,11 +17,13 @@ Each part runs in its own subprocess, so each peak RSS (``ru_maxrss``, whole pro
 own. The reproduction figures (``n_settings_removed`` of the 3 published settings, counting a
 setting when every seed removed its superposition; ``n_settings_removed_any_seed``, when at
 least one did; ``n_seeds``, the fewest seeds of any setting; ``seeds_per_setting`` and
-``seeds_removed_per_setting``) are read from the ``summary.json`` files of a
-``tl-superposition toy`` output folder (``--runs``; null when absent). The last line printed
-is one JSON object.
+``seeds_removed_per_setting``, ``n_toy_seeds``, ``restart_removal_rate`` per setting) are
+read from the ``summary.json`` files of a ``tl-superposition toy`` output folder (``--runs``;
+null when absent), and ``real_best_fve_below_original_coattention`` from a
+``tl-superposition train-gated --alphas`` folder (``--sweep``; :mod:`tl_superposition.gated.sweep`).
+The last line printed is one JSON object.
 
-    python benchmarks/bench_gated.py --runs runs/toy
+    python benchmarks/bench_gated.py --runs runs/toy --sweep runs/real-sweep
     python benchmarks/bench_gated.py --parts toy --steps 50
     python benchmarks/bench_gated.py --parts toy,restarts --steps 30 --restarts 8
 """
@@ -147,25 +149,32 @@ def child_real(steps: int, layer: int) -> dict:
     }
 
 
+REPRODUCTION_KEYS = (
+    "n_settings_removed",
+    "n_settings_removed_any_seed",
+    "n_toy_seeds",
+    "n_seeds",
+    "seeds_per_setting",
+    "seeds_removed_per_setting",
+    "restart_removal_rate",
+    "restarts_per_setting",
+    "epochs",
+)
+
+
 def reproduction(runs: Path | None) -> dict:
     """The reproduction counts of the toy-run summaries in ``runs``.
 
-    ``n_settings_removed``: published settings where every seed's block passed the
-    solely-encoded check; ``n_settings_removed_any_seed``: where at least one did;
-    ``seeds_removed_per_setting`` and ``seeds_per_setting``: passing and run seeds per
-    setting; ``n_seeds``: the fewest seeds run for a setting. All None when ``runs`` is not a
-    folder.
+    ``n_settings_removed``: published settings where the kept block of every run (every toy
+    seed; with ``--restarts``, the lowest-objective restart) passed the solely-encoded check;
+    ``n_settings_removed_any_seed``: where at least one did; ``n_toy_seeds``: the fewest
+    toy-model seeds run for a setting; ``seeds_removed_per_setting`` and ``seeds_per_setting``:
+    passing and run seeds per setting (``n_seeds``: the fewest); ``restart_removal_rate``: per
+    setting, the share of all its restarts whose block passed (None without restarts);
+    ``restarts_per_setting``: restarts per run. All None when ``runs`` is not a folder.
     """
     if runs is None or not runs.is_dir():
-        keys = (
-            "n_settings_removed",
-            "n_settings_removed_any_seed",
-            "n_seeds",
-            "seeds_per_setting",
-            "seeds_removed_per_setting",
-            "epochs",
-        )
-        return dict.fromkeys(keys)
+        return dict.fromkeys(REPRODUCTION_KEYS)
     from tl_superposition.toys.gated_runs import load_rows
     from tl_superposition.toys.settings import PUBLISHED
 
@@ -173,13 +182,38 @@ def reproduction(runs: Path | None) -> dict:
     by_setting = {s: [r for r in rows if r["setting"] == s and "removed" in r] for s in PUBLISHED}
     per_setting = {s: len(v) for s, v in by_setting.items()}
     removed = {s: sum(bool(r["removed"]) for r in v) for s, v in by_setting.items()}
+    toy_seeds = {s: len({r.get("toy_seed", r["seed"]) for r in v}) for s, v in by_setting.items()}
+    rates: dict[str, float | None] = {}
+    for s, v in by_setting.items():
+        flags = [f for r in v for f in r.get("restart_removed", [])]
+        rates[s] = sum(flags) / len(flags) if flags else None
     return {
         "n_settings_removed": sum(bool(v) and removed[s] == len(v) for s, v in by_setting.items()),
         "n_settings_removed_any_seed": sum(n > 0 for n in removed.values()),
+        "n_toy_seeds": min(toy_seeds.values()),
         "n_seeds": min(per_setting.values()),
         "seeds_per_setting": per_setting,
         "seeds_removed_per_setting": removed,
+        "restart_removal_rate": rates,
+        "restarts_per_setting": {
+            s: sorted({r.get("restarts", 1) for r in v}) for s, v in by_setting.items()
+        },  # fmt: skip
         "epochs": sorted({r["gated_epochs"] for v in by_setting.values() for r in v}),
+    }
+
+
+def real_sweep(sweep: Path | None) -> dict:
+    """The alpha sweep's answer from a ``train-gated --alphas`` folder: the best fraction of
+    variance explained among points whose co-attention is below the original layer's (None
+    when no point is, or without a folder), and the points read."""
+    if sweep is None or not sweep.is_dir():
+        return {"real_best_fve_below_original_coattention": None, "real_sweep_points": None}
+    from tl_superposition.gated.sweep import best_fve_below_original, sweep_table
+
+    table = sweep_table(sweep)
+    return {
+        "real_best_fve_below_original_coattention": best_fve_below_original(table),
+        "real_sweep_points": int(table["alpha"].notna().to_numpy().sum()),
     }
 
 
@@ -194,6 +228,9 @@ def main() -> int:
     p.add_argument("--layer", type=int, default=23)
     p.add_argument("--compile", action="store_true", help="also time the compiled toy step")
     p.add_argument("--runs", type=Path, default=None, help="a `tl-superposition toy` output folder")
+    p.add_argument(
+        "--sweep", type=Path, default=None, help="a `tl-superposition train-gated --alphas` folder"
+    )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child == "toy":
@@ -248,6 +285,7 @@ def main() -> int:
         "real_tokens_per_s": real[0]["tokens_per_s"] if real else None,
         "peak_rss_mb": max((r["peak_rss_mb"] for r in results), default=None),
         **reproduction(args.runs),
+        **real_sweep(args.sweep),
         "runs": results,
     }
     print(json.dumps(summary))

@@ -4,6 +4,7 @@ is chosen."""
 from __future__ import annotations
 
 import pytest
+import torch
 from test_gated import _toy_block_source
 
 from tl_superposition.gated import GatedAttentionBlock, GatedTrainConfig, train_gated_block
@@ -54,3 +55,40 @@ def test_the_toy_command_keeps_the_lowest_objective_of_its_restarts(tmp_path):
     assert "restarts" not in json.loads(
         (tmp_path / "2H-3ST" / "seed0" / "summary.json").read_text()
     )
+
+
+def test_an_interrupted_restarts_run_resumes_to_the_uninterrupted_weights(tmp_path):
+    model, source = _toy_block_source()
+    cfg = GatedTrainConfig(alpha=0.1, lr=1e-2, epochs=3, log_every_steps=4,
+                           checkpoint_every_steps=5)  # fmt: skip
+
+    def blocks() -> list[GatedAttentionBlock]:
+        return [GatedAttentionBlock.from_layer(model, 0, 2, seed=s) for s in (0, 1)]
+
+    whole = train_gated_restarts(blocks(), source, cfg, progress=False)
+    part = cfg.replace(max_steps=7)  # stops between a log row (4) and a checkpoint (5, 7)
+    first = train_gated_restarts(blocks(), source, part, progress=False, checkpoint_dir=tmp_path)
+    assert first.steps == 7 and (tmp_path / "restarts_checkpoint.pt").is_file()
+    resumed = train_gated_restarts(blocks(), source, cfg, progress=False, checkpoint_dir=tmp_path)
+    assert resumed.steps == whole.steps == 12
+    for a, b in zip(whole.blocks, resumed.blocks, strict=True):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert resumed.chosen == whole.chosen and resumed.objectives == whole.objectives
+    # the stop at step 7 logged a row of its own; the rows both runs logged agree
+    both = [4, 12]
+    assert (
+        resumed.history[resumed.history.step.isin(both)]
+        .reset_index(drop=True)
+        .equals(whole.history[whole.history.step.isin(both)].reset_index(drop=True))
+    )
+
+
+def test_a_restarts_checkpoint_of_other_seeds_is_refused(tmp_path):
+    model, source = _toy_block_source()
+    cfg = GatedTrainConfig(epochs=1, checkpoint_every_steps=2)
+    one = [GatedAttentionBlock.from_layer(model, 0, 2, seed=s) for s in (0, 1)]
+    train_gated_restarts(one, source, cfg, progress=False, checkpoint_dir=tmp_path)
+    other = [GatedAttentionBlock.from_layer(model, 0, 2, seed=s) for s in (0, 2)]
+    with pytest.raises(ValueError, match="restart seeds differ"):
+        train_gated_restarts(other, source, cfg, progress=False, checkpoint_dir=tmp_path)

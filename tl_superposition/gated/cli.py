@@ -53,6 +53,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", choices=[i for i in INITS if i != "copy"], default="duplicate")
     p.add_argument("--alpha", type=float, default=0.05, help="gate penalty weight")
     p.add_argument(
+        "--alphas",
+        default=None,
+        help="comma-separated penalty weights: an alpha sweep, one run per value in "
+        "OUT/alpha<value>/, then OUT/sweep.csv and OUT/tradeoff.png (replaces --alpha)",
+    )
+    p.add_argument(
         "--alpha-warmup-steps",
         type=int,
         default=0,
@@ -85,13 +91,36 @@ def config_from_args(args: argparse.Namespace) -> Any:
     return GatedLayerConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
+def alphas_from_args(args: argparse.Namespace) -> list[float] | None:
+    """The ``--alphas`` list (None without it); one line naming the problem if malformed."""
+    if args.alphas is None:
+        return None
+    try:
+        alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
+    except ValueError:
+        raise ValueError(f"--alphas must be comma-separated numbers, got {args.alphas!r}") from None
+    if not alphas or min(alphas) < 0:
+        raise ValueError("--alphas needs at least one value, all >= 0")
+    return alphas
+
+
 def run(args: argparse.Namespace) -> int:
-    """Train (or resume), save, evaluate, print the summary (:func:`.layer_run.train_gated`)."""
+    """Train (or resume), save, evaluate, print the summary (:func:`.layer_run.train_gated`);
+    with ``--alphas``, the sweep (:func:`.sweep.sweep_alpha`) and its table."""
     from tl_superposition.gated.layer_run import train_gated
+    from tl_superposition.gated.sweep import check_sweep_folder, sweep_alpha
     from tl_superposition.models import load_model
 
     cfg = config_from_args(args)
+    alphas = alphas_from_args(args)
+    if alphas is not None:
+        check_sweep_folder(cfg, args.out)
     model = load_model(args.model, device=args.device)
+    if alphas is not None:
+        table = sweep_alpha(model, cfg, alphas, args.out, model_name=args.model)
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        print(f"wrote {args.out}/sweep.csv and {args.out}/tradeoff.png")
+        return 0
     summary = train_gated(model, cfg, args.out, model_name=args.model)
     print(json.dumps(summary, indent=2))
     return 0

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
+import torch
 
 from tl_superposition.toys.analysis import (
     SubsetAblation,
@@ -128,3 +129,24 @@ def solely_encoded(
         )
     fractions = pd.DataFrame(frac.numpy(), index=ab.task_names, columns=labels)
     return SolelyEncodedReport(pd.DataFrame(rows), fractions, used, threshold, len(dataset))
+
+
+def spliced_accuracy(
+    model: Any,
+    dataset: ToyDataset,
+    blocks: Mapping[int, Any] | None = None,
+) -> pd.Series:
+    """Accuracy per task with every head kept and ``blocks`` spliced in (``{layer: block}``).
+
+    The fraction of each task's asked positions where the model's argmax is the target: the
+    first condition of :func:`solely_encoded`, without the ablations.
+    """
+    from tl_superposition.toys.analysis import correct_under_ablation, heads_of
+
+    keep = torch.ones(1, len(heads_of(model, dict(blocks or {}))), dtype=torch.bool)
+    correct = correct_under_ablation(model, dataset, keep, blocks)[0]
+    s, p = dataset.asked()
+    task = dataset.task[s, p]
+    hits = torch.bincount(task[correct], minlength=dataset.n_tasks).float()
+    total = torch.bincount(task, minlength=dataset.n_tasks).float()
+    return pd.Series((hits / total).tolist(), index=dataset.task_names, name="accuracy")

@@ -84,6 +84,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "the lowest training objective is kept (default: %(default)s)",
     )
     p.add_argument(
+        "--until-learnt",
+        type=int,
+        default=0,
+        metavar="N",
+        help="train the blocks in stages of N epochs and stop once the kept block answers "
+        "every task above 99%% (10,000 sequences of a seed used neither for training nor for "
+        "the check); --epochs is then the most (default: 0, train --epochs)",
+    )
+    p.add_argument(
         "--toy-max-epochs",
         type=int,
         default=300,
@@ -111,6 +120,9 @@ def _parse(args: argparse.Namespace) -> tuple[list[str], list[int]]:
         raise ValueError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
     if not names or not seeds:
         raise ValueError("give at least one setting and one seed")
+    layered = [n for n in names if SETTINGS[n].n_layers > 1]
+    if layered and args.restarts > 1:
+        raise ValueError(f"--restarts is for one-layer settings; drop it for {layered}")
     for name in ("n_train", "n_check", "batch_size", "toy_max_epochs"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
@@ -122,6 +134,8 @@ def _parse(args: argparse.Namespace) -> tuple[list[str], list[int]]:
         raise ValueError("--lr must be > 0")
     if args.alpha_warmup_steps < 0:
         raise ValueError("--alpha-warmup-steps must be >= 0")
+    if args.until_learnt < 0 or args.restarts < 1:
+        raise ValueError("need --until-learnt >= 0 (0: off) and --restarts >= 1")
     return names, seeds
 
 
@@ -155,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
         lr=args.lr,
         bias_init=args.bias_init,
         restarts=args.restarts,
+        until_learnt=args.until_learnt,
     )
     for seed in seeds:
         for name in names:

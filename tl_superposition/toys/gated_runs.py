@@ -12,6 +12,10 @@ from another seed (``ToyRunOptions.toy_seed``) writes to ``out/<setting>/seed<k>
     toy_check.csv            solely-encoded check of the reference (per task)
     toy_ablation.csv         accuracy per task for every subset of heads (+ toy_ablation.png)
     gated/checkpoint.pt      the block's training state (resumable)
+    gated/restarts_checkpoint.pt   with restarts: every restart's training state (resumable)
+    restarts.csv             with restarts: per restart its seed, objective (loss, mse,
+                             penalty), whether its block removes superposition, which is kept
+    restarts_history.csv     with restarts: every restart's loss curve
     gated/block/             the trained block (cfg.json, weights.safetensors)
     gated_history.csv        its loss curve
     gated_check.csv          solely-encoded check with the block spliced in
@@ -29,20 +33,21 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pandas as pd
 
 from tl_superposition.core.atomic import write_json_atomic, write_text_atomic
 from tl_superposition.gated.block import GatedAttentionBlock
 from tl_superposition.gated.config import BIAS_INITS
-from tl_superposition.gated.restarts import train_gated_restarts
+from tl_superposition.gated.restarts import RestartsResult, train_gated_restarts
 from tl_superposition.gated.sources import TensorBatches, layer_activations
-from tl_superposition.gated.train import GatedTrainConfig, train_gated_block
+from tl_superposition.gated.train import GatedTrainConfig, GatedTrainResult, train_gated_block
 from tl_superposition.toys.analysis import attention_ranking, minimal_head_sets, subset_ablation
-from tl_superposition.toys.check import SolelyEncodedReport, solely_encoded
+from tl_superposition.toys.check import SolelyEncodedReport, solely_encoded, spliced_accuracy
 from tl_superposition.toys.datasets import ToyDataset
 from tl_superposition.toys.gates import gate_map
 from tl_superposition.toys.models import (
@@ -86,6 +91,10 @@ class ToyRunOptions:
             (:func:`~tl_superposition.gated.restarts.train_gated_restarts`); the one with the
             lowest training objective is kept and checked, every restart's check is reported
             (one-layer runs; 1: one block, trained resumably as before).
+        until_learnt: 0 to train for ``epochs``; N > 0 to train in stages of N epochs and
+            stop once the kept block (blocks) answers every task above 99% on 10,000
+            sequences of a seed used neither for training nor for the check, ``epochs`` then
+            being the most it trains.
     """
 
     epochs: int | None = None
@@ -102,10 +111,13 @@ class ToyRunOptions:
     lr: float | None = None
     bias_init: str = "zeros"
     restarts: int = 1
+    until_learnt: int = 0
 
     def __post_init__(self) -> None:
         if self.restarts < 1:
             raise ValueError(f"restarts must be >= 1, got {self.restarts}")
+        if self.until_learnt < 0:
+            raise ValueError(f"until_learnt must be >= 0 (0: off), got {self.until_learnt}")
         if self.epochs is not None and self.epochs < 1:
             raise ValueError(f"epochs must be >= 1 (or None for the setting's), got {self.epochs}")
         if self.alpha is not None and self.alpha < 0:
@@ -135,6 +147,12 @@ class ToyRunOptions:
             log_every_steps=500,
             checkpoint_every_steps=1000,
         )
+
+    def stages(self, epochs: int) -> list[int]:
+        """The epochs at which training pauses to test whether the task is relearnt (the
+        last one ``epochs``); ``[epochs]`` without :attr:`until_learnt`."""
+        every = self.until_learnt
+        return [*range(every, epochs, every), epochs] if every else [epochs]
 
     def reference_seed(self, seed: int) -> int:
         """The reference toy model's seed in a run of block seed ``seed``."""
@@ -256,6 +274,7 @@ def _same_training(
     setting: ToySetting,
     bias_init: str,
     restarts: int = 1,
+    until_learnt: int = 0,
 ) -> bool:
     """Whether a saved summary row was trained with ``cfg``'s epochs, alpha, warm-up and lr,
     and blocks whose biases started as ``bias_init``.
@@ -270,6 +289,7 @@ def _same_training(
         and row.get("gated_lr", setting.lr) == cfg.lr
         and row.get("gated_bias_init", "zeros") == bias_init
         and row.get("restarts", 1) == restarts
+        and row.get("gated_until_learnt", 0) == until_learnt
     )
 
 
@@ -315,7 +335,7 @@ def run_toy(
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         row = json.loads(summary_path.read_text())
-        same = _same_training(row, cfg, setting, opts.bias_init, opts.restarts)
+        same = _same_training(row, cfg, setting, opts.bias_init, opts.restarts, opts.until_learnt)
         done = same and "removed_authors_check" in row
         if done or setting.task == "ov_coherent":
             return row
@@ -341,10 +361,18 @@ def run_toy(
     x, y = layer_activations(model, train.tokens, 0, "hook_resid_pre")
     source = TensorBatches(x, y, opts.batch_size)
     if opts.restarts > 1:
-        block, history, steps = _restarts(model, val, source, cfg, setting, seed, opts, row)
+        block, history, steps = _restarts(
+            model, val, source, cfg, setting, seed, opts, row, run_dir
+        )
     else:
         block = toy_block(model, 0, setting, seed, opts.bias_init)
-        result = train_gated_block(block, source, cfg, run_dir / "gated", progress=opts.progress)
+
+        def train_to(epochs: int) -> GatedTrainResult:
+            return train_gated_block(
+                block, source, cfg.replace(epochs=epochs), run_dir / "gated", opts.progress
+            )
+
+        result = _in_stages(train_to, lambda _: _learnt(model, setting, {0: block}), cfg, opts, row)
         history, steps = result.history, result.steps
     block.save(run_dir / "gated" / "block")
     _write_csv(history, run_dir / "gated_history.csv")
@@ -396,13 +424,26 @@ def _restarts(
     seed: int,
     opts: ToyRunOptions,
     row: dict[str, Any],
+    run_dir: Path,
 ) -> tuple[GatedAttentionBlock, pd.DataFrame, int]:
-    """Train ``opts.restarts`` blocks together, keep the lowest-objective one; add to ``row``
-    every restart's objective and whether its block removes superposition."""
+    """Train ``opts.restarts`` blocks together (checkpointed in ``run_dir/gated``), keep the
+    lowest-objective one; add to ``row`` every restart's objective and whether its block
+    removes superposition."""
     seeds = [seed + 1000 * r for r in range(opts.restarts)]
     blocks = [toy_block(model, 0, setting, s, opts.bias_init) for s in seeds]
-    res = train_gated_restarts(blocks, source, cfg, progress=opts.progress)
+
+    def train_to(epochs: int) -> RestartsResult:
+        return train_gated_restarts(
+            blocks, source, cfg.replace(epochs=epochs), opts.progress, run_dir / "gated"
+        )
+
+    res = _in_stages(train_to, lambda r: _learnt(model, setting, {0: r.block}), cfg, opts, row)
     removed = [bool(solely_encoded(model, val, {0: b}).removed) for b in res.blocks]
+    table = pd.DataFrame(res.objectives).assign(seed=seeds, removed=removed)
+    table.insert(0, "restart", range(len(seeds)))
+    table["chosen"] = table["restart"] == res.chosen
+    _write_csv(table, run_dir / "restarts.csv")
+    _write_csv(res.history, run_dir / "restarts_history.csv")
     row.update(
         {
             "restarts": opts.restarts,
@@ -416,6 +457,37 @@ def _restarts(
     chosen = res.history.loc[res.history["restart"] == res.chosen]
     history = pd.DataFrame(chosen.drop(columns="restart")).reset_index(drop=True)
     return res.block, history, res.steps
+
+
+def _learnt(model: Any, setting: ToySetting, blocks: dict[int, Any]) -> bool:
+    """Whether the model with ``blocks`` spliced in answers every task above 99% on 10,000
+    sequences of the stopping seed."""
+    data = setting.dataset(10_000, STOP_SEED)
+    return bool((spliced_accuracy(model, data, blocks) > 0.99).all())
+
+
+T = TypeVar("T")
+
+
+def _in_stages(
+    train_to: Callable[[int], T],
+    learnt: Callable[[T], bool],
+    cfg: GatedTrainConfig,
+    opts: ToyRunOptions,
+    row: dict[str, Any],
+) -> T:
+    """Train to ``cfg.epochs``, or in :meth:`ToyRunOptions.stages` until ``learnt``; record
+    in ``row`` the epochs trained and, when staged, whether the task was relearnt."""
+    stages = opts.stages(cfg.epochs)
+    for epochs in stages:
+        out = train_to(epochs)  # each stage resumes from the previous one's checkpoint
+        done = bool(opts.until_learnt) and learnt(out)
+        if done or epochs == stages[-1]:
+            row["gated_until_learnt"] = opts.until_learnt
+            row["gated_epochs_trained"] = epochs
+            row["relearnt"] = done if opts.until_learnt else None
+            return out
+    raise AssertionError("stages always end at cfg.epochs")
 
 
 def _sets(minimal: pd.DataFrame) -> dict[str, list[str]]:
@@ -441,7 +513,8 @@ def _yes(flag: bool | None) -> str:
 
 
 def reproduction_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    """The reproduction table: setting, seed, trigram accuracy, heads used, map, removed.
+    """The reproduction table: setting, seed, trigram accuracy, heads used, map, removed (and,
+    where used, epochs trained until relearnt, and how many restarts removed superposition).
 
     Args:
         rows: summary rows of :func:`run_toy`.
@@ -463,9 +536,27 @@ def reproduction_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
                 "trigram -> head": r["map"],
                 "superposition removed": "yes" if r["removed"] else "no",
                 "removed, authors' check": _yes(r.get("removed_authors_check")),
+                **_staging_columns(r),
+                **_restart_columns(r),
             }
         )
     return pd.DataFrame(out)
+
+
+def _staging_columns(r: dict[str, Any]) -> dict[str, Any]:
+    """Epochs trained and whether relearnt, for a run trained until the task was relearnt."""
+    if not r.get("gated_until_learnt"):
+        return {}
+    return {"epochs trained": r["gated_epochs_trained"], "relearnt": _yes(r["relearnt"])}
+
+
+def _restart_columns(r: dict[str, Any]) -> dict[str, Any]:
+    """For a run with restarts: the kept restart and how many restarts removed superposition."""
+    if r.get("restarts", 1) == 1:
+        return {}
+    flags = r["restart_removed"]
+    return {"restarts removing it": f"{sum(flags)} of {len(flags)}",
+            "kept restart": r["restart_chosen"]}  # fmt: skip
 
 
 def markdown_table(df: pd.DataFrame) -> str:
@@ -507,20 +598,36 @@ def _train_variant(
     cfg: GatedTrainConfig,
     folder: Path,
     opts: ToyRunOptions,
+    record: dict[str, Any],
 ) -> dict[int, GatedAttentionBlock]:
+    """Train one variant's blocks (in stages with ``opts.until_learnt``; epochs trained and
+    whether relearnt go to ``record``) and save them."""
     from tl_superposition.gated.cross_layer import CrossLayerGatedBlocks, cross_layer_source
 
     blocks = _fresh_blocks(model, setting, seed, opts.bias_init)
     if variant == "within-layer":
-        for layer, block in blocks.items():
-            x, y = layer_activations(model, train.tokens, layer, "hook_resid_pre")
-            source = TensorBatches(x, y, opts.batch_size)
-            train_gated_block(block, source, cfg, folder / f"layer{layer}", progress=opts.progress)
+        sources = {
+            layer: TensorBatches(
+                *layer_activations(model, train.tokens, layer, "hook_resid_pre"), opts.batch_size
+            )
+            for layer in blocks
+        }
+
+        def train_to(epochs: int) -> dict[int, GatedAttentionBlock]:
+            for layer, block in blocks.items():
+                train_gated_block(block, sources[layer], cfg.replace(epochs=epochs),
+                                  folder / f"layer{layer}", opts.progress)  # fmt: skip
+            return blocks
     else:
         penalty = "joint" if variant.endswith("cross-layer penalty") else "per_layer"
         unit = CrossLayerGatedBlocks(model, blocks, penalty)
         source = cross_layer_source(model, train.tokens, sorted(blocks), opts.batch_size)
-        train_gated_block(unit, source, cfg, folder, progress=opts.progress)
+
+        def train_to(epochs: int) -> dict[int, GatedAttentionBlock]:
+            train_gated_block(unit, source, cfg.replace(epochs=epochs), folder, opts.progress)
+            return blocks
+
+    _in_stages(train_to, lambda b: _learnt(model, setting, b), cfg, opts, record)
     for layer, block in blocks.items():
         block.save(folder / f"block{layer}")
     return blocks
@@ -551,7 +658,7 @@ def run_cross_layer(
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         row = json.loads(summary_path.read_text())
-        if _same_training(row, cfg, setting, opts.bias_init):
+        if _same_training(row, cfg, setting, opts.bias_init, 1, opts.until_learnt):
             return row
     train, val, model = _data_and_reference(setting, seed, run_dir, opts)
     ref, _ = _check_files(model, val, {}, run_dir, "toy", opts.plots)
@@ -568,14 +675,17 @@ def run_cross_layer(
         "gated_alpha_warmup_steps": cfg.alpha_warmup_steps,
         "gated_lr": cfg.lr,
         "gated_bias_init": opts.bias_init,
+        "gated_until_learnt": opts.until_learnt,
         "variants": {},
     }
     for variant in CROSS_LAYER_VARIANTS:
         folder = run_dir / variant.replace(", ", "_").replace(" ", "-")
         folder.mkdir(exist_ok=True)
-        blocks = _train_variant(variant, model, setting, seed, train, cfg, folder, opts)
+        record: dict[str, Any] = {}
+        blocks = _train_variant(variant, model, setting, seed, train, cfg, folder, opts, record)
         report, _ = _check_files(model, val, blocks, folder, "gated", opts.plots)
         row["variants"][variant] = {
+            **record,
             "accuracy": _min(report.table["accuracy"]),
             "map": report.task_to_head(),
             "heads_used": report.heads_used,
@@ -617,6 +727,7 @@ def cross_layer_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
                     "trigram accuracy (min)": round(v["accuracy"], 4),
                     "trigram -> head": v["map"],
                     "every trigram solely encoded": "yes" if v["removed"] else "no",
+                    **_staging_columns({"gated_until_learnt": r.get("gated_until_learnt"), **v}),
                 }
             )
     return pd.DataFrame(out)
