@@ -212,11 +212,19 @@ def test_bench_gated_counts_settings_removed_by_every_seed_and_by_any(tmp_path):
         folder = tmp_path / setting.replace("/", "-") / f"seed{seed}"
         folder.mkdir(parents=True)
         row = {"setting": setting, "seed": seed, "removed": removed, "gated_epochs": 1000}
+        if setting == "3H/4ST":  # 4 restarts per run, one of them removed it in seed 0
+            row |= {"restarts": 4, "restart_removed": [seed == 1, False, False, seed == 0]}
         (folder / "summary.json").write_text(json.dumps(row))
     counts = bench.reproduction(tmp_path)
     assert counts["n_settings_removed"] == 1
     assert counts["n_settings_removed_any_seed"] == 2
     assert counts["seeds_per_setting"] == {"2H/3ST": 2, "3H/4ST": 2, "4H/5ST": 1}
     assert counts["seeds_removed_per_setting"] == {"2H/3ST": 2, "3H/4ST": 1, "4H/5ST": 0}
-    assert counts["n_seeds"] == 1
+    assert counts["n_seeds"] == 1 and counts["n_toy_seeds"] == 1
+    assert counts["restart_removal_rate"] == {"2H/3ST": None, "3H/4ST": 0.25, "4H/5ST": None}
+    assert counts["restarts_per_setting"] == {"2H/3ST": [1], "3H/4ST": [4], "4H/5ST": [1]}
+    assert bench.real_sweep(tmp_path / "missing") == {
+        "real_best_fve_below_original_coattention": None,
+        "real_sweep_points": None,
+    }
     assert bench.reproduction(tmp_path / "missing")["n_settings_removed_any_seed"] is None

@@ -24,8 +24,10 @@ from tl_superposition.toys.check import solely_encoded, spliced_accuracy
 from tl_superposition.toys.gated_runs import ToyRunOptions, run_toy
 from tl_superposition.toys.models import superposed_skip_trigram_model
 from tl_superposition.toys.settings import SETTINGS
+from tl_superposition.toys.train import ToyTrainConfig
 
-TINY = {"n_train": 1000, "n_check": 1000, "batch_size": 250, "plots": False, "progress": False}
+TINY = {"n_train": 1000, "n_check": 1000, "batch_size": 250, "plots": False, "progress": False,
+        "toy_config": ToyTrainConfig(lr=5e-3, max_epochs=2, loss_positions="all")}  # fmt: skip
 
 
 def test_spliced_accuracy_is_the_checks_accuracy_with_every_head():
