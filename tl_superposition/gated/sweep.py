@@ -198,7 +198,8 @@ def plot_tradeoff(table: pd.DataFrame, min_fve: float = 0.6) -> Any:
     for _, r in points.iterrows():
         ax.annotate(f"α={r['alpha']:g}", (r["share_multi"], r["fve"]), fontsize=8,
                     xytext=(4, 4), textcoords="offset points")  # fmt: skip
-    original = [s for a, s in zip(table["alpha"], table["share_multi"], strict=True) if math.isnan(a)]
+    pairs = zip(table["alpha"], table["share_multi"], strict=True)
+    original = [share for alpha, share in pairs if math.isnan(alpha)]
     if original:
         ax.axvline(float(original[0]), ls="--", color="gray",
                    label="original layer's co-attention")  # fmt: skip
