@@ -45,6 +45,17 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+#: Commands that checkpoint as they go and resume when rerun on the same output folder.
+RESUMABLE = ("collect", "train-qk", "train-gated", "toy")
+
+
+def _after_interrupt(command: str) -> str:
+    """What an interrupted ``command`` kept, and how to go on."""
+    if command in RESUMABLE:
+        return "finished files and the last checkpoint are kept: rerun the same command to resume"
+    return "its output is incomplete: rerun the same command to start it again"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the top-level parser with every subcommand registered."""
     parser = argparse.ArgumentParser(
@@ -76,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
                 with contextlib.redirect_stdout(io.StringIO()):
                     return int(args._module.run(args) or 0)
         return int(args._module.run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"tl-superposition {args.command}: interrupted; {_after_interrupt(args.command)}",
+              file=sys.stderr)  # fmt: skip
+        return 130
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, PermissionError) as exc:
         # Bad input: one clear line, no traceback.
         rank = "" if world is None else f" (rank {world.rank})"

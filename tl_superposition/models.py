@@ -41,6 +41,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from tl_superposition.core.atomic import atomic_path, write_json_atomic
+from tl_superposition.core.reading import read_json
 from tl_superposition.dtypes import parse_dtype
 
 log = logging.getLogger(__name__)
@@ -283,7 +284,7 @@ def _read_config_json(folder: Path) -> dict[str, Any]:
             f"{folder} is not a Hugging Face model folder: it has no config.json. "
             "Pass a folder written by save_pretrained, a hub name, or 'smollm2-135m'."
         )
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 @contextlib.contextmanager

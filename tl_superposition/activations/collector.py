@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import json
 import logging
 import platform
 import re
@@ -51,6 +50,7 @@ from tl_superposition.activations.sources import source_label
 from tl_superposition.core import distributed
 from tl_superposition.core.atomic import atomic_path, write_json_atomic
 from tl_superposition.core.hooks import block_hook
+from tl_superposition.core.reading import read_json
 
 log = logging.getLogger(__name__)
 
@@ -539,7 +539,7 @@ def _collect_ranked(
         if world.main:
             ranks.merge(out_dir, manifest)
         distributed.barrier(world)
-        manifest = json.loads((out_dir / MANIFEST).read_text())
+        manifest = read_json(out_dir / MANIFEST)
         seconds = time.perf_counter() - t_loop
     else:
         seconds = time.perf_counter() - t_start

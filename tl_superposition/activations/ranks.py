@@ -11,12 +11,12 @@ removes the rank files.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from tl_superposition.activations.folder import MANIFEST, RANK_FILE, RANK_RE
 from tl_superposition.core.atomic import write_json_atomic
+from tl_superposition.core.reading import read_json
 
 
 def done_shards(out_dir: Path, manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -24,7 +24,7 @@ def done_shards(out_dir: Path, manifest: dict[str, Any]) -> dict[str, dict[str, 
     records = {s["file"]: s for s in manifest["shards"]}
     for path in sorted(out_dir.glob("manifest.rank*.json")):
         if RANK_RE.match(path.name):
-            records |= {s["file"]: s for s in json.loads(path.read_text())}
+            records |= {s["file"]: s for s in read_json(path)}
     return records
 
 

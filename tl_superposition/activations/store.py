@@ -19,7 +19,6 @@ Both are deterministic for a given ``seed`` and ``epoch``.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -34,6 +33,7 @@ from tl_superposition.activations.folder import ATTENTION_FILE, MANIFEST
 from tl_superposition.activations.patterns import pattern_from_qk
 from tl_superposition.core.batches import epoch_generator, epoch_order
 from tl_superposition.core.hooks import block_hook
+from tl_superposition.core.reading import read_json, reading
 
 
 def open_tensors(path: str | os.PathLike[str]) -> dict[str, Tensor]:
@@ -42,9 +42,12 @@ def open_tensors(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     Writing to a returned tensor never changes the file.
 
     Raises:
-        safetensors.SafetensorError: the file is not a valid safetensors file.
+        CorruptFileError: the file is not a valid safetensors file (the message names it).
     """
-    with safe_open(str(path), framework="pt") as f:
+    with (
+        reading(path, "delete it and rerun the collect command, which resumes"),
+        safe_open(str(path), framework="pt") as f,
+    ):
         return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (no __iter__)
 
 
@@ -80,7 +83,7 @@ class ActivationStore:
         mpath = self.path / MANIFEST
         if not mpath.is_file():
             raise FileNotFoundError(f"no {MANIFEST} in {self.path}: not a collection folder")
-        self.manifest: dict[str, Any] = json.loads(mpath.read_text())
+        self.manifest: dict[str, Any] = read_json(mpath)
         if not self.manifest.get("complete") and not allow_incomplete:
             raise RuntimeError(
                 f"the collection in {self.path} is incomplete (run interrupted); rerun collect() "

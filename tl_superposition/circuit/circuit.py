@@ -20,6 +20,7 @@ import pandas as pd
 
 from tl_superposition.circuit.graphs import ROOT, parse_node
 from tl_superposition.core.atomic import atomic_path, write_json_atomic
+from tl_superposition.core.reading import read_json
 
 FILES = ("circuit.json", "circuit.graphml", "circuit_heads.csv", "circuit.png", "circuit.html")
 
@@ -212,7 +213,7 @@ class Circuit:
         path = Path(path)
         if path.is_dir():
             path = path / "circuit.json"
-        data = json.loads(path.read_text())
+        data = read_json(path)
         nodes, edges = pd.DataFrame(data["nodes"]), pd.DataFrame(data["edges"])
         for col in ("effect_mean", "effect_std"):
             edges[col] = edges[col].astype(float)

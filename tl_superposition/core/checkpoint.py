@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from tl_superposition.core.atomic import atomic_path
+from tl_superposition.core.reading import reading
 
 FORMAT = "tl_superposition.checkpoint/1"
 
@@ -77,7 +78,8 @@ def load_checkpoint(
         ValueError: the file is not a checkpoint of ``kind``.
     """
     path = Path(path)
-    raw = torch.load(path, map_location="cpu", weights_only=True)
+    with reading(path, "delete it to start the run over, or restore it"):
+        raw = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(raw, dict):
         raise ValueError(f"{path} is not a tl_superposition checkpoint")
     if raw.get("format") == FORMAT:

@@ -28,7 +28,6 @@ head's output) ``[batch, pos, n_heads, d_model]`` and ``hook_out`` ``[batch, pos
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookedRootModule, HookPoint
 
 from tl_superposition.core.atomic import atomic_path, write_json_atomic
+from tl_superposition.core.reading import read_json, reading
 from tl_superposition.core.rotary import rope_tables, rotate
 from tl_superposition.gated.config import GatedAttentionConfig
 
@@ -362,12 +362,13 @@ class GatedAttentionBlock(HookedRootModule):
         for name in (CONFIG_FILE, WEIGHTS_FILE):
             if not (path / name).is_file():
                 raise FileNotFoundError(f"{path} holds no {name}: not a saved GatedAttentionBlock")
-        raw = json.loads((path / CONFIG_FILE).read_text())
+        raw = read_json(path / CONFIG_FILE)
         if raw.pop("format", None) != FORMAT:
             raise ValueError(f"{path / CONFIG_FILE} is not a {FORMAT} config")
         cfg = GatedAttentionConfig.from_dict(raw)
         block = cls(cfg)
-        state = load_file(str(path / WEIGHTS_FILE))
+        with reading(path / WEIGHTS_FILE):
+            state = load_file(str(path / WEIGHTS_FILE))
         block.load_weights(state, str(path))
         if model is not None:
             block.check_fits(model, cfg.layer if layer is None else layer)
@@ -444,7 +445,8 @@ def import_gated_attn_block(
     Raises:
         ValueError: the file's tensors do not fit ``model`` (names or shapes).
     """
-    state = load_file(str(path))
+    with reading(path):
+        state = load_file(str(path))
     block = GatedAttentionBlock.from_layer(
         model, layer, expansion_factor, qkv_bias=True, out_bias=False, normalize_ov=True
     )

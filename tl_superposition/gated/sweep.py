@@ -26,6 +26,7 @@ from typing import Any
 import pandas as pd
 
 from tl_superposition.core.atomic import write_json_atomic, write_text_atomic
+from tl_superposition.core.reading import read_json
 from tl_superposition.gated.layer_run import GatedLayerConfig
 
 #: The columns of :func:`sweep_table`, in order.
@@ -61,7 +62,7 @@ def check_sweep_folder(cfg: GatedLayerConfig, out: str | os.PathLike) -> None:
     path = Path(out) / "sweep.json"
     if not path.is_file():
         return
-    before = json.loads(path.read_text())
+    before = read_json(path)
     now = json.loads(json.dumps(_shared(cfg)))
     diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
     if diff:
@@ -153,7 +154,7 @@ def sweep_table(out: str | os.PathLike) -> pd.DataFrame:
     heads per active (query, key) pair), ``share_multi`` (share of active pairs served by two
     or more heads), ``active_pairs``.
     """
-    summaries = [json.loads(p.read_text()) for p in sorted(Path(out).glob("alpha*/summary.json"))]
+    summaries = [read_json(p) for p in sorted(Path(out).glob("alpha*/summary.json"))]
     rows = [_row(s, "after") for s in summaries]
     if summaries:
         rows.insert(0, _row(summaries[0], "before"))

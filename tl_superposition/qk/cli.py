@@ -14,6 +14,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from tl_superposition.core.options import add_device, add_model, add_progress
+from tl_superposition.core.reading import read_json
 
 HOOKS = "ln1.hook_normalized,attn.hook_q,attn.hook_k"
 
@@ -190,7 +191,7 @@ def _train_source(args: argparse.Namespace, model: Any, shapes: list[Any], mix: 
             mix=mix,
         )
     manifest = Path(args.acts) / "manifest.json"
-    complete = manifest.is_file() and json.loads(manifest.read_text()).get("complete")
+    complete = manifest.is_file() and read_json(manifest).get("complete")
     if not complete:
         if args.source is None:
             raise FileNotFoundError(
@@ -219,7 +220,7 @@ def _check_collection_mix(acts: str | None, mix: Any) -> None:
     manifest = None if acts is None else Path(acts) / "manifest.json"
     if manifest is None or not manifest.is_file():
         return
-    stored = json.loads(manifest.read_text()).get("settings", {}).get("mix")
+    stored = read_json(manifest).get("settings", {}).get("mix")
     wanted = None if mix is None else mix.to_dict()
     if stored != wanted:
         raise ValueError(
@@ -347,7 +348,7 @@ def transcoder_folders(path: str | Path) -> dict[int, Path]:
     """
     path = Path(path)
     if (path / "qk_transcoder.json").is_file():
-        saved = json.loads((path / "qk_transcoder.json").read_text())
+        saved = read_json(path / "qk_transcoder.json")
         return {int(saved["config"]["shape"]["layer"]): path}
     found = {
         int(sub.name.removeprefix("layer_")): sub

@@ -29,6 +29,8 @@ from sae_lens.saes.topk_sae import TopK
 from torch import Tensor, nn
 from typing_extensions import override
 
+from tl_superposition.core.reading import reading
+
 TOPK_ARCHITECTURE = "topk_transcoder"
 
 
@@ -178,7 +180,8 @@ def load_dictionary(path: Any, device: str = "cpu") -> Transcoder:
     Raises:
         ValueError: the folder holds an SAE that is not a transcoder.
     """
-    sae = SAE.load_from_disk(str(path), device=device)
+    with reading(path, "retrain it, or restore the folder"):
+        sae = SAE.load_from_disk(str(path), device=device)
     if not isinstance(sae, Transcoder):
         raise ValueError(f"{path} holds a {type(sae).__name__}, not a SAELens Transcoder")
     return sae

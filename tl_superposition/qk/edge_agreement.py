@@ -22,7 +22,6 @@ upstream writes. :func:`edge_agreement` puts the two side by side on the trace's
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from transformer_lens import HookedTransformer
 
 from tl_superposition.circuit import Circuit
 from tl_superposition.core.atomic import atomic_path, write_json_atomic
+from tl_superposition.core.reading import read_json
 from tl_superposition.qk.feature_edges import feature_edges
 from tl_superposition.qk.transcoder import QKTranscoder
 from tl_superposition.tracing.cache import run_batch
@@ -141,7 +141,7 @@ class EdgeAgreement:
         for rule in RULES:
             carriers = [c if isinstance(c, str) else None for c in features[f"carrier_{rule}"]]
             features[f"carrier_{rule}"] = pd.Series(carriers, index=features.index, dtype=object)
-        n = json.loads((folder / "edge_agreement.json").read_text())["n_firings"]
+        n = read_json(folder / "edge_agreement.json")["n_firings"]
         return cls(svd_edges=svd, features=features, n_firings=int(n))
 
     def disagreements(self, rule: str = "top", n: int = 10) -> dict[str, pd.DataFrame]:

@@ -17,7 +17,6 @@ Folder format written by :meth:`QKTranscoder.save`::
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -34,6 +33,7 @@ from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookedRootModule, HookPoint
 
 from tl_superposition.core.atomic import write_json_atomic
+from tl_superposition.core.reading import read_json
 from tl_superposition.qk.config import AttentionShape, QKTranscoderConfig
 from tl_superposition.qk.dictionaries import dictionary_equal, load_dictionary, make_dictionary
 from tl_superposition.qk.splice import qk_hooks
@@ -302,7 +302,7 @@ class QKTranscoder(HookedRootModule):
                 f"no {CONFIG_FILE} in {path}: not a QK transcoder folder (write one with "
                 "QKTranscoder.save or tl-superposition train-qk)"
             )
-        meta = json.loads(cfg_path.read_text())
+        meta = read_json(cfg_path)
         if meta.get("format") != FORMAT:
             raise ValueError(f"{cfg_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
         cfg = QKTranscoderConfig.from_dict(meta["config"])

@@ -30,7 +30,6 @@ across the two layers' heads (:mod:`tl_superposition.gated.cross_layer`).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from typing import Any, TypeVar
 import pandas as pd
 
 from tl_superposition.core.atomic import write_json_atomic, write_text_atomic
+from tl_superposition.core.reading import read_json
 from tl_superposition.gated.block import GatedAttentionBlock
 from tl_superposition.gated.config import BIAS_INITS
 from tl_superposition.gated.restarts import RestartsResult, train_gated_restarts
@@ -334,7 +334,7 @@ def run_toy(
     cfg = opts.train_config(setting)
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
-        row = json.loads(summary_path.read_text())
+        row = read_json(summary_path)
         same = _same_training(row, cfg, setting, opts.bias_init, opts.restarts, opts.until_learnt)
         done = same and "removed_authors_check" in row
         if done or setting.task == "ov_coherent":
@@ -570,7 +570,7 @@ def markdown_table(df: pd.DataFrame) -> str:
 
 def load_rows(out: str | os.PathLike) -> list[dict[str, Any]]:
     """Every ``summary.json`` under ``out``, sorted by setting, seed and toy seed."""
-    rows = [json.loads(p.read_text()) for p in Path(out).glob("*/seed*/summary.json")]
+    rows = [read_json(p) for p in Path(out).glob("*/seed*/summary.json")]
     return sorted(rows, key=lambda r: (r["setting"], r["seed"], r.get("toy_seed", r["seed"])))
 
 
@@ -657,7 +657,7 @@ def run_cross_layer(
     cfg = opts.train_config(setting)
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
-        row = json.loads(summary_path.read_text())
+        row = read_json(summary_path)
         if _same_training(row, cfg, setting, opts.bias_init, 1, opts.until_learnt):
             return row
     train, val, model = _data_and_reference(setting, seed, run_dir, opts)

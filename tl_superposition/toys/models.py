@@ -18,7 +18,6 @@ Besides trained models there are two hand-built ones, used to test the analysis:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -28,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from tl_superposition.core.atomic import atomic_path, write_json_atomic
+from tl_superposition.core.reading import read_json, reading
 from tl_superposition.toys.datasets import overlap_copy_vocab, skip_trigram_vocab
 
 #: The trainable parameter names of a toy model's attention (per layer).
@@ -276,9 +276,10 @@ def load_toy_model(path: str | os.PathLike) -> HookedTransformer:
     for name in (TOY_CONFIG_FILE, TOY_WEIGHTS_FILE):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path} holds no {name}: not a saved toy model")
-    shape = json.loads((path / TOY_CONFIG_FILE).read_text())
+    shape = read_json(path / TOY_CONFIG_FILE)
     model = make_toy_model(**shape)
-    state = load_file(str(path / TOY_WEIGHTS_FILE))
+    with reading(path / TOY_WEIGHTS_FILE):
+        state = load_file(str(path / TOY_WEIGHTS_FILE))
     own = model.state_dict()
     bad = sorted(k for k in own if k not in state or state[k].shape != own[k].shape)
     if bad or set(state) - set(own):
