@@ -26,7 +26,9 @@ files, everything else equal):
   ``gated/checkpoint.pt``).
 - the reference was rewritten as fingerprints (at commit accb800, the outputs of issue 27), then
   the toy run's ``summary.json`` gained ``gated_until_learnt``, ``gated_epochs_trained`` and
-  ``relearnt`` (issue 28: training until the task is relearnt).
+  ``relearnt`` (issue 28: training until the task is relearnt), and ``n_train``, ``n_check``
+  and ``batch_size`` (recorded so that a rerun with other data sizes is not answered from the
+  old run).
 """
 
 from __future__ import annotations

@@ -126,3 +126,15 @@ def test_train_gated_sweeps_alphas_resumes_and_refuses_other_settings(hf_models,
     assert "other settings (lr)" in capsys.readouterr().err
     assert main([*args, "--alphas", "a"]) == 2
     assert "--alphas must be comma-separated numbers" in capsys.readouterr().err
+
+
+def test_a_toy_rerun_with_other_data_sizes_is_not_answered_from_the_old_run(tmp_path, capsys):
+    args = ["toy", "--settings", "2H/3ST", "--seeds", "0", "--epochs", "1", "--n-check",
+            "1000", "--toy-max-epochs", "2", "--no-plots", "--no-progress", "--out",
+            str(tmp_path)]  # fmt: skip
+    assert main([*args, "--n-train", "1000"]) == 0
+    row = json.loads((tmp_path / "2H-3ST" / "seed0" / "summary.json").read_text())
+    assert (row["n_train"], row["n_check"], row["batch_size"]) == (1000, 1000, 1000)
+    capsys.readouterr()
+    assert main([*args, "--n-train", "2000"]) == 2  # the block's checkpoint holds other data
+    assert "data source differ" in capsys.readouterr().err

@@ -75,3 +75,24 @@ def test_commands_report_a_damaged_file_and_an_interrupt_in_one_line(tmp_path, c
     err = capsys.readouterr().err.strip()
     assert err == ("tl-superposition toy: interrupted; finished files and the last checkpoint "
                    "are kept: rerun the same command to resume")  # fmt: skip
+
+
+def test_saved_files_get_the_users_umask(hf_models, tmp_path):
+    import os
+
+    from tl_superposition.core.atomic import write_text_atomic
+    from tl_superposition.qk.transcoder import QKTranscoder
+
+    old = os.umask(0o027)
+    try:
+        write_text_atomic(tmp_path / "a.txt", "x")
+        assert os.stat(tmp_path / "a.txt").st_mode & 0o777 == 0o640
+        from tl_superposition.models import load_model
+
+        model = load_model(str(hf_models["gpt2"][1]))
+        QKTranscoder.for_model(model, 0, d_hidden=8).save(tmp_path / "qk")
+        for p in [tmp_path / "qk", *(tmp_path / "qk").rglob("*")]:
+            want = 0o750 if p.is_dir() else 0o640
+            assert os.stat(p).st_mode & 0o777 == want, p
+    finally:
+        os.umask(old)

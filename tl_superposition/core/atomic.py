@@ -17,11 +17,38 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(folder: bool = False) -> int:
+    """The permissions a new file (or folder) gets from ``open`` under the user's umask."""
+    return (0o777 if folder else 0o666) & ~_umask()
+
+
+def apply_umask(root: str | os.PathLike) -> None:
+    """Give ``root`` and everything under it the permissions of the user's umask.
+
+    Temporary files and folders (``mkstemp``, ``mkdtemp``) and some writers (SAELens's
+    ``sae_weights.safetensors``) are readable by their owner only; a result moved into place
+    from them should look like any file the user writes.
+    """
+    root = Path(root)
+    paths = [root, *root.rglob("*")] if root.is_dir() else [root]
+    for p in paths:
+        os.chmod(p, default_mode(folder=p.is_dir()))
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = "", mode: int = 0o644) -> Iterator[Path]:
+def atomic_path(
+    path: str | os.PathLike, suffix: str = "", mode: int | None = None
+) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it onto ``path`` if the block succeeds.
 
-    The file gets permissions ``mode`` (``mkstemp`` would leave it readable by its owner only).
+    The file gets permissions ``mode`` (default: those of the user's umask, as ``open`` gives;
+    ``mkstemp`` would leave it readable by its owner only).
 
     Args:
         path: final destination. Its parent folder must exist.
@@ -41,7 +68,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "", mode: int = 0o644) ->
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.chmod(tmp_path, mode)
+        os.chmod(tmp_path, default_mode() if mode is None else mode)
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -92,7 +119,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     try:
         yield tmp
-        os.chmod(tmp, 0o755)
+        apply_umask(tmp)
         old = None
         if final.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))

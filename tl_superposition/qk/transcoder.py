@@ -32,7 +32,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookedRootModule, HookPoint
 
-from tl_superposition.core.atomic import write_json_atomic
+from tl_superposition.core.atomic import apply_umask, write_json_atomic
 from tl_superposition.core.reading import read_json
 from tl_superposition.qk.config import AttentionShape, QKTranscoderConfig
 from tl_superposition.qk.dictionaries import dictionary_equal, load_dictionary, make_dictionary
@@ -276,7 +276,7 @@ class QKTranscoder(HookedRootModule):
             self.q_dict.save_model(tmp / "q")
             self.k_dict.save_model(tmp / "k")
             write_json_atomic(tmp / CONFIG_FILE, {"format": FORMAT, "config": self.cfg.to_dict()})
-            os.chmod(tmp, 0o755)
+            apply_umask(tmp)  # SAELens writes its weights readable by the owner only
             if not path.exists():
                 os.replace(tmp, path)
                 return path

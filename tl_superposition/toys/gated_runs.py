@@ -269,27 +269,33 @@ def toy_block(
 
 
 def _same_training(
-    row: dict[str, Any],
-    cfg: GatedTrainConfig,
-    setting: ToySetting,
-    bias_init: str,
-    restarts: int = 1,
-    until_learnt: int = 0,
+    row: dict[str, Any], cfg: GatedTrainConfig, setting: ToySetting, opts: ToyRunOptions
 ) -> bool:
     """Whether a saved summary row was trained with ``cfg``'s epochs, alpha, warm-up and lr,
-    and blocks whose biases started as ``bias_init``.
+    and ``opts``' initial biases, restarts, stages and data sizes (one-layer runs' restarts).
 
-    Rows written before these were recorded used the setting's values, no warm-up and zero
-    biases.
+    Rows written before these were recorded used the setting's values, no warm-up, zero
+    biases, one restart, no stages and the default data sizes.
     """
+    restarts = opts.restarts if setting.n_layers == 1 else 1
     return (
         row.get("gated_epochs") == cfg.epochs
         and row.get("gated_alpha", setting.alpha) == cfg.alpha
         and row.get("gated_alpha_warmup_steps", 0) == cfg.alpha_warmup_steps
         and row.get("gated_lr", setting.lr) == cfg.lr
-        and row.get("gated_bias_init", "zeros") == bias_init
+        and row.get("gated_bias_init", "zeros") == opts.bias_init
         and row.get("restarts", 1) == restarts
-        and row.get("gated_until_learnt", 0) == until_learnt
+        and row.get("gated_until_learnt", 0) == opts.until_learnt
+        and _sizes(row) == _sizes(opts.__dict__)
+    )
+
+
+def _sizes(where: dict[str, Any]) -> tuple[int, int, int]:
+    """``(n_train, n_check, batch_size)`` of a summary row or of options (defaults if absent)."""
+    return (
+        where.get("n_train", 100_000),
+        where.get("n_check", 100_000),
+        where.get("batch_size", 1000),
     )
 
 
@@ -335,7 +341,7 @@ def run_toy(
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         row = read_json(summary_path)
-        same = _same_training(row, cfg, setting, opts.bias_init, opts.restarts, opts.until_learnt)
+        same = _same_training(row, cfg, setting, opts)
         done = same and "removed_authors_check" in row
         if done or setting.task == "ov_coherent":
             return row
@@ -346,6 +352,9 @@ def run_toy(
         "setting": setting.name,
         "seed": seed,
         "toy_seed": opts.reference_seed(seed),
+        "n_train": opts.n_train,
+        "n_check": opts.n_check,
+        "batch_size": opts.batch_size,
         "reference": "hand-built" if setting.constructed else "trained",
         "toy_accuracy": _min(ref.table["accuracy"]),
         "toy_map": ref.task_to_head(),
@@ -658,7 +667,7 @@ def run_cross_layer(
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         row = read_json(summary_path)
-        if _same_training(row, cfg, setting, opts.bias_init, 1, opts.until_learnt):
+        if _same_training(row, cfg, setting, opts):
             return row
     train, val, model = _data_and_reference(setting, seed, run_dir, opts)
     ref, _ = _check_files(model, val, {}, run_dir, "toy", opts.plots)
@@ -666,6 +675,9 @@ def run_cross_layer(
         "setting": setting.name,
         "seed": seed,
         "toy_seed": opts.reference_seed(seed),
+        "n_train": opts.n_train,
+        "n_check": opts.n_check,
+        "batch_size": opts.batch_size,
         "reference": "trained",
         "toy_accuracy": _min(ref.table["accuracy"]),
         "toy_map": ref.task_to_head(),

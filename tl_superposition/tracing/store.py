@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
-from tl_superposition.core.atomic import atomic_path
+from tl_superposition.core.atomic import atomic_path, default_mode
 from tl_superposition.tracing.graph import (
     HeadStats,
     aggregate_edges,
@@ -370,7 +370,7 @@ class TraceStore:
                 continue
             with open(path, "rb+") as fh:
                 os.fsync(fh.fileno())
-            os.chmod(path, 0o644)
+            os.chmod(path, default_mode())
             os.replace(path, self.out / name)
 
     @classmethod
