@@ -17,16 +17,20 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from tl_superposition.models import load_model  # noqa: E402
-
-if TYPE_CHECKING:  # collection pulls in `datasets`: imported on first use (see __getattr__)
+if TYPE_CHECKING:  # torch, TransformerLens and `datasets` load on first use (__getattr__)
     from tl_superposition.activations import ActivationStore, CollectConfig, collect
+    from tl_superposition.models import load_model
 
 __all__ = ["load_model", "collect", "CollectConfig", "ActivationStore", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    # Collection pulls in `datasets`; import it only when asked for.
+    # TransformerLens takes seconds to import: `import tl_superposition` (and the command
+    # line's --help) stays instant, and the API loads on first use.
+    if name == "load_model":
+        from tl_superposition.models import load_model
+
+        return load_model
     if name in ("collect", "CollectConfig", "ActivationStore"):
         from tl_superposition import activations
 
