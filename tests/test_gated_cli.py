@@ -197,6 +197,9 @@ def test_train_gated_command_rejects_bad_input(tmp_path, capsys):
     assert "--source" in capsys.readouterr().err
     assert main([*base, "--acts", str(tmp_path)]) == 2
     assert "not a collect folder" in capsys.readouterr().err
+    bad_layer = ["train-gated", "--layer", "-1", "--out", str(tmp_path), "--eval-source", "x"]
+    assert main([*bad_layer, "--source", "x", "--model", "no-such-model"]) == 2
+    assert "--layer must be >= 0" in capsys.readouterr().err  # before any model loads
 
 
 def test_bench_gated_counts_settings_removed_by_every_seed_and_by_any(tmp_path):

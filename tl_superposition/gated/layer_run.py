@@ -86,6 +86,8 @@ class GatedLayerConfig(Config):
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        if self.layer < 0:
+            raise ValueError(f"--layer must be >= 0, got {self.layer}")
         if self.acts is None and self.source is None:
             raise ValueError("give --source (text to stream) or --acts (a collect folder)")
         for name in ("context_size", "max_tokens", "max_eval_tokens", "expansion_factor"):
