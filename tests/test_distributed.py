@@ -144,7 +144,7 @@ def test_a_two_process_gated_block_reaches_the_one_process_weights(hf_models, tm
 
 
 def test_a_two_process_trace_writes_the_same_files(hf_models, tmp_path):
-    from golden_runs import digests
+    from golden_runs import fingerprints  # same machine: floats must agree exactly too
 
     _, model = hf_models["gpt2"]
     # fixed seeds (random models answer no prompt, so per-prompt seeds would trace nothing);
@@ -154,8 +154,8 @@ def test_a_two_process_trace_writes_the_same_files(hf_models, tmp_path):
             "--no-circuit", "--no-plots"]  # fmt: skip
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     torchrun("-m", "tl_superposition", *args, "--out", str(tmp_path / "two"))
-    one = digests(tmp_path / "one", [tmp_path / "one"])
-    two = digests(tmp_path / "two", [tmp_path / "two"])
+    one = fingerprints(tmp_path / "one", [tmp_path / "one"])
+    two = fingerprints(tmp_path / "two", [tmp_path / "two"])
     assert len(one) == 10 and {k: two[k] for k in one if k != "summary.json"} == {
         k: v for k, v in one.items() if k != "summary.json"
     }
