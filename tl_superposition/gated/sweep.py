@@ -26,6 +26,7 @@ from typing import Any
 import pandas as pd
 
 from tl_superposition.core.atomic import write_json_atomic, write_text_atomic
+from tl_superposition.core.checkpoint import identity_mismatches
 from tl_superposition.core.reading import read_json
 from tl_superposition.gated.layer_run import GatedLayerConfig
 
@@ -64,7 +65,7 @@ def check_sweep_folder(cfg: GatedLayerConfig, out: str | os.PathLike) -> None:
         return
     before = read_json(path)
     now = json.loads(json.dumps(_shared(cfg)))
-    diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    diff = identity_mismatches(before, now, {k: k for k in sorted(set(before) | set(now))})
     if diff:
         raise ValueError(
             f"{out} holds a sweep with other settings ({', '.join(diff)}); "
